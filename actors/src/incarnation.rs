@@ -1,0 +1,192 @@
+//! One incarnation of an actor: the task that runs its hooks and handles its
+//! mailbox until it stops, fails or is told to drain.
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::task::Poll;
+
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::actor::{Actor, BoxError, Context, ExitReason};
+use crate::addr::{Addr, Envelope, MailboxLease, Shared, CONTROL_DRAIN, CONTROL_YIELD};
+use crate::tree::ActorState;
+
+/// How an incarnation ended.
+pub(crate) struct Exit {
+    pub(crate) reason: ExitReason,
+    /// Messages handled after a drain began.
+    pub(crate) drained: u64,
+}
+
+/// Polls `fut`, turning a panic inside it into `Err(panic message)`. The future
+/// is pinned on the stack, so the happy path costs no allocation. Actors use
+/// it for work they spawn, to report a panic as their own failure.
+pub async fn catch_panic<F: Future>(fut: F) -> Result<F::Output, String> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(move |cx| {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(payload) => Poll::Ready(Err(panic_message(payload))),
+        }
+    })
+    .await
+}
+
+pub(crate) fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}
+
+fn failure(res: Result<Result<(), BoxError>, String>) -> Option<ExitReason> {
+    match res {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(ExitReason::from_error(e.as_ref())),
+        Err(p) => Some(ExitReason::Panic(p)),
+    }
+}
+
+/// Runs one incarnation to its end. The mailbox lease is dropped on return
+/// (or when the task is aborted), which parks the receiver back in `shared`
+/// for the next incarnation.
+pub(crate) async fn run<A: Actor>(
+    mut actor: A,
+    shared: Arc<Shared<A::Msg>>,
+    mut lease: MailboxLease<A::Msg>,
+) -> Exit {
+    let name = shared.name.clone();
+    let id = shared.id;
+    let mut ctx = Context {
+        addr: Addr {
+            shared: shared.clone(),
+        },
+        stop: false,
+    };
+    if let Some(reason) = failure(catch_panic(actor.started(&mut ctx)).await) {
+        warn!(actor = %name, actor_id = id, error = %reason, "actor failed to start");
+        return Exit { reason, drained: 0 };
+    }
+    // A drain requested while the incarnation was starting is honoured below;
+    // only a fresh start may flip the state to running.
+    if shared.control() < CONTROL_DRAIN {
+        shared.set_state(ActorState::Running);
+    }
+    info!(actor = %name, actor_id = id, "actor started");
+
+    let mut drained = 0u64;
+    let rx = lease.rx();
+    let mut reason = loop {
+        // Control before data: a pending stop request wins over queued messages.
+        match shared.control() {
+            CONTROL_YIELD => break ExitReason::Restart,
+            CONTROL_DRAIN => {
+                shared.set_state(ActorState::Stopping);
+                rx.close();
+                info!(actor = %name, actor_id = id, queued = rx.len(), "actor draining");
+                let mut reason = ExitReason::Shutdown;
+                while let Some(env) = rx.recv().await {
+                    let Envelope::Msg(msg) = env else { continue };
+                    drained += 1;
+                    if let Some(r) = failure(catch_panic(actor.handle(msg, &mut ctx)).await) {
+                        reason = r;
+                        break;
+                    }
+                    if ctx.stop {
+                        reason = ExitReason::Normal;
+                        break;
+                    }
+                }
+                info!(actor = %name, actor_id = id, handled = drained, "actor drained");
+                break reason;
+            }
+            _ => {}
+        }
+        match rx.recv().await {
+            Some(Envelope::Msg(msg)) => {
+                if let Some(r) = failure(catch_panic(actor.handle(msg, &mut ctx)).await) {
+                    break r;
+                }
+                if ctx.stop {
+                    break ExitReason::Normal;
+                }
+            }
+            Some(Envelope::Wake) => {}
+            // `shared` holds a sender, so the channel only ends once closed.
+            None => break ExitReason::Shutdown,
+        }
+    };
+
+    if reason.is_failure() {
+        warn!(actor = %name, actor_id = id, error = %reason, "actor failed");
+    }
+    shared.set_state(ActorState::Stopping);
+    if let Some(hook_failure) = failure(catch_panic(actor.stopped(&reason, &mut ctx)).await) {
+        warn!(actor = %name, actor_id = id, error = %hook_failure, "actor stop hook failed");
+        if !reason.is_failure() {
+            reason = hook_failure;
+        }
+    }
+    info!(actor = %name, actor_id = id, reason = %reason, "actor stopped");
+    drop(lease);
+    Exit { reason, drained }
+}
+
+/// A handle to an actor spawned without a supervisor.
+pub struct ActorHandle<A: Actor> {
+    addr: Addr<A>,
+    join: JoinHandle<Exit>,
+}
+
+impl<A: Actor> ActorHandle<A> {
+    /// The actor's address.
+    pub fn addr(&self) -> Addr<A> {
+        self.addr.clone()
+    }
+
+    /// Begins a graceful stop: new messages are rejected with
+    /// [`crate::SendError::Stopping`], queued ones are handled, then the stop
+    /// hook runs. Await [`ActorHandle::join`] for the end.
+    pub fn stop(&self) {
+        self.addr.shared.request_stop(CONTROL_DRAIN);
+    }
+
+    /// Waits for the actor to end and returns why. An unsupervised actor is
+    /// never restarted: its mailbox is closed and queued asks get an error.
+    pub async fn join(self) -> ExitReason {
+        let reason = match self.join.await {
+            Ok(exit) => exit.reason,
+            Err(e) if e.is_panic() => ExitReason::Panic(panic_message(e.into_panic())),
+            Err(_) => ExitReason::Aborted,
+        };
+        self.addr.shared.close_mailbox();
+        reason
+    }
+
+    /// Ends the actor at once, without draining or running its stop hook.
+    pub fn abort(&self) {
+        self.join.abort();
+    }
+}
+
+/// Spawns `actor` on the current tokio runtime without a supervisor, with a
+/// mailbox of `capacity` messages. A failure ends it for good; use a
+/// [`crate::Supervisor`] for restarts.
+pub fn spawn<A: Actor>(name: impl Into<Arc<str>>, capacity: usize, actor: A) -> ActorHandle<A> {
+    let shared = Shared::<A::Msg>::new(name.into(), capacity);
+    // Invariant: a fresh `Shared` parks its receiver, so the lease exists.
+    let lease = shared.lease().expect("a new mailbox is not leased");
+    debug!(actor = %shared.name, actor_id = shared.id, "actor spawning");
+    let join = tokio::spawn(run(actor, shared.clone(), lease));
+    ActorHandle {
+        addr: Addr { shared },
+        join,
+    }
+}

@@ -1,0 +1,78 @@
+//! What a shutdown reports: how each actor of the tree ended.
+
+use std::time::Duration;
+
+use crate::actor::ExitReason;
+
+/// How one actor ended during a shutdown or a removal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// It handled everything queued and ran its stop hook.
+    Drained,
+    /// The grace period ran out; it was aborted and its queued asks failed.
+    Aborted,
+    /// It ended some other way during the drain (a handler failed, it stopped
+    /// itself); queued asks failed.
+    Failed(ExitReason),
+    /// It was not running (waiting for a restart); queued asks failed.
+    NotRunning,
+}
+
+/// One actor's line in a shutdown report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActorReport {
+    /// The actor's name.
+    pub name: String,
+    /// The actor's id.
+    pub id: u64,
+    /// How it ended.
+    pub outcome: StopOutcome,
+    /// Messages it handled after the drain began.
+    pub handled: u64,
+    /// For a supervisor, its children in the order they were stopped.
+    pub children: Vec<ActorReport>,
+}
+
+impl ActorReport {
+    /// This report and every report below it, depth first.
+    pub fn iter(&self) -> Vec<&ActorReport> {
+        let mut out = vec![self];
+        for c in &self.children {
+            out.extend(c.iter());
+        }
+        out
+    }
+}
+
+/// The result of [`crate::SupervisorHandle::shutdown`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// The root supervisor's report, with the whole tree below it.
+    pub root: ActorReport,
+    /// How long the shutdown took.
+    pub elapsed: Duration,
+}
+
+impl ShutdownReport {
+    /// True when every actor drained.
+    pub fn is_clean(&self) -> bool {
+        self.root
+            .iter()
+            .iter()
+            .all(|r| r.outcome == StopOutcome::Drained)
+    }
+
+    /// The reports of actors that were aborted.
+    pub fn aborted(&self) -> Vec<&ActorReport> {
+        self.root
+            .iter()
+            .into_iter()
+            .filter(|r| r.outcome == StopOutcome::Aborted)
+            .collect()
+    }
+
+    /// The report of the first actor named `name`, depth first.
+    pub fn find(&self, name: &str) -> Option<&ActorReport> {
+        self.root.iter().into_iter().find(|r| r.name == name)
+    }
+}

@@ -1,0 +1,181 @@
+//! The live actor tree: a registry every supervisor writes to, and the
+//! snapshot operators read from it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// Lifecycle state of an actor, as shown in a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ActorState {
+    /// Built, not yet handling messages.
+    Starting = 0,
+    /// Handling messages.
+    Running = 1,
+    /// Failed and waiting (backoff) for its next incarnation.
+    Restarting = 2,
+    /// Draining its mailbox or running its stop hook.
+    Stopping = 3,
+    /// Ended for good.
+    Stopped = 4,
+}
+
+impl ActorState {
+    pub(crate) fn from_u8(v: u8) -> Self {
+        match v {
+            0 => ActorState::Starting,
+            1 => ActorState::Running,
+            2 => ActorState::Restarting,
+            3 => ActorState::Stopping,
+            _ => ActorState::Stopped,
+        }
+    }
+
+    /// Lowercase name: `starting`, `running`, `restarting`, `stopping`, `stopped`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActorState::Starting => "starting",
+            ActorState::Running => "running",
+            ActorState::Restarting => "restarting",
+            ActorState::Stopping => "stopping",
+            ActorState::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for ActorState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Live figures of one actor, read without messaging it.
+pub(crate) trait Probe: Send + Sync {
+    fn state(&self) -> ActorState;
+    fn restarts(&self) -> u32;
+    fn mailbox_depth(&self) -> usize;
+    fn mailbox_capacity(&self) -> usize;
+}
+
+struct Entry {
+    name: Arc<str>,
+    parent: Option<u64>,
+    supervisor: bool,
+    probe: Arc<dyn Probe>,
+}
+
+/// Every actor of one supervision tree, by id.
+#[derive(Clone, Default)]
+pub(crate) struct Registry {
+    inner: Arc<Mutex<BTreeMap<u64, Entry>>>,
+}
+
+impl Registry {
+    pub(crate) fn insert(
+        &self,
+        id: u64,
+        name: Arc<str>,
+        parent: Option<u64>,
+        supervisor: bool,
+        probe: Arc<dyn Probe>,
+    ) {
+        self.lock().insert(
+            id,
+            Entry {
+                name,
+                parent,
+                supervisor,
+                probe,
+            },
+        );
+    }
+
+    pub(crate) fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
+        // Entries are replaced whole, so a poisoned map is still consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The subtree rooted at `root`.
+    pub(crate) fn snapshot(&self, root: u64) -> Option<ActorInfo> {
+        let map = self.lock();
+        let mut children: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for (id, e) in map.iter() {
+            if let Some(p) = e.parent {
+                children.entry(p).or_default().push(*id);
+            }
+        }
+        fn build(
+            id: u64,
+            map: &BTreeMap<u64, Entry>,
+            children: &BTreeMap<u64, Vec<u64>>,
+        ) -> Option<ActorInfo> {
+            let e = map.get(&id)?;
+            Some(ActorInfo {
+                name: e.name.to_string(),
+                id,
+                parent: e.parent,
+                supervisor: e.supervisor,
+                state: e.probe.state(),
+                restarts: e.probe.restarts(),
+                mailbox_depth: e.probe.mailbox_depth(),
+                mailbox_capacity: e.probe.mailbox_capacity(),
+                children: children
+                    .get(&id)
+                    .map(|ids| {
+                        ids.iter()
+                            .filter_map(|c| build(*c, map, children))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+        }
+        build(root, &map, &children)
+    }
+}
+
+/// One node of a tree snapshot. Children are listed in id order, which is
+/// creation order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActorInfo {
+    /// The actor's name.
+    pub name: String,
+    /// The actor's unique id.
+    pub id: u64,
+    /// The id of its supervisor, if any.
+    pub parent: Option<u64>,
+    /// True for supervisors.
+    pub supervisor: bool,
+    /// Lifecycle state.
+    pub state: ActorState,
+    /// How many times it has been restarted.
+    pub restarts: u32,
+    /// Messages waiting in its mailbox.
+    pub mailbox_depth: usize,
+    /// Its mailbox capacity.
+    pub mailbox_capacity: usize,
+    /// Its children, for a supervisor.
+    pub children: Vec<ActorInfo>,
+}
+
+impl ActorInfo {
+    /// Finds the first node named `name` in this subtree, depth first.
+    pub fn find(&self, name: &str) -> Option<&ActorInfo> {
+        if self.name == name {
+            return Some(self);
+        }
+        self.children.iter().find_map(|c| c.find(name))
+    }
+
+    /// Every node of this subtree, depth first, this one included.
+    pub fn iter(&self) -> Vec<&ActorInfo> {
+        let mut out = vec![self];
+        for c in &self.children {
+            out.extend(c.iter());
+        }
+        out
+    }
+}
