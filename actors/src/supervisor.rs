@@ -182,6 +182,10 @@ trait Slot: Send {
     fn add_restart(&self) -> u32;
     /// Ends the child for good: closes its mailbox, failing every queued ask.
     fn close(&self);
+    /// True for supervisors, which enforce the shutdown deadline themselves.
+    fn is_supervisor(&self) -> bool {
+        false
+    }
 }
 
 struct ActorSlot<A: Actor> {
@@ -257,6 +261,10 @@ pub struct ChildSpec<A: Actor> {
     restart: Restart,
     shutdown_timeout: Duration,
 }
+
+/// How long past the shutdown deadline a supervisor waits for a child
+/// supervisor to report its own aborted children.
+const SUBTREE_MARGIN: Duration = Duration::from_millis(100);
 
 /// Mailbox capacity of [`ChildSpec::new`].
 pub const DEFAULT_MAILBOX: usize = 64;
@@ -363,7 +371,11 @@ struct Core {
     intensity: Intensity,
     backoff: Backoff,
     children: BTreeMap<u64, Entry>,
+    /// Child actor id -> seq, so adds and removals need no scan of `children`.
+    ids: HashMap<u64, u64>,
     next_seq: u64,
+    /// Incarnations of this supervisor so far.
+    incarnations: u64,
 }
 
 struct Entry {
@@ -420,7 +432,9 @@ impl Supervisor {
             intensity: Intensity::default(),
             backoff: Backoff::default(),
             children: BTreeMap::new(),
+            ids: HashMap::new(),
             next_seq: 0,
+            incarnations: 0,
         };
         Supervisor {
             shared,
@@ -505,6 +519,7 @@ impl Supervisor {
             .expect("an unspawned supervisor has its mailbox");
         SupervisorHandle {
             sup: self.supervisor_ref(),
+            root: slot,
             tree,
             set,
             exit: None,
@@ -603,6 +618,9 @@ impl Slot for SupervisorSlot {
     fn add_restart(&self) -> u32 {
         self.shared.add_restart()
     }
+    fn is_supervisor(&self) -> bool {
+        true
+    }
     fn close(&self) {
         self.shared.close_mailbox();
         if let Some(core) = self.lock().as_ref() {
@@ -617,6 +635,7 @@ impl Core {
     fn push(&mut self, child: Child, dynamic: bool) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.ids.insert(child.slot.id(), seq);
         self.children.insert(
             seq,
             Entry {
@@ -675,13 +694,15 @@ impl SupervisorRun {
     async fn supervise(&mut self, mut lease: MailboxLease<SupervisorMsg>) -> SlotExit {
         let name = self.name();
         let id = self.core.id;
+        let restarted = self.core.incarnations > 0;
+        self.core.incarnations += 1;
         // Children left with a pending removal by an earlier incarnation go now;
         // temporary children do not outlive an incarnation of their supervisor.
         let gone: Vec<u64> = self
             .core
             .children
             .iter()
-            .filter(|(_, e)| e.restart == Restart::Temporary || e.removal.is_some())
+            .filter(|(_, e)| (restarted && e.restart == Restart::Temporary) || e.removal.is_some())
             .map(|(s, _)| *s)
             .collect();
         for seq in gone {
@@ -757,7 +778,7 @@ impl SupervisorRun {
         match msg {
             SupervisorMsg::Add { child, reply } => {
                 let id = child.slot.id();
-                let res = if self.core.children.values().any(|e| e.slot.id() == id) {
+                let res = if self.core.ids.contains_key(&id) {
                     Err(SupervisorError::Duplicate(id))
                 } else {
                     child.slot.register(&self.tree, Some(self.core.id));
@@ -802,11 +823,7 @@ impl SupervisorRun {
     }
 
     fn seq_of(&self, id: u64) -> Option<u64> {
-        self.core
-            .children
-            .iter()
-            .find(|(_, e)| e.slot.id() == id)
-            .map(|(s, _)| *s)
+        self.core.ids.get(&id).copied()
     }
 
     /// Starts an idle child.
@@ -835,6 +852,7 @@ impl SupervisorRun {
     /// Removes a stopped child from the tree and fails its queued asks.
     fn discard(&mut self, seq: u64) -> Option<Entry> {
         let entry = self.core.children.remove(&seq)?;
+        self.core.ids.remove(&entry.slot.id());
         self.pending.remove(&seq);
         entry.slot.close();
         entry.slot.unregister(&self.tree);
@@ -1033,6 +1051,11 @@ impl SupervisorRun {
     /// Starts every child whose restart is due, in start order; a child that
     /// is still stopping holds back the ones after it.
     fn start_due(&mut self) {
+        // A nested supervisor learns of a shutdown only when its parent drains
+        // it; until then no pending restart may fire.
+        if self.tree.is_shutting_down() {
+            return;
+        }
         let now = Instant::now();
         let pending: Vec<u64> = self.pending.iter().copied().collect();
         for seq in pending {
@@ -1198,8 +1221,15 @@ impl SupervisorRun {
         groups.extend(statics.into_iter().map(|s| vec![s]));
         for group in groups {
             let mut tasks = Vec::with_capacity(group.len());
+            let mut group_deadline = deadline;
             for seq in &group {
                 if let Some(e) = self.core.children.get(seq) {
+                    if e.slot.is_supervisor() {
+                        // It aborts its own children at the deadline and then
+                        // reports them; aborting it at the same instant would
+                        // lose that report.
+                        group_deadline = deadline.map(|d| d + SUBTREE_MARGIN);
+                    }
                     if let Some(task) = e.run.task() {
                         e.slot.request_stop(CONTROL_DRAIN);
                         tasks.push(task);
@@ -1207,7 +1237,7 @@ impl SupervisorRun {
                 }
             }
             // Past the deadline every remaining wait aborts at once.
-            for (seq, exit) in self.wait_for(&tasks, deadline).await {
+            for (seq, exit) in self.wait_for(&tasks, group_deadline).await {
                 if let Some(e) = self.core.children.get(&seq) {
                     let outcome = match exit.reason {
                         ExitReason::Shutdown => StopOutcome::Drained,
@@ -1279,14 +1309,22 @@ impl SupervisorRef {
     }
 
     async fn send(&self, msg: SupervisorMsg) -> Result<(), SupervisorError> {
-        if self.shared.control() == CONTROL_DRAIN {
-            return Err(SupervisorError::ShuttingDown);
+        // A child that will never be supervised must not leave an open mailbox.
+        fn refuse(msg: SupervisorMsg, e: SupervisorError) -> SupervisorError {
+            if let SupervisorMsg::Add { child, .. } = msg {
+                child.slot.close();
+            }
+            e
         }
-        self.shared
-            .tx
-            .send(Envelope::Msg(msg))
-            .await
-            .map_err(|_| SupervisorError::Stopped)
+        if self.shared.control() == CONTROL_DRAIN {
+            return Err(refuse(msg, SupervisorError::ShuttingDown));
+        }
+        self.shared.tx.send(Envelope::Msg(msg)).await.map_err(
+            |tokio::sync::mpsc::error::SendError(env)| match env {
+                Envelope::Msg(msg) => refuse(msg, SupervisorError::Stopped),
+                Envelope::Wake => SupervisorError::Stopped,
+            },
+        )
     }
 
     /// Adds a child at run time and starts it; it is stopped before the static
@@ -1334,6 +1372,7 @@ impl SupervisorRef {
 /// The root of a running supervision tree.
 pub struct SupervisorHandle {
     sup: SupervisorRef,
+    root: SupervisorSlot,
     tree: Arc<TreeCtx>,
     set: JoinSet<SlotExit>,
     exit: Option<SlotExit>,
@@ -1371,6 +1410,8 @@ impl SupervisorHandle {
         };
         let reason = exit.reason.clone();
         self.exit = Some(exit);
+        // Nothing restarts a root: fail every queued and later message.
+        self.root.close();
         reason
     }
 
@@ -1410,7 +1451,7 @@ impl SupervisorHandle {
                 }
             }
         };
-        self.sup.shared.close_mailbox();
+        self.root.close();
         let outcome = match root.reason {
             ExitReason::Shutdown => StopOutcome::Drained,
             ExitReason::Aborted => StopOutcome::Aborted,
