@@ -2,6 +2,8 @@
 //! semantics (upsert, TTL, idempotent delete, ordered prefix scan with a
 //! cursor), so a namespace can move between them without its clients noticing.
 
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod memory;
 pub mod sqlite;
 
@@ -52,8 +54,10 @@ impl From<sqlx::Error> for Error {
 fn is_transient(code: Option<&str>) -> bool {
     match code {
         Some(c) => {
-            matches!(c, "5" | "6" | "261" | "517" | "57014" | "57P01" | "57P02" | "57P03")
-                || c.starts_with("08")
+            matches!(
+                c,
+                "5" | "6" | "261" | "517" | "57014" | "57P01" | "57P02" | "57P03"
+            ) || c.starts_with("08")
                 || c.starts_with("53")
         }
         None => false,
@@ -233,8 +237,16 @@ mod tests {
         assert_eq!(prefix_successor("\u{D7FF}").as_deref(), Some("\u{E000}"));
         let p = "user/";
         let s = prefix_successor(p).unwrap();
-        for k in ["user/", "user/\u{10FFFF}\u{10FFFF}", "user/zzz", "user/\u{7F}"] {
-            assert!(k.as_bytes() >= p.as_bytes() && k.as_bytes() < s.as_bytes(), "{k}");
+        for k in [
+            "user/",
+            "user/\u{10FFFF}\u{10FFFF}",
+            "user/zzz",
+            "user/\u{7F}",
+        ] {
+            assert!(
+                k.as_bytes() >= p.as_bytes() && k.as_bytes() < s.as_bytes(),
+                "{k}"
+            );
         }
         assert!("user0".as_bytes() >= s.as_bytes());
     }

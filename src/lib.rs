@@ -4,40 +4,18 @@
 //! every backend.
 
 pub mod backend;
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod error;
+pub mod pool;
 pub mod proto;
+pub mod server;
+pub mod service;
+pub mod session;
 pub mod settings;
+pub mod signal;
+pub mod telemetry;
 
-use std::future::Future;
-
-use tokio::net::TcpListener;
-
+pub use server::{run, Error, Gateway, Listeners};
 pub use settings::Settings;
-
-/// The bound listeners Prism serves on. Binding happens before [`run`] so
-/// that tests can bind port 0 and settings are validated before any bind.
-pub struct Listeners {
-    /// The gRPC listener.
-    pub grpc: TcpListener,
-}
-
-/// Errors that end [`run`].
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The gRPC server failed.
-    #[error("grpc server: {0}")]
-    Serve(String),
-    /// The supervision tree gave up (restart intensity exceeded at the root).
-    #[error("supervision tree failed: {0}")]
-    Supervision(String),
-}
-
-/// Serves until `shutdown` resolves, then drains and returns.
-pub async fn run(
-    settings: Settings,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Error> {
-    let _ = (settings, listeners);
-    shutdown.await;
-    Ok(())
-}

@@ -4,9 +4,10 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use config::{Config, ConfigError, Environment, FileFormat, Value, ValueKind};
 use serde::Deserialize;
 
 /// Every setting of a Prism instance.
@@ -45,7 +46,7 @@ pub struct ServerSettings {
 
 /// `[log]`
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
     /// A tracing filter (`info`, `prism=debug,warn`); `RUST_LOG` wins when set.
     pub level: String,
@@ -125,10 +126,10 @@ pub struct SupervisorSettings {
 impl Default for SupervisorSettings {
     fn default() -> Self {
         SupervisorSettings {
-            max_restarts: 5,
+            max_restarts: 10,
             restart_window: Duration::from_secs(10),
             backoff_initial: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(2),
         }
     }
 }
@@ -152,6 +153,13 @@ pub struct BackendSettings {
     /// How often the backend is pinged.
     #[serde(with = "humantime_serde", default = "defaults::health_interval")]
     pub health_interval: Duration,
+    /// Consecutive backend failures that open the circuit breaker.
+    #[serde(default = "defaults::breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open circuit rejects requests (UNAVAILABLE, at once)
+    /// before one probe request is let through.
+    #[serde(with = "humantime_serde", default = "defaults::breaker_cooldown")]
+    pub breaker_cooldown: Duration,
     /// sqlite: database file, created with its folder on first start
     /// (default `./data/prism.db`).
     #[serde(default)]
@@ -218,6 +226,12 @@ mod defaults {
     pub fn health_interval() -> Duration {
         Duration::from_secs(5)
     }
+    pub fn breaker_failures() -> u32 {
+        5
+    }
+    pub fn breaker_cooldown() -> Duration {
+        Duration::from_secs(1)
+    }
     pub fn sqlite_path() -> PathBuf {
         PathBuf::from("./data/prism.db")
     }
@@ -230,4 +244,615 @@ mod defaults {
     pub fn max_value_size() -> usize {
         1024 * 1024
     }
+}
+
+impl BackendSettings {
+    /// The SQLite database file: `path`, or `./data/prism.db` when unset.
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.path.clone().unwrap_or_else(defaults::sqlite_path)
+    }
+
+    /// The SQLite busy timeout: `busy_timeout`, or 5 s when unset.
+    pub fn sqlite_busy_timeout(&self) -> Duration {
+        self.busy_timeout.unwrap_or_else(defaults::busy_timeout)
+    }
+}
+
+/// The file every settings directory must hold.
+pub const DEFAULT_FILE: &str = "default.toml";
+/// The environment variable naming the environment layer, `<dir>/$PRISM_ENV.toml`.
+pub const ENV_NAME_VAR: &str = "PRISM_ENV";
+/// Prefix of the variables that override single keys: `PRISM__SERVER__GRPC_ADDR`
+/// sets `server.grpc_addr`.
+pub const ENV_PREFIX: &str = "PRISM";
+/// Separates the prefix and the key segments in override variables. Two
+/// underscores, because keys themselves contain single ones (`grpc_addr`).
+pub const ENV_SEPARATOR: &str = "__";
+/// The largest `max_value_size` a namespace may set: 64 MiB, the gRPC message
+/// size the server and the bundled client accept.
+pub const MAX_VALUE_SIZE_LIMIT: usize = 64 * 1024 * 1024;
+
+/// What the `config` crate records as the origin of an environment value.
+const ENV_ORIGIN: &str = "the environment";
+
+/// Errors of loading or validating settings. Every variant about a value
+/// names its key as a dotted path (`namespaces.default.backend`) and, when
+/// known, where the value came from (a file, or an environment variable).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A settings file that must be read could not be.
+    #[error("cannot read settings file {path}: {reason}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// A settings file is not valid TOML.
+    #[error("settings file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A key that no setting has: a typo, or a key in the wrong section.
+    #[error("unknown settings key `{key}`{}{}", at(.key, .origin.as_deref()), expected_hint(.expected))]
+    UnknownKey {
+        /// The dotted path of the key.
+        key: String,
+        /// The file or environment the key came from.
+        origin: Option<String>,
+        /// The keys allowed where this one was found.
+        expected: Vec<String>,
+    },
+    /// A required key is absent from every layer.
+    #[error("missing settings key `{key}`")]
+    Missing {
+        /// The dotted path of the key.
+        key: String,
+    },
+    /// A value that does not parse as its key's type: a bad duration,
+    /// address, number or enum name.
+    #[error("bad value for settings key `{key}`{}: {message}", at(.key, .origin.as_deref()))]
+    BadValue {
+        /// The dotted path of the key.
+        key: String,
+        /// The file or environment the value came from.
+        origin: Option<String>,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A value that parses but breaks a rule: out of range, names a backend
+    /// that does not exist, belongs to another backend kind.
+    #[error("invalid settings key `{key}`{}: {message}", at(.key, .origin.as_deref()))]
+    Invalid {
+        /// The dotted path of the key.
+        key: String,
+        /// The file or environment the value came from.
+        origin: Option<String>,
+        /// The rule it breaks.
+        message: String,
+    },
+    /// An environment variable that steers loading is unusable.
+    #[error("environment variable {name}: {message}")]
+    Env {
+        /// The variable.
+        name: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl Error {
+    /// The dotted path of the offending key, when the error is about one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Error::UnknownKey { key, .. }
+            | Error::Missing { key }
+            | Error::BadValue { key, .. }
+            | Error::Invalid { key, .. } => Some(key),
+            Error::Env { name, .. } => Some(name),
+            Error::Read { .. } | Error::Syntax { .. } => None,
+        }
+    }
+
+    /// Where the offending value came from: a file path, or `the environment`.
+    pub fn origin(&self) -> Option<&str> {
+        match self {
+            Error::UnknownKey { origin, .. }
+            | Error::BadValue { origin, .. }
+            | Error::Invalid { origin, .. } => origin.as_deref(),
+            Error::Read { path, .. } | Error::Syntax { path, .. } => Some(path),
+            Error::Missing { .. } | Error::Env { .. } => None,
+        }
+    }
+
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Invalid {
+            key: key.into(),
+            origin: None,
+            message: message.into(),
+        }
+    }
+
+    /// Fills in the origin of a validation error from the loaded value tree.
+    fn locate(mut self, root: &Value) -> Self {
+        if let Error::Invalid { key, origin, .. } = &mut self {
+            if origin.is_none() {
+                *origin = lookup(root, key).and_then(origin_of);
+            }
+        }
+        self
+    }
+}
+
+/// ` in settings/default.toml`, or ` (environment variable PRISM__SERVER__GRPC_ADDR)`.
+fn at(key: &str, origin: Option<&str>) -> String {
+    match origin {
+        None => String::new(),
+        Some(ENV_ORIGIN) => format!(" (environment variable {})", env_var_name(key)),
+        Some(file) => format!(" in {file}"),
+    }
+}
+
+fn expected_hint(expected: &[String]) -> String {
+    if expected.is_empty() {
+        String::new()
+    } else {
+        format!("; expected one of: {}", expected.join(", "))
+    }
+}
+
+/// The override variable of a key: `server.grpc_addr` → `PRISM__SERVER__GRPC_ADDR`.
+pub fn env_var_name(key: &str) -> String {
+    let mut name = String::from(ENV_PREFIX);
+    for segment in key.split('.') {
+        name.push_str(ENV_SEPARATOR);
+        name.push_str(&segment.to_uppercase());
+    }
+    name
+}
+
+/// The files that make up the settings in `dir` for environment `env_name`,
+/// in the order they are layered: `default.toml`, then `<env_name>.toml` if
+/// it exists. `default.toml` is listed whether or not it exists.
+pub fn files(dir: &Path, env_name: Option<&str>) -> Result<Vec<PathBuf>, Error> {
+    let mut files = vec![dir.join(DEFAULT_FILE)];
+    if let Some(name) = env_name.filter(|n| !n.is_empty()) {
+        // The name becomes part of a path: keep it to one plain file name.
+        if !is_valid_name(name) {
+            return Err(Error::Env {
+                name: ENV_NAME_VAR.into(),
+                message: format!(
+                    "{name:?} is not a valid environment name (letters, digits, `_`, `-`)"
+                ),
+            });
+        }
+        let file = dir.join(format!("{name}.toml"));
+        if file.is_file() {
+            files.push(file);
+        }
+    }
+    Ok(files)
+}
+
+/// Loads and validates the settings in `dir` from the process environment:
+/// `PRISM_ENV` names the environment layer and `PRISM__<SECTION>__<KEY>`
+/// variables override single keys.
+pub fn load(dir: &Path) -> Result<Settings, Error> {
+    let env_name = std::env::var(ENV_NAME_VAR).ok();
+    let mut vars = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Ok(name) = name.into_string() else {
+            continue;
+        };
+        if !is_override_var(&name) {
+            continue;
+        }
+        match value.into_string() {
+            Ok(value) => vars.push((name, value)),
+            Err(_) => {
+                return Err(Error::Env {
+                    name,
+                    message: "value is not valid UTF-8".into(),
+                })
+            }
+        }
+    }
+    load_with(dir, env_name.as_deref(), vars)
+}
+
+/// [`load`] with the environment passed in, so tests need not touch the
+/// process environment: `env_name` stands for `PRISM_ENV`, `env_vars` for the
+/// process's variables (those without the `PRISM__` prefix are ignored).
+///
+/// Layers, later ones winning key by key: `<dir>/default.toml` (required),
+/// `<dir>/<env_name>.toml` (if it exists), then the `PRISM__` variables.
+/// Variable names are matched case-insensitively and their key segments are
+/// lowercased, so they address lowercase names only. Values that look like
+/// numbers or booleans are parsed as such. The result is validated with
+/// [`Settings::validate`].
+pub fn load_with<I>(dir: &Path, env_name: Option<&str>, env_vars: I) -> Result<Settings, Error>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let files = files(dir, env_name)?;
+    let mut builder = Config::builder();
+    for file in &files {
+        // Checked here rather than left to `config`, whose message does not say
+        // which directory it looked in.
+        if let Err(e) = std::fs::metadata(file) {
+            return Err(Error::Read {
+                path: file.display().to_string(),
+                reason: e.to_string(),
+            });
+        }
+        builder = builder.add_source(
+            config::File::from(file.as_path())
+                .format(FileFormat::Toml)
+                .required(true),
+        );
+    }
+    let vars: config::Map<String, String> = env_vars
+        .into_iter()
+        .filter(|(name, _)| is_override_var(name))
+        .collect();
+    builder = builder.add_source(
+        Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator(ENV_SEPARATOR)
+            .separator(ENV_SEPARATOR)
+            .try_parsing(true)
+            .ignore_empty(true)
+            .source(Some(vars)),
+    );
+    let config = builder.build().map_err(|e| from_config(e, None))?;
+    let root = config.cache.clone();
+    let settings: Settings = config
+        .try_deserialize()
+        .map_err(|e| from_config(e, Some(&root)))?;
+    settings.validate().map_err(|e| e.locate(&root))?;
+    Ok(settings)
+}
+
+fn is_override_var(name: &str) -> bool {
+    let prefix = format!("{ENV_PREFIX}{ENV_SEPARATOR}");
+    name.len() > prefix.len() && name[..prefix.len()].eq_ignore_ascii_case(&prefix)
+}
+
+/// Names of namespaces and backends: they appear in requests, metrics and
+/// environment variable names.
+fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Where a value came from. Tables built while merging layers may carry no
+/// origin of their own; then the first of their values that has one tells.
+fn origin_of(value: &Value) -> Option<String> {
+    if let Some(origin) = value.origin() {
+        return Some(origin.to_owned());
+    }
+    match &value.kind {
+        ValueKind::Table(table) => {
+            let mut keys: Vec<&String> = table.keys().collect();
+            keys.sort();
+            keys.into_iter().find_map(|k| origin_of(&table[k]))
+        }
+        ValueKind::Array(values) => values.iter().find_map(origin_of),
+        _ => None,
+    }
+}
+
+/// A name as a segment of a dotted key: quoted, as TOML would, when it is
+/// not a plain name.
+fn key_segment(name: &str) -> String {
+    if is_valid_name(name) {
+        name.to_owned()
+    } else {
+        format!("{name:?}")
+    }
+}
+
+/// The value at a dotted path of the loaded tree.
+fn lookup<'a>(root: &'a Value, key: &str) -> Option<&'a Value> {
+    let mut value = root;
+    for segment in key.split('.') {
+        match &value.kind {
+            ValueKind::Table(table) => value = table.get(segment)?,
+            _ => return None,
+        }
+    }
+    Some(value)
+}
+
+fn scalar(value: &Value) -> Option<String> {
+    Some(match &value.kind {
+        ValueKind::String(s) => format!("{s:?}"),
+        ValueKind::Boolean(b) => b.to_string(),
+        ValueKind::I64(n) => n.to_string(),
+        ValueKind::I128(n) => n.to_string(),
+        ValueKind::U64(n) => n.to_string(),
+        ValueKind::U128(n) => n.to_string(),
+        ValueKind::Float(n) => n.to_string(),
+        ValueKind::Nil | ValueKind::Table(_) | ValueKind::Array(_) => return None,
+    })
+}
+
+fn join_key(parent: &str, child: &str) -> String {
+    if parent.is_empty() {
+        child.to_owned()
+    } else {
+        format!("{parent}.{child}")
+    }
+}
+
+/// Turns a `config` error into one that names the key and its origin.
+///
+/// `config` reports the path of the value that failed to deserialize, but
+/// not the name of an unknown key (serde reports that inside a message, at
+/// the parent's path), and no origin for messages from serde or
+/// `humantime_serde`. Both are recovered here from the value tree.
+fn from_config(error: ConfigError, root: Option<&Value>) -> Error {
+    let origin_at = |key: &str| root.and_then(|r| lookup(r, key)).and_then(origin_of);
+    match error {
+        ConfigError::FileParse { uri, cause } => Error::Syntax {
+            path: uri.unwrap_or_else(|| "(unknown file)".into()),
+            message: cause.to_string().trim_end().to_owned(),
+        },
+        ConfigError::NotFound(key) => Error::Missing { key },
+        ConfigError::Type {
+            origin,
+            unexpected,
+            expected,
+            key,
+        } => {
+            let key = key.unwrap_or_default();
+            Error::BadValue {
+                origin: origin.or_else(|| origin_at(&key)),
+                message: format!("invalid type: {unexpected}, expected {expected}"),
+                key,
+            }
+        }
+        ConfigError::At { error, origin, key } => {
+            let key = key.unwrap_or_default();
+            match *error {
+                ConfigError::Message(message) => from_message(&message, key, origin, root),
+                other => Error::BadValue {
+                    origin: origin.or_else(|| origin_at(&key)),
+                    message: other.to_string(),
+                    key,
+                },
+            }
+        }
+        ConfigError::Message(message) => from_message(&message, String::new(), None, root),
+        other => Error::BadValue {
+            key: String::new(),
+            origin: None,
+            message: other.to_string(),
+        },
+    }
+}
+
+/// Classifies a serde message raised at `key`.
+fn from_message(message: &str, key: String, origin: Option<String>, root: Option<&Value>) -> Error {
+    // serde: "unknown field `foo`, expected one of `a`, `b`" (or "expected `a`",
+    // "expected `a` or `b`", "there are no fields"), raised at the parent's path.
+    if message.starts_with("unknown field `") {
+        let mut quoted = message.split('`').skip(1).step_by(2).map(str::to_owned);
+        let field = quoted.next().unwrap_or_default();
+        let key = join_key(&key, &field);
+        return Error::UnknownKey {
+            origin: origin.or_else(|| root.and_then(|r| lookup(r, &key)).and_then(origin_of)),
+            expected: quoted.collect(),
+            key,
+        };
+    }
+    let raw = root.and_then(|r| lookup(r, &key));
+    let origin = origin.or_else(|| raw.and_then(origin_of));
+    let message = match raw.map(|v| &v.kind) {
+        // humantime_serde only says "expected a duration"; humantime says why.
+        Some(ValueKind::String(s)) if message.ends_with("expected a duration") => {
+            match humantime::parse_duration(s) {
+                Err(e) => format!("invalid duration {s:?}: {e}"),
+                Ok(_) => message.to_owned(),
+            }
+        }
+        Some(ValueKind::I64(_) | ValueKind::U64(_) | ValueKind::Float(_))
+            if message.ends_with("expected a duration") =>
+        {
+            format!(
+                "invalid duration {}: a duration needs a unit, such as \"5s\" or \"500ms\"",
+                raw.and_then(scalar).unwrap_or_default()
+            )
+        }
+        _ if message == "invalid socket address syntax" => format!(
+            "invalid address {}: expected ip:port, such as 127.0.0.1:8980",
+            raw.and_then(scalar).unwrap_or_default()
+        ),
+        _ if message.starts_with("enum ")
+            && message.contains("does not have variant constructor") =>
+        {
+            let allowed = if message.starts_with("enum LogFormat ") {
+                "text, json"
+            } else if message.starts_with("enum BackendKind ") {
+                "sqlite, memory"
+            } else {
+                ""
+            };
+            let value = raw.and_then(scalar).unwrap_or_default();
+            if allowed.is_empty() {
+                format!("unknown value {value}")
+            } else {
+                format!("unknown value {value}; expected one of: {allowed}")
+            }
+        }
+        _ => message.to_owned(),
+    };
+    Error::BadValue {
+        key,
+        origin,
+        message,
+    }
+}
+
+impl Settings {
+    /// Checks the rules that types alone do not: references between
+    /// sections, ranges, names, keys that belong to another backend kind.
+    /// Returns the first violation, in file order (server, log, sessions,
+    /// supervisor, backends, namespaces).
+    pub fn validate(&self) -> Result<(), Error> {
+        positive("server.shutdown_grace", self.server.shutdown_grace)?;
+        crate::telemetry::filter(&self.log.level).map_err(|e| Error::invalid("log.level", e))?;
+        self.sessions.validate()?;
+        self.supervisor.validate()?;
+        for (name, backend) in &self.backends {
+            let key = format!("backends.{}", key_segment(name));
+            if !is_valid_name(name) {
+                return Err(Error::invalid(
+                    key,
+                    format!("backend name {name:?} must be non-empty letters, digits, `_` or `-`"),
+                ));
+            }
+            backend.validate(&key)?;
+        }
+        if self.namespaces.is_empty() {
+            return Err(Error::invalid(
+                "namespaces",
+                "no namespace is defined; add one, e.g. [namespaces.default] backend = \"embedded\"",
+            ));
+        }
+        for (name, namespace) in &self.namespaces {
+            let key = format!("namespaces.{}", key_segment(name));
+            if !is_valid_name(name) {
+                return Err(Error::invalid(
+                    key,
+                    format!(
+                        "namespace name {name:?} must be non-empty letters, digits, `_` or `-`"
+                    ),
+                ));
+            }
+            if !self.backends.contains_key(&namespace.backend) {
+                let defined: Vec<&str> = self.backends.keys().map(String::as_str).collect();
+                let defined = if defined.is_empty() {
+                    "none is defined".to_owned()
+                } else {
+                    format!("defined: {}", defined.join(", "))
+                };
+                return Err(Error::invalid(
+                    format!("{key}.backend"),
+                    format!(
+                        "names backend {:?}, which is not under [backends] ({defined})",
+                        namespace.backend
+                    ),
+                ));
+            }
+            namespace.validate(&key)?;
+        }
+        Ok(())
+    }
+}
+
+impl SessionSettings {
+    fn validate(&self) -> Result<(), Error> {
+        at_least_one("sessions.max_in_flight", self.max_in_flight as usize)?;
+        at_least_one("sessions.max_sessions", self.max_sessions as usize)?;
+        at_least_one("sessions.mailbox", self.mailbox)?;
+        positive("sessions.idle_timeout", self.idle_timeout)
+    }
+}
+
+impl SupervisorSettings {
+    fn validate(&self) -> Result<(), Error> {
+        at_least_one("supervisor.max_restarts", self.max_restarts as usize)?;
+        positive("supervisor.restart_window", self.restart_window)?;
+        positive("supervisor.backoff_initial", self.backoff_initial)?;
+        if self.backoff_initial > self.backoff_max {
+            return Err(Error::invalid(
+                "supervisor.backoff_initial",
+                format!(
+                    "{} is larger than supervisor.backoff_max ({})",
+                    humantime::format_duration(self.backoff_initial),
+                    humantime::format_duration(self.backoff_max)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl BackendSettings {
+    fn validate(&self, key: &str) -> Result<(), Error> {
+        at_least_one(&format!("{key}.pool_size"), self.pool_size as usize)?;
+        at_least_one(&format!("{key}.mailbox"), self.mailbox)?;
+        positive(&format!("{key}.purge_interval"), self.purge_interval)?;
+        positive(&format!("{key}.health_interval"), self.health_interval)?;
+        at_least_one(
+            &format!("{key}.breaker_failures"),
+            self.breaker_failures as usize,
+        )?;
+        positive(&format!("{key}.breaker_cooldown"), self.breaker_cooldown)?;
+        let sqlite_only = [
+            ("path", self.path.is_some()),
+            ("busy_timeout", self.busy_timeout.is_some()),
+        ];
+        for (field, set) in sqlite_only {
+            if set && self.kind != BackendKind::Sqlite {
+                return Err(Error::invalid(
+                    format!("{key}.{field}"),
+                    format!(
+                        "applies only to kind \"sqlite\", and this backend is kind {:?}",
+                        self.kind.as_str()
+                    ),
+                ));
+            }
+        }
+        if let Some(busy_timeout) = self.busy_timeout {
+            positive(&format!("{key}.busy_timeout"), busy_timeout)?;
+        }
+        if self.path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(Error::invalid(format!("{key}.path"), "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+impl NamespaceSettings {
+    fn validate(&self, key: &str) -> Result<(), Error> {
+        positive(&format!("{key}.timeout"), self.timeout)?;
+        if let Some(ttl) = self.default_ttl {
+            if ttl.is_zero() {
+                return Err(Error::invalid(
+                    format!("{key}.default_ttl"),
+                    "must be greater than 0; leave the key out for no expiry",
+                ));
+            }
+        }
+        if self.max_value_size == 0 || self.max_value_size > MAX_VALUE_SIZE_LIMIT {
+            return Err(Error::invalid(
+                format!("{key}.max_value_size"),
+                format!(
+                    "{} is out of range: must be between 1 and {MAX_VALUE_SIZE_LIMIT} (64 MiB)",
+                    self.max_value_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn at_least_one(key: &str, value: usize) -> Result<(), Error> {
+    if value == 0 {
+        return Err(Error::invalid(key, "must be at least 1"));
+    }
+    Ok(())
+}
+
+fn positive(key: &str, value: Duration) -> Result<(), Error> {
+    if value.is_zero() {
+        return Err(Error::invalid(key, "must be greater than 0"));
+    }
+    Ok(())
 }

@@ -1,0 +1,345 @@
+//! A client of the `prism.kv.v1.KeyValue` API: what `prism kv` and
+//! `prism bench` use, and a starting point for Rust applications.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use crate::proto::key_value_client::KeyValueClient;
+use crate::proto::{
+    DeleteRequest, ExistsRequest, GetRequest, GetResponse, PutRequest, ScanRequest, ScanResponse,
+};
+use crate::settings::MAX_VALUE_SIZE_LIMIT;
+
+/// Largest gRPC message the client sends or accepts: the largest value a
+/// namespace may allow, plus room for the key and framing.
+pub const MAX_MESSAGE_SIZE: usize = MAX_VALUE_SIZE_LIMIT + 1024 * 1024;
+
+/// The metadata key that names the calling client (its session).
+pub const CLIENT_ID_HEADER: &str = "x-client-id";
+
+/// The gateway's default address.
+pub const DEFAULT_ADDR: &str = "http://127.0.0.1:8980";
+
+/// How to reach the gateway and what to send with every request.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// `http://host:port`; a bare `host:port` gets `http://`.
+    pub addr: String,
+    /// Sent as `x-client-id` metadata.
+    pub client_id: Option<String>,
+    /// Deadline of each request, sent as `grpc-timeout` and enforced locally.
+    pub timeout: Option<Duration>,
+    /// How long establishing the connection may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            addr: DEFAULT_ADDR.into(),
+            client_id: None,
+            timeout: Some(Duration::from_secs(5)),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Errors of building a [`Client`]. Errors of calls are `tonic::Status`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The address is not a usable URI.
+    #[error("invalid address {addr:?}: {message}")]
+    Address {
+        /// The address given.
+        addr: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The client id cannot be sent as gRPC metadata.
+    #[error("invalid client id {0:?}: must be printable ASCII")]
+    ClientId(String),
+    /// The gateway could not be reached.
+    #[error("cannot connect to {addr}: {message}")]
+    Connect {
+        /// The address tried.
+        addr: String,
+        /// Why it failed, with its causes.
+        message: String,
+    },
+}
+
+impl Error {
+    /// The gRPC code that best describes the error, for uniform reporting.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::Address { .. } | Error::ClientId(_) => Code::InvalidArgument,
+            Error::Connect { .. } => Code::Unavailable,
+        }
+    }
+}
+
+/// A KeyValue client. Cloning is cheap and clones share the connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: KeyValueClient<Channel>,
+    client_id: Option<MetadataValue<Ascii>>,
+    timeout: Option<Duration>,
+}
+
+impl Client {
+    /// Connects to the gateway at `options.addr`.
+    pub async fn connect(options: &ClientOptions) -> Result<Self, Error> {
+        // Bad options are reported before the network is touched.
+        client_id(options)?;
+        let addr = normalize_addr(&options.addr);
+        let endpoint = endpoint(&addr, options)?;
+        let connect_error = |message: String| Error::Connect {
+            addr: addr.clone(),
+            message,
+        };
+        // `connect_timeout` bounds the TCP connect only; this bounds the
+        // HTTP/2 handshake too, so a peer that accepts and stays silent
+        // does not hang the caller.
+        let channel = tokio::time::timeout(options.connect_timeout, endpoint.connect())
+            .await
+            .map_err(|_| {
+                connect_error(format!(
+                    "timed out after {}",
+                    humantime::format_duration(options.connect_timeout)
+                ))
+            })?
+            .map_err(|e| connect_error(error_chain(&e)))?;
+        Self::from_channel(channel, options)
+    }
+
+    /// A client over an existing channel (several clients may share one).
+    pub fn from_channel(channel: Channel, options: &ClientOptions) -> Result<Self, Error> {
+        let client_id = client_id(options)?;
+        let inner = KeyValueClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        Ok(Client {
+            inner,
+            client_id,
+            timeout: options.timeout,
+        })
+    }
+
+    /// Reads a key.
+    pub async fn get(&self, namespace: &str, key: &str) -> Result<GetResponse, Status> {
+        let request = GetRequest {
+            namespace: namespace.into(),
+            key: key.into(),
+        };
+        let mut inner = self.inner.clone();
+        self.call(inner.get(self.request(request))).await
+    }
+
+    /// Inserts or replaces a key. `ttl` of `None` means the namespace's
+    /// default TTL; a TTL under a millisecond is rounded up to one.
+    pub async fn put(
+        &self,
+        namespace: &str,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<(), Status> {
+        let ttl_ms = ttl.map_or(0, |ttl| {
+            u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+        });
+        let request = PutRequest {
+            namespace: namespace.into(),
+            key: key.into(),
+            value,
+            ttl_ms,
+        };
+        let mut inner = self.inner.clone();
+        self.call(inner.put(self.request(request)))
+            .await
+            .map(|_| ())
+    }
+
+    /// Removes a key; tells whether it existed.
+    pub async fn delete(&self, namespace: &str, key: &str) -> Result<bool, Status> {
+        let request = DeleteRequest {
+            namespace: namespace.into(),
+            key: key.into(),
+        };
+        let mut inner = self.inner.clone();
+        self.call(inner.delete(self.request(request)))
+            .await
+            .map(|r| r.existed)
+    }
+
+    /// Tells whether a key exists.
+    pub async fn exists(&self, namespace: &str, key: &str) -> Result<bool, Status> {
+        let request = ExistsRequest {
+            namespace: namespace.into(),
+            key: key.into(),
+        };
+        let mut inner = self.inner.clone();
+        self.call(inner.exists(self.request(request)))
+            .await
+            .map(|r| r.exists)
+    }
+
+    /// Reads one page of keys.
+    pub async fn scan(&self, request: ScanRequest) -> Result<ScanResponse, Status> {
+        let mut inner = self.inner.clone();
+        self.call(inner.scan(self.request(request))).await
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(timeout) = self.timeout {
+            request.set_timeout(timeout);
+        }
+        if let Some(id) = &self.client_id {
+            request.metadata_mut().insert(CLIENT_ID_HEADER, id.clone());
+        }
+        request
+    }
+
+    /// Awaits a call, bounded by the deadline here too: a server that
+    /// ignores `grpc-timeout` (or a connection that stalls) must not hang
+    /// the caller.
+    async fn call<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T, Status> {
+        let response = match self.timeout {
+            Some(timeout) => tokio::time::timeout(timeout, call).await.map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no response within {}",
+                    humantime::format_duration(timeout)
+                ))
+            })?,
+            None => call.await,
+        };
+        response.map(tonic::Response::into_inner)
+    }
+}
+
+/// The `x-client-id` value of `options`, checked.
+fn client_id(options: &ClientOptions) -> Result<Option<MetadataValue<Ascii>>, Error> {
+    let Some(id) = options.client_id.as_deref() else {
+        return Ok(None);
+    };
+    // `http` accepts any byte from 0x20 up in a header value, but gRPC
+    // metadata (and the session names the gateway builds from it) is ASCII.
+    let printable = !id.is_empty() && id.bytes().all(|b| (0x20..0x7f).contains(&b));
+    printable
+        .then(|| id.parse::<MetadataValue<Ascii>>().ok())
+        .flatten()
+        .map(Some)
+        .ok_or_else(|| Error::ClientId(id.to_owned()))
+}
+
+/// `host:port` → `http://host:port`; URIs with a scheme are kept.
+pub fn normalize_addr(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+fn endpoint(addr: &str, options: &ClientOptions) -> Result<Endpoint, Error> {
+    let endpoint = Endpoint::from_shared(addr.to_owned()).map_err(|e| Error::Address {
+        addr: addr.to_owned(),
+        message: error_chain(&e),
+    })?;
+    Ok(endpoint
+        .connect_timeout(options.connect_timeout)
+        .tcp_nodelay(true))
+}
+
+/// An error and its causes on one line: tonic's transport errors say only
+/// "transport error" at the top.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+/// The canonical name of a gRPC code, as in the gRPC spec: `NOT_FOUND`.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// `NOT_FOUND: unknown namespace "x"`: how `prism kv` reports a status.
+pub fn describe(status: &Status) -> String {
+    let message = status.message();
+    if message.is_empty() {
+        code_name(status.code()).to_owned()
+    } else {
+        format!("{}: {message}", code_name(status.code()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_addresses_get_the_http_scheme() {
+        assert_eq!(normalize_addr("127.0.0.1:8980"), "http://127.0.0.1:8980");
+        assert_eq!(
+            normalize_addr("https://kv.example:443"),
+            "https://kv.example:443"
+        );
+    }
+
+    #[test]
+    fn statuses_are_described_by_canonical_code_and_message() {
+        assert_eq!(
+            describe(&Status::not_found("unknown namespace \"x\"")),
+            "NOT_FOUND: unknown namespace \"x\""
+        );
+        assert_eq!(describe(&Status::unavailable("")), "UNAVAILABLE");
+    }
+
+    #[tokio::test]
+    async fn client_ids_that_are_not_ascii_are_rejected() {
+        let options = ClientOptions {
+            client_id: Some("caf\u{e9}".into()),
+            ..ClientOptions::default()
+        };
+        let channel = Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        assert!(matches!(
+            Client::from_channel(channel, &options),
+            Err(Error::ClientId(_))
+        ));
+    }
+}

@@ -1,0 +1,581 @@
+//! The pool actor: one per configured backend. It owns the backend's
+//! connection pool, runs up to `pool_size` operations at once, purges expired
+//! entries and checks health in the background, and fails (to be restarted by
+//! the backends supervisor) when an operation panics or the backend stays
+//! unhealthy.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prism_actors::{catch_panic, Actor, Addr, BoxError, Context, ExitReason, Reply};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::backend::{Backend, Connector, Op, Outcome, PoolStats};
+use crate::error::ApiError;
+
+/// Consecutive failed health checks after which the pool actor fails and is
+/// restarted (which reconnects).
+const HEALTH_FAILURES_BEFORE_RESTART: u32 = 3;
+
+/// What a pool actor needs besides its connector.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Operations run at once.
+    pub pool_size: u32,
+    /// How often expired entries are deleted.
+    pub purge_interval: Duration,
+    /// How often the backend is pinged.
+    pub health_interval: Duration,
+}
+
+/// Circuit breaker settings.
+#[derive(Debug, Clone, Copy)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the circuit.
+    pub failures: u32,
+    /// How long an open circuit rejects requests before a probe is let through.
+    pub cooldown: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failures: 5,
+            cooldown: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The state of a backend's circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Circuit {
+    /// Requests flow.
+    Closed,
+    /// Requests are rejected at once until the cool-down ends.
+    Open,
+    /// One probe request is in flight; the rest are rejected.
+    HalfOpen,
+}
+
+impl Circuit {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Circuit::Closed => "closed",
+            Circuit::Open => "open",
+            Circuit::HalfOpen => "half_open",
+        }
+    }
+}
+
+#[derive(Debug)]
+enum BreakerState {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen { since: Instant },
+}
+
+/// Live health and circuit breaker of one backend, shared by its pool actor
+/// (which reports results), the sessions (which consult it before sending)
+/// and readiness. It outlives pool actor restarts.
+#[derive(Debug)]
+pub struct BackendHealth {
+    up: AtomicBool,
+    failures: AtomicU32,
+    in_use: AtomicU32,
+    idle: AtomicU32,
+    breaker: BreakerConfig,
+    /// True while the circuit is closed with no failure counted: the fast
+    /// path of every request reads only this.
+    clear: AtomicBool,
+    state: std::sync::Mutex<BreakerState>,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl Default for BackendHealth {
+    fn default() -> Self {
+        Self::new(BreakerConfig::default())
+    }
+}
+
+/// What the breaker said about a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Go ahead.
+    Pass,
+    /// Go ahead as the half-open probe: its result decides the circuit.
+    Probe,
+    /// The circuit is open: answer UNAVAILABLE at once.
+    Reject,
+}
+
+impl BackendHealth {
+    /// A healthy-until-proven-otherwise backend with this breaker.
+    pub fn new(breaker: BreakerConfig) -> Self {
+        BackendHealth {
+            up: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
+            in_use: AtomicU32::new(0),
+            idle: AtomicU32::new(0),
+            breaker,
+            clear: AtomicBool::new(true),
+            state: std::sync::Mutex::new(BreakerState::Closed { failures: 0 }),
+            last_error: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
+        // The state is replaced whole; a poisoned lock still holds a valid one.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True when the backend is connected and its last health check passed.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Consecutive failed health checks.
+    pub fn failures(&self) -> u32 {
+        self.failures.load(Ordering::Acquire)
+    }
+
+    /// Connection pool figures at the last health check.
+    pub fn connections(&self) -> PoolStats {
+        PoolStats {
+            in_use: self.in_use.load(Ordering::Acquire),
+            idle: self.idle.load(Ordering::Acquire),
+        }
+    }
+
+    /// The circuit's state now.
+    pub fn circuit(&self) -> Circuit {
+        match *self.lock() {
+            BreakerState::Closed { .. } => Circuit::Closed,
+            BreakerState::Open { .. } => Circuit::Open,
+            BreakerState::HalfOpen { .. } => Circuit::HalfOpen,
+        }
+    }
+
+    /// The last failure seen, for readiness reports.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set(&self, up: bool) {
+        self.up.store(up, Ordering::Release);
+    }
+
+    fn note_error(&self, e: &str) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_owned());
+    }
+
+    /// Asks the breaker whether a request may go to the backend.
+    pub fn admit(&self) -> Admission {
+        if self.clear.load(Ordering::Acquire) {
+            return Admission::Pass;
+        }
+        let mut st = self.lock();
+        let now = Instant::now();
+        match *st {
+            BreakerState::Closed { .. } => Admission::Pass,
+            // A probe that never reported back (dropped, refused) does not
+            // keep the circuit half-open forever.
+            BreakerState::Open { until } | BreakerState::HalfOpen { since: until }
+                if now >= until =>
+            {
+                *st = BreakerState::HalfOpen {
+                    since: now + self.breaker.cooldown,
+                };
+                Admission::Probe
+            }
+            BreakerState::Open { .. } | BreakerState::HalfOpen { .. } => Admission::Reject,
+        }
+    }
+
+    /// A request or health check succeeded: the circuit closes.
+    pub fn record_success(&self) {
+        if self.clear.load(Ordering::Acquire) {
+            return;
+        }
+        let mut st = self.lock();
+        self.clear.store(true, Ordering::Release);
+        if !matches!(*st, BreakerState::Closed { failures: 0 }) {
+            if !matches!(*st, BreakerState::Closed { .. }) {
+                info!("circuit closed");
+            }
+            *st = BreakerState::Closed { failures: 0 };
+        }
+    }
+
+    /// A request or health check failed because of the backend.
+    pub fn record_failure(&self, error: &str) {
+        self.note_error(error);
+        let mut st = self.lock();
+        self.clear.store(false, Ordering::Release);
+        let open = match *st {
+            BreakerState::Closed { failures } => {
+                let failures = failures + 1;
+                if failures >= self.breaker.failures {
+                    true
+                } else {
+                    *st = BreakerState::Closed { failures };
+                    false
+                }
+            }
+            BreakerState::HalfOpen { .. } => true,
+            BreakerState::Open { .. } => false,
+        };
+        if open {
+            warn!(
+                cooldown_ms = self.breaker.cooldown.as_millis() as u64,
+                error, "circuit opened"
+            );
+            *st = BreakerState::Open {
+                until: Instant::now() + self.breaker.cooldown,
+            };
+        }
+    }
+
+    /// The pool actor failed: open the circuit at once, so that requests fail
+    /// fast while it restarts instead of waiting in its mailbox.
+    pub fn trip(&self, error: &str) {
+        self.set(false);
+        self.note_error(error);
+        let mut st = self.lock();
+        self.clear.store(false, Ordering::Release);
+        if matches!(
+            *st,
+            BreakerState::Closed { .. } | BreakerState::HalfOpen { .. }
+        ) {
+            warn!(
+                cooldown_ms = self.breaker.cooldown.as_millis() as u64,
+                error, "circuit opened"
+            );
+        }
+        *st = BreakerState::Open {
+            until: Instant::now() + self.breaker.cooldown,
+        };
+    }
+}
+
+/// Messages of the pool actor.
+pub enum PoolMsg {
+    /// Run an operation and reply with its outcome.
+    Exec {
+        /// The namespace.
+        namespace: Arc<str>,
+        /// The operation.
+        op: Op,
+        /// The request's deadline.
+        deadline: Instant,
+        /// The caller's admission slot, released when the operation ends.
+        permit: Option<OwnedSemaphorePermit>,
+        /// Where the outcome goes.
+        reply: Reply<Result<Outcome, ApiError>>,
+    },
+    /// Delete expired entries (sent by the purge ticker).
+    Purge,
+    /// Ping the backend (sent by the health ticker).
+    Health,
+    /// The last health check's result.
+    HealthResult(Result<(), String>),
+    /// The purge that was running has ended.
+    PurgeDone,
+    /// A spawned operation panicked: fail this incarnation.
+    Crashed(String),
+}
+
+/// The pool actor of one backend.
+pub struct PoolActor {
+    backend_name: Arc<str>,
+    connector: Arc<dyn Connector>,
+    config: PoolConfig,
+    health: Arc<BackendHealth>,
+    backend: Option<Arc<dyn Backend>>,
+    permits: Arc<Semaphore>,
+    tasks: JoinSet<()>,
+    tickers: Vec<AbortHandle>,
+    purging: bool,
+}
+
+impl PoolActor {
+    /// A pool actor that connects through `connector` when it starts.
+    pub fn new(
+        backend_name: Arc<str>,
+        connector: Arc<dyn Connector>,
+        config: PoolConfig,
+        health: Arc<BackendHealth>,
+    ) -> Self {
+        let permits = Arc::new(Semaphore::new(config.pool_size.max(1) as usize));
+        PoolActor {
+            backend_name,
+            connector,
+            config,
+            health,
+            backend: None,
+            permits,
+            tasks: JoinSet::new(),
+            tickers: Vec::new(),
+            purging: false,
+        }
+    }
+
+    fn ticker(addr: Addr<PoolActor>, every: Duration, make: fn() -> PoolMsg) -> AbortHandle {
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval.tick().await;
+            loop {
+                interval.tick().await;
+                // A full mailbox already means work; skip this tick. A closed
+                // one means the actor is gone for good.
+                if let Err(prism_actors::SendError::Closed(_)) = addr.try_tell(make()) {
+                    break;
+                }
+            }
+        })
+        .abort_handle()
+    }
+}
+
+/// Feeds an operation's result to the breaker: only failures of the
+/// backend itself count, not a bad request.
+fn record(health: &BackendHealth, r: &Result<Outcome, crate::backend::Error>) {
+    match r {
+        Ok(_) => health.record_success(),
+        Err(e @ (crate::backend::Error::Unavailable(_) | crate::backend::Error::Timeout)) => {
+            health.record_failure(&e.to_string())
+        }
+        Err(crate::backend::Error::Internal(_)) => {}
+    }
+}
+
+/// Backend errors as the client sees them; the cause is logged here.
+fn map_backend_error(namespace: &str, e: crate::backend::Error) -> ApiError {
+    use crate::backend::Error;
+    match e {
+        Error::Unavailable(cause) => {
+            warn!(namespace, error = %cause, "backend unavailable");
+            ApiError::Unavailable(format!("backend of namespace '{namespace}' is unavailable"))
+        }
+        Error::Timeout => ApiError::DeadlineExceeded("in the backend"),
+        Error::Internal(cause) => {
+            warn!(namespace, error = %cause, "backend operation failed");
+            ApiError::Internal
+        }
+    }
+}
+
+impl Actor for PoolActor {
+    type Msg = PoolMsg;
+
+    async fn started(&mut self, ctx: &mut Context<Self>) -> Result<(), BoxError> {
+        let backend = match self.connector.connect().await {
+            Ok(b) => b,
+            Err(e) => {
+                self.health.trip(&e.to_string());
+                return Err(Box::new(e));
+            }
+        };
+        self.backend = Some(backend);
+        self.health.failures.store(0, Ordering::Release);
+        self.health.set(true);
+        self.health.record_success();
+        let addr = ctx.addr();
+        self.tickers.push(Self::ticker(
+            addr.clone(),
+            self.config.purge_interval,
+            || PoolMsg::Purge,
+        ));
+        self.tickers
+            .push(Self::ticker(addr, self.config.health_interval, || {
+                PoolMsg::Health
+            }));
+        info!(backend = %self.backend_name, kind = self.connector.kind(), pool_size = self.config.pool_size, "backend connected");
+        Ok(())
+    }
+
+    async fn handle(&mut self, msg: PoolMsg, ctx: &mut Context<Self>) -> Result<(), BoxError> {
+        // Reap finished operations so the set does not grow.
+        while self.tasks.try_join_next().is_some() {}
+        let Some(backend) = self.backend.clone() else {
+            return Err("pool actor has no backend".into());
+        };
+        match msg {
+            PoolMsg::Exec {
+                namespace,
+                op,
+                deadline,
+                permit,
+                mut reply,
+            } => {
+                if reply.is_closed() {
+                    debug!(backend = %self.backend_name, "caller went away while queued, skipped");
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    let _ = reply.send(Err(ApiError::DeadlineExceeded(
+                        "while queued for the backend",
+                    )));
+                    return Ok(());
+                }
+                if backend.is_inline() {
+                    let res = match catch_panic(backend.exec(&namespace, op)).await {
+                        Ok(r) => {
+                            record(&self.health, &r);
+                            r.map_err(|e| map_backend_error(&namespace, e))
+                        }
+                        Err(panic) => {
+                            let _ = reply.send(Err(ApiError::Internal));
+                            return Err(format!("operation panicked: {panic}").into());
+                        }
+                    };
+                    drop(permit);
+                    let _ = reply.send(res);
+                    return Ok(());
+                }
+                // Waiting here for a free slot is the backpressure: the
+                // mailbox fills up behind it and callers get RESOURCE_EXHAUSTED.
+                let pool_permit = tokio::select! {
+                    biased;
+                    p = self.permits.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return Err("pool semaphore closed".into()),
+                    },
+                    _ = reply.closed() => return Ok(()),
+                    _ = tokio::time::sleep_until(deadline) => {
+                        let _ = reply.send(Err(ApiError::DeadlineExceeded("waiting for a backend connection")));
+                        return Ok(());
+                    }
+                };
+                let me = ctx.addr();
+                let health = self.health.clone();
+                let span = tracing::debug_span!("op", backend = %self.backend_name, namespace = %namespace, op = op.name());
+                self.tasks.spawn(
+                    async move {
+                        let _permits = (permit, pool_permit);
+                        // Whichever comes first: the caller going away (the
+                        // backend future is dropped, which cancels the call),
+                        // the deadline, or the result.
+                        let res = tokio::select! {
+                            biased;
+                            _ = reply.closed() => None,
+                            r = tokio::time::timeout_at(deadline, catch_panic(backend.exec(&namespace, op))) => Some(r),
+                        };
+                        match res {
+                            None => debug!("caller went away, operation cancelled"),
+                            Some(Err(_)) => {
+                                health.record_failure("operation ran past its deadline");
+                                let _ = reply.send(Err(ApiError::DeadlineExceeded("in the backend")));
+                            }
+                            Some(Ok(Err(panic))) => {
+                                let _ = reply.send(Err(ApiError::Internal));
+                                let _ = me.tell(PoolMsg::Crashed(panic)).await;
+                            }
+                            Some(Ok(Ok(r))) => {
+                                record(&health, &r);
+                                let _ = reply.send(r.map_err(|e| map_backend_error(&namespace, e)));
+                            }
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+            PoolMsg::Purge => {
+                if self.purging {
+                    return Ok(());
+                }
+                let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                    return Ok(());
+                };
+                self.purging = true;
+                let name = self.backend_name.clone();
+                let me = ctx.addr();
+                self.tasks.spawn(async move {
+                    let _permit = permit;
+                    match backend.purge_expired().await {
+                        Ok(0) => {}
+                        Ok(n) => debug!(backend = %name, purged = n, "expired entries purged"),
+                        Err(e) => warn!(backend = %name, error = %e, "purge failed"),
+                    }
+                    let _ = me.tell(PoolMsg::PurgeDone).await;
+                });
+            }
+            PoolMsg::Health => {
+                let me = ctx.addr();
+                let timeout = self.config.health_interval.max(Duration::from_millis(100));
+                self.tasks.spawn(async move {
+                    let res = match tokio::time::timeout(timeout, backend.health()).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("health check timed out".to_owned()),
+                    };
+                    let _ = me.tell(PoolMsg::HealthResult(res)).await;
+                });
+            }
+            PoolMsg::PurgeDone => self.purging = false,
+            PoolMsg::HealthResult(res) => {
+                let stats = backend.connections();
+                self.health.in_use.store(stats.in_use, Ordering::Release);
+                self.health.idle.store(stats.idle, Ordering::Release);
+                match res {
+                    Ok(()) => {
+                        if !self.health.is_up() {
+                            info!(backend = %self.backend_name, "backend healthy again");
+                        }
+                        self.health.failures.store(0, Ordering::Release);
+                        self.health.set(true);
+                        self.health.record_success();
+                    }
+                    Err(e) => {
+                        let n = self.health.failures.fetch_add(1, Ordering::AcqRel) + 1;
+                        self.health.set(false);
+                        self.health.record_failure(&e);
+                        warn!(backend = %self.backend_name, failures = n, error = %e, "backend health check failed");
+                        if n >= HEALTH_FAILURES_BEFORE_RESTART {
+                            return Err(format!("{n} consecutive health checks failed: {e}").into());
+                        }
+                    }
+                }
+            }
+            PoolMsg::Crashed(panic) => {
+                return Err(format!("operation panicked: {panic}").into());
+            }
+        }
+        Ok(())
+    }
+
+    async fn stopped(
+        &mut self,
+        reason: &ExitReason,
+        _ctx: &mut Context<Self>,
+    ) -> Result<(), BoxError> {
+        for t in self.tickers.drain(..) {
+            t.abort();
+        }
+        if matches!(reason, ExitReason::Shutdown | ExitReason::Normal) {
+            // A graceful stop lets every running operation finish and reply.
+            while self.tasks.join_next().await.is_some() {}
+        } else {
+            // A failed incarnation cuts its operations off; their callers get
+            // UNAVAILABLE.
+            self.tasks.shutdown().await;
+        }
+        if let Some(backend) = self.backend.take() {
+            backend.close().await;
+        }
+        if reason.is_failure() {
+            self.health.trip(&reason.to_string());
+        } else if !matches!(reason, ExitReason::Restart) {
+            self.health.set(false);
+        }
+        Ok(())
+    }
+}

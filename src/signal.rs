@@ -1,0 +1,86 @@
+//! Shutdown on signals: the first SIGTERM or SIGINT starts a graceful drain,
+//! a second one exits at once.
+
+use std::future::Future;
+
+use tracing::{info, warn};
+
+/// The exit code after a second signal: 128 + SIGINT, what a shell reports
+/// for a process killed by Ctrl-C.
+pub const FORCED_EXIT_CODE: i32 = 130;
+
+/// A future that resolves on the first SIGTERM or SIGINT (Ctrl-C), to be
+/// passed as the shutdown future of [`crate::run`]. After it has resolved, a
+/// second signal logs and exits the process with code 130 without waiting
+/// for the drain.
+///
+/// The handlers are installed when this function is called, not when the
+/// future is first polled, so a signal that arrives in between is not lost
+/// (and does not kill the process with the default action). Must be called
+/// inside a tokio runtime.
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    let mut signals = Signals::install()?;
+    Ok(async move {
+        let first = signals.recv().await;
+        info!(
+            signal = first,
+            "shutdown requested; draining (send the signal again to exit at once)"
+        );
+        // Once a handler is installed the default action (termination) no
+        // longer happens, so a stuck drain could only be ended with SIGKILL;
+        // keep listening so an operator's second Ctrl-C still works.
+        tokio::spawn(async move {
+            let second = signals.recv().await;
+            warn!(
+                signal = second,
+                exit_code = FORCED_EXIT_CODE,
+                "second signal; exiting without finishing the drain"
+            );
+            std::process::exit(FORCED_EXIT_CODE);
+        });
+    })
+}
+
+#[cfg(unix)]
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The name of the next signal received.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
+}
+
+#[cfg(not(unix))]
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Signals)
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        // An error here means no handler could be installed: never resolve
+        // rather than shut down for no reason.
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        "ctrl-c"
+    }
+}
