@@ -10,23 +10,29 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 
+use crate::admin::{AdminServer, AdminState, Draining};
 use crate::backend::memory::MemoryConnector;
 use crate::backend::sqlite::SqliteConnector;
 use crate::backend::Connector;
 use crate::pool::{BackendHealth, BreakerConfig, PoolActor, PoolConfig};
 use crate::proto::key_value_server::KeyValueServer;
-use crate::service::{KvService, Namespace, Router};
+use crate::service::{KvService, MeteredKvService, Namespace, Router};
 use crate::session::Sessions;
 use crate::settings::{BackendKind, BackendSettings, Settings, SupervisorSettings};
 
 /// Room above the largest value for the rest of a request or response.
 const MESSAGE_OVERHEAD: usize = 64 * 1024;
 
+/// How often recorded latencies are folded into the metrics' histograms.
+const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The bound listeners Prism serves on. Binding happens before [`run`] so
 /// that tests can bind port 0 and settings are validated before any bind.
 pub struct Listeners {
     /// The gRPC listener.
     pub grpc: TcpListener,
+    /// The admin plane's HTTP listener; `None` serves no admin plane.
+    pub http: Option<std::net::TcpListener>,
 }
 
 /// Errors that end a gateway.
@@ -208,12 +214,19 @@ impl Gateway {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<KeyValueServer<KvService>>().await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Both reflection versions: grpcurl and older tools still ask v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
             .build_v1()
             .map_err(|e| Error::Start(format!("grpc reflection: {e}")))?;
-        let kv = KeyValueServer::new(KvService::new(router))
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| Error::Start(format!("grpc reflection: {e}")))?;
+        let kv = KeyValueServer::new(MeteredKvService::new(KvService::new(router.clone())))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
 
@@ -226,6 +239,27 @@ impl Gateway {
             backends = backends.len(),
             "prism serving"
         );
+        let draining = Draining::default();
+        let upkeep = router.metrics().spawn_upkeep(METRICS_UPKEEP);
+        let admin = match listeners.http {
+            Some(l) => {
+                let state = AdminState::new(
+                    router.clone(),
+                    backends.clone(),
+                    root.supervisor_ref(),
+                    draining.clone(),
+                );
+                match AdminServer::start(l, state) {
+                    Ok(admin) => Some(admin),
+                    Err(e) => {
+                        upkeep.abort();
+                        root.shutdown(grace).await;
+                        return Err(Error::Start(format!("server.http_addr: {e}")));
+                    }
+                }
+            }
+            None => None,
+        };
 
         // The drain begins on the shutdown signal: health first, so that load
         // balancers stop sending before the listener closes.
@@ -239,7 +273,8 @@ impl Gateway {
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(kv)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), async move {
                 let _ = drain_rx.await;
@@ -260,6 +295,7 @@ impl Gateway {
             }
         }
         let started = tokio::time::Instant::now();
+        draining.begin();
         signal_health
             .set_not_serving::<KeyValueServer<KvService>>()
             .await;
@@ -280,6 +316,11 @@ impl Gateway {
         for r in report.aborted() {
             warn!(actor = %r.name, actor_id = r.id, "actor aborted at the end of the grace period");
         }
+        // Probes and metrics answered through the drain; now it is over.
+        if let Some(admin) = admin {
+            admin.stop().await;
+        }
+        upkeep.abort();
         info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             clean = report.is_clean(),

@@ -59,8 +59,10 @@ pub trait Actor: Send + Sized + 'static {
         ctx: &mut Context<Self>,
     ) -> impl Future<Output = Result<(), BoxError>> + Send;
 
-    /// Runs once when the incarnation ends, whatever the reason (except an abort
-    /// at the end of a shutdown grace period, which runs nothing more).
+    /// Runs once when an incarnation whose `started` succeeded ends, whatever
+    /// the reason — except an abort at the end of a shutdown grace period,
+    /// which runs nothing more. An incarnation that failed in `started` has
+    /// nothing to clean up that `started` did not, so it gets no `stopped`.
     fn stopped(
         &mut self,
         reason: &ExitReason,

@@ -1111,15 +1111,20 @@ impl SupervisorRun {
         deadline: Option<Instant>,
     ) -> Vec<(u64, SlotExit)> {
         let mut left: std::collections::HashSet<TaskId> = tasks.iter().copied().collect();
-        let mut exits = Vec::new();
+        let mut exits = Vec::with_capacity(tasks.len());
         let mut aborted = false;
+        // One timer for the whole wait: registering a fresh one per exit would
+        // cost a timer-wheel insert and removal for every child.
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let sleep = tokio::time::sleep_until(deadline.unwrap_or(far));
+        tokio::pin!(sleep);
         while !left.is_empty() && !self.set.is_empty() {
             let res = match deadline {
-                Some(d) if !aborted => {
+                Some(_) if !aborted => {
                     tokio::select! {
                         biased;
                         res = self.set.join_next_with_id() => res,
-                        _ = tokio::time::sleep_until(d) => {
+                        _ = &mut sleep => {
                             for t in &left {
                                 if let Some(seq) = self.by_task.get(t) {
                                     if let Some(e) = self.core.children.get(seq) {
