@@ -28,7 +28,7 @@ pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_ERROR: u8 = 2;
 /// A bad command line or invalid settings (EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
-/// `serve`: `server.grpc_addr` cannot be bound (EX_UNAVAILABLE).
+/// `serve`: `server.grpc_addr` or `server.http_addr` cannot be bound (EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: u8 = 69;
 /// `serve`: a second signal arrived during the drain (128 + SIGINT).
 pub const EXIT_FORCED: u8 = 130;
@@ -39,7 +39,7 @@ Exit codes:
   1    kv: key not found (get, exists) or NOT_FOUND from the gateway; serve: the server failed
   2    kv, bench: any other gRPC error, a connection failure or an I/O error
   64   bad command line, or invalid settings (the message names the key)
-  69   serve: cannot bind server.grpc_addr
+  69   serve: cannot bind server.grpc_addr or server.http_addr
   130  serve: a second SIGTERM/SIGINT arrived while draining";
 
 /// `prism`: a data-access gateway.
@@ -287,6 +287,10 @@ pub fn summary(settings: &Settings, files: &[PathBuf], overrides: &[String]) -> 
         "grpc: {} (shutdown grace {})\n",
         settings.server.grpc_addr,
         humantime::format_duration(settings.server.shutdown_grace)
+    ));
+    out.push_str(&format!(
+        "http: {} (admin plane)\n",
+        settings.server.http_addr
     ));
     out.push_str("backends:\n");
     for (name, backend) in &settings.backends {

@@ -3,11 +3,13 @@
 //! semantics, deadlines, backpressure, supervision and draining shutdown for
 //! every backend.
 
+pub mod admin;
 pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod metrics;
 pub mod pool;
 pub mod proto;
 pub mod server;

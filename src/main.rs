@@ -69,7 +69,21 @@ async fn serve(dir: &Path) -> u8 {
             return EXIT_UNAVAILABLE;
         }
     };
-    match prism::run(settings, Listeners { grpc }, shutdown)
+    let addr = settings.server.http_addr;
+    let http = match std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot bind server.http_addr {addr}"))
+    {
+        Ok(listener) => listener,
+        Err(e) => {
+            error!(key = "server.http_addr", %addr, error = %format!("{e:#}"), "cannot bind the http listener");
+            return EXIT_UNAVAILABLE;
+        }
+    };
+    let listeners = Listeners {
+        grpc,
+        http: Some(http),
+    };
+    match prism::run(settings, listeners, shutdown)
         .await
         .context("prism stopped with an error")
     {

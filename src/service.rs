@@ -16,6 +16,7 @@ use tracing::{debug, Instrument};
 
 use crate::backend::{Op, Outcome};
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::pool::{BackendHealth, PoolActor};
 use crate::proto::key_value_server::KeyValue;
 use crate::proto::{
@@ -45,11 +46,12 @@ pub struct Namespace {
     pub health: Arc<BackendHealth>,
 }
 
-/// What every request needs: namespaces and sessions.
+/// What every request needs: namespaces, sessions and the request metrics.
 #[derive(Clone)]
 pub struct Router {
     namespaces: Arc<BTreeMap<String, Namespace>>,
     sessions: Sessions,
+    metrics: Metrics,
 }
 
 impl Router {
@@ -58,7 +60,31 @@ impl Router {
         Router {
             namespaces: Arc::new(namespaces),
             sessions,
+            metrics: Metrics::new(),
         }
+    }
+
+    /// Every namespace, by name.
+    pub fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
+        self.namespaces.values()
+    }
+
+    /// The metrics every request (gRPC and REST) is recorded in.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Records a finished request in the metrics; a namespace that is not
+    /// configured is recorded under one `(unknown)` label.
+    pub fn observe(
+        &self,
+        namespace: &str,
+        op: &'static str,
+        code: tonic::Code,
+        started: std::time::Instant,
+    ) {
+        let known = self.namespaces.get(namespace).map(|ns| ns.name.clone());
+        self.metrics.request(known, op, code, started.elapsed());
     }
 
     /// The namespace called `name`.
@@ -126,12 +152,16 @@ pub fn validate_key(key: &str) -> Result<(), ApiError> {
 
 /// Checks a value against the namespace's `max_value_size`.
 pub fn validate_value(ns: &Namespace, value: &[u8]) -> Result<(), ApiError> {
-    if value.len() > ns.settings.max_value_size {
-        return Err(ApiError::InvalidArgument(format!(
-            "value is {} bytes, the limit of namespace '{}' is {} (max_value_size)",
-            value.len(),
-            ns.name,
-            ns.settings.max_value_size
+    validate_value_size(ns, value.len())
+}
+
+/// Checks a value's size in bytes against the namespace's `max_value_size`
+/// (for a value not read yet, such as an HTTP body).
+pub fn validate_value_size(ns: &Namespace, size: usize) -> Result<(), ApiError> {
+    if size > ns.settings.max_value_size {
+        return Err(ApiError::ValueTooLarge(format!(
+            "value is {size} bytes, the limit of namespace '{}' is {} (max_value_size)",
+            ns.name, ns.settings.max_value_size
         )));
     }
     Ok(())
@@ -386,6 +416,78 @@ impl KeyValue for KvService {
             }
             _ => Err(unexpected("scan")),
         }
+    }
+}
+
+/// The gRPC service as served: [`KvService`] with every request, early
+/// validation failures included, counted and timed in the router's metrics.
+#[derive(Clone)]
+pub struct MeteredKvService {
+    inner: KvService,
+}
+
+impl MeteredKvService {
+    /// Meters `inner`.
+    pub fn new(inner: KvService) -> Self {
+        MeteredKvService { inner }
+    }
+
+    fn observe<T>(
+        &self,
+        namespace: &str,
+        op: &'static str,
+        started: std::time::Instant,
+        res: &Result<T, Status>,
+    ) {
+        let code = match res {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.inner.router.observe(namespace, op, code, started);
+    }
+}
+
+#[tonic::async_trait]
+impl KeyValue for MeteredKvService {
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let (started, namespace) = (std::time::Instant::now(), req.get_ref().namespace.clone());
+        let res = self.inner.get(req).await;
+        self.observe(&namespace, "get", started, &res);
+        res
+    }
+
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let (started, namespace) = (std::time::Instant::now(), req.get_ref().namespace.clone());
+        let res = self.inner.put(req).await;
+        self.observe(&namespace, "put", started, &res);
+        res
+    }
+
+    async fn delete(
+        &self,
+        req: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let (started, namespace) = (std::time::Instant::now(), req.get_ref().namespace.clone());
+        let res = self.inner.delete(req).await;
+        self.observe(&namespace, "delete", started, &res);
+        res
+    }
+
+    async fn exists(
+        &self,
+        req: Request<ExistsRequest>,
+    ) -> Result<Response<ExistsResponse>, Status> {
+        let (started, namespace) = (std::time::Instant::now(), req.get_ref().namespace.clone());
+        let res = self.inner.exists(req).await;
+        self.observe(&namespace, "exists", started, &res);
+        res
+    }
+
+    async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let (started, namespace) = (std::time::Instant::now(), req.get_ref().namespace.clone());
+        let res = self.inner.scan(req).await;
+        self.observe(&namespace, "scan", started, &res);
+        res
     }
 }
 

@@ -39,6 +39,10 @@ pub struct Settings {
 pub struct ServerSettings {
     /// gRPC listen address.
     pub grpc_addr: SocketAddr,
+    /// Admin plane (HTTP: probes, metrics, actor tree, REST key-value API)
+    /// listen address.
+    #[serde(default = "defaults::http_addr")]
+    pub http_addr: SocketAddr,
     /// How long a shutdown may take before what still runs is aborted.
     #[serde(with = "humantime_serde", default = "defaults::grace")]
     pub shutdown_grace: Duration,
@@ -213,6 +217,9 @@ mod defaults {
 
     pub fn grace() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn http_addr() -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 8981))
     }
     pub fn pool_size() -> u32 {
         8

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 const MEMORY_SETTINGS: &str = r#"
 [server]
 grpc_addr = "127.0.0.1:0"
+http_addr = "127.0.0.1:0"
 shutdown_grace = "5s"
 
 [backends.mem]
@@ -308,7 +309,7 @@ impl Gateway {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = runtime.spawn(prism::run(
             settings,
-            prism::Listeners { grpc },
+            prism::Listeners { grpc, http: None },
             async move {
                 let _ = stopped.await;
             },

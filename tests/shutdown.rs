@@ -24,6 +24,7 @@ fn write_settings(dir: &Path, port: u16) {
             r#"
 [server]
 grpc_addr = "127.0.0.1:{port}"
+http_addr = "127.0.0.1:0"
 shutdown_grace = "20s"
 
 [backends.embedded]

@@ -60,6 +60,8 @@ backend = "memory"
 /// A gateway running in this process.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The admin plane (HTTP) address.
+    pub http_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<Result<(), prism::Error>>>,
 }
@@ -77,16 +79,25 @@ impl TestServer {
             .await
             .context("bind")?;
         let addr = grpc.local_addr()?;
+        let http = std::net::TcpListener::bind("127.0.0.1:0").context("bind http")?;
+        let http_addr = http.local_addr()?;
         let mut gw = Gateway::new(settings);
         for (name, c) in connectors {
             gw = gw.connector(name, c);
         }
         let (stop, stopped) = oneshot::channel::<()>();
-        let done = tokio::spawn(gw.serve(Listeners { grpc }, async move {
-            let _ = stopped.await;
-        }));
+        let done = tokio::spawn(gw.serve(
+            Listeners {
+                grpc,
+                http: Some(http),
+            },
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         let server = TestServer {
             addr,
+            http_addr,
             stop: Some(stop),
             done: Some(done),
         };
@@ -95,6 +106,11 @@ impl TestServer {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The admin plane's base URL, `http://127.0.0.1:<port>`.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http_addr)
     }
 
     pub async fn client(&self) -> anyhow::Result<KeyValueClient<Channel>> {
