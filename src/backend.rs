@@ -5,6 +5,8 @@
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod memory;
+pub mod postgres;
+pub mod redis;
 pub mod sqlite;
 
 use std::future::Future;
@@ -163,6 +165,21 @@ pub enum Outcome {
 pub trait Backend: Send + Sync + 'static {
     /// Runs one operation in `namespace`.
     fn exec<'a>(&'a self, namespace: &'a str, op: Op) -> BoxFuture<'a, Result<Outcome, Error>>;
+
+    /// Runs one operation that is abandoned at `deadline`. The caller drops
+    /// the future then, which stops the client side only: a backend whose
+    /// server would keep working on a dropped request (a statement blocked on
+    /// a lock, holding its connection) overrides this to bound the work on
+    /// the server too, and answers [`Error::Timeout`] when the deadline
+    /// passes. The default forwards to [`exec`](Backend::exec).
+    fn exec_until<'a>(
+        &'a self,
+        namespace: &'a str,
+        op: Op,
+        _deadline: tokio::time::Instant,
+    ) -> BoxFuture<'a, Result<Outcome, Error>> {
+        self.exec(namespace, op)
+    }
 
     /// Deletes expired entries; returns how many. Expired entries are already
     /// invisible to every operation: this only reclaims space.

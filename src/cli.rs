@@ -301,11 +301,16 @@ pub fn summary(settings: &Settings, files: &[PathBuf], overrides: &[String]) -> 
                 humantime::format_duration(backend.sqlite_busy_timeout())
             ),
             BackendKind::Memory => String::new(),
+            BackendKind::Postgres => {
+                let c = backend.postgres_config();
+                format!(" schema={} table={}", c.schema, c.table)
+            }
+            BackendKind::Redis => format!(" key_prefix={}", backend.redis_config().key_prefix),
         };
         out.push_str(&format!(
             "  {name:<16} {:<7} pool_size={} mailbox={}{detail}\n",
             backend.kind.as_str(),
-            backend.pool_size,
+            backend.pool_size(),
             backend.mailbox
         ));
     }

@@ -427,7 +427,8 @@ impl Actor for PoolActor {
                     return Ok(());
                 }
                 if backend.is_inline() {
-                    let res = match catch_panic(backend.exec(&namespace, op)).await {
+                    let res = match catch_panic(backend.exec_until(&namespace, op, deadline)).await
+                    {
                         Ok(r) => {
                             record(&self.health, &r);
                             r.map_err(|e| map_backend_error(&namespace, e))
@@ -467,7 +468,7 @@ impl Actor for PoolActor {
                         let res = tokio::select! {
                             biased;
                             _ = reply.closed() => None,
-                            r = tokio::time::timeout_at(deadline, catch_panic(backend.exec(&namespace, op))) => Some(r),
+                            r = tokio::time::timeout_at(deadline, catch_panic(backend.exec_until(&namespace, op, deadline))) => Some(r),
                         };
                         match res {
                             None => debug!("caller went away, operation cancelled"),

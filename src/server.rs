@@ -12,6 +12,8 @@ use tracing::{error, info, warn};
 
 use crate::admin::{AdminServer, AdminState, Draining};
 use crate::backend::memory::MemoryConnector;
+use crate::backend::postgres::PostgresConnector;
+use crate::backend::redis::RedisConnector;
 use crate::backend::sqlite::SqliteConnector;
 use crate::backend::Connector;
 use crate::pool::{BackendHealth, BreakerConfig, PoolActor, PoolConfig};
@@ -100,18 +102,23 @@ impl Gateway {
         self
     }
 
-    fn connector_for(&self, name: &str, b: &BackendSettings) -> Arc<dyn Connector> {
+    fn connector_for(&self, name: &str, b: &BackendSettings) -> Result<Arc<dyn Connector>, Error> {
         if let Some(c) = self.connectors.get(name) {
-            return c.clone();
+            return Ok(c.clone());
         }
-        match b.kind {
+        let invalid = |e: crate::backend::Error| Error::Start(format!("backends.{name}: {e}"));
+        Ok(match b.kind {
             BackendKind::Sqlite => Arc::new(SqliteConnector::new(
                 b.sqlite_path(),
                 b.sqlite_busy_timeout(),
-                b.pool_size,
+                b.pool_size(),
             )),
             BackendKind::Memory => Arc::new(MemoryConnector::new()),
-        }
+            BackendKind::Postgres => {
+                Arc::new(PostgresConnector::new(b.postgres_config()).map_err(invalid)?)
+            }
+            BackendKind::Redis => Arc::new(RedisConnector::new(b.redis_config()).map_err(invalid)?),
+        })
     }
 
     /// Builds the supervision tree: root → backends (one pool actor each),
@@ -126,13 +133,13 @@ impl Gateway {
         let mut pools = BTreeMap::new();
         let mut handles = Vec::new();
         for (name, b) in &s.backends {
-            let connector = self.connector_for(name, b);
+            let connector = self.connector_for(name, b)?;
             let health = Arc::new(BackendHealth::new(BreakerConfig {
                 failures: b.breaker_failures,
                 cooldown: b.breaker_cooldown,
             }));
             let config = PoolConfig {
-                pool_size: b.pool_size,
+                pool_size: b.pool_size(),
                 purge_interval: b.purge_interval,
                 health_interval: b.health_interval,
             };

@@ -10,6 +10,9 @@ use std::time::Duration;
 use config::{Config, ConfigError, Environment, FileFormat, Value, ValueKind};
 use serde::Deserialize;
 
+use crate::backend::postgres::{PostgresConfig, PostgresConnector};
+use crate::backend::redis::{RedisConfig, RedisConnector};
+
 /// Every setting of a Prism instance.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -143,11 +146,12 @@ impl Default for SupervisorSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendSettings {
-    /// `sqlite` or `memory`.
+    /// `sqlite`, `memory`, `postgres` or `redis`.
     pub kind: BackendKind,
-    /// Operations run at once (and, for SQL backends, the connection count).
-    #[serde(default = "defaults::pool_size")]
-    pub pool_size: u32,
+    /// Operations run at once, and for SQLite, PostgreSQL and Redis the most
+    /// connections (default: sqlite 8, memory 8, postgres 20, redis 16).
+    #[serde(default)]
+    pub pool_size: Option<u32>,
     /// Mailbox capacity of the pool actor; a full mailbox answers RESOURCE_EXHAUSTED.
     #[serde(default = "defaults::pool_mailbox")]
     pub mailbox: usize,
@@ -172,6 +176,43 @@ pub struct BackendSettings {
     /// connection (default 5 s).
     #[serde(with = "humantime_serde", default)]
     pub busy_timeout: Option<Duration>,
+    /// postgres, redis: server URL (required), e.g.
+    /// `postgres://postgres@127.0.0.1:5432/test`, `redis://127.0.0.1:6379`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// postgres: schema of the table, created if missing (default `public`).
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// postgres: table name (default `prism_kv`).
+    #[serde(default)]
+    pub table: Option<String>,
+    /// postgres: connections kept open even when idle (default 5).
+    #[serde(default)]
+    pub min_connections: Option<u32>,
+    /// postgres, redis: longest wait for a pooled connection (default 5 s).
+    #[serde(with = "humantime_serde", default)]
+    pub acquire_timeout: Option<Duration>,
+    /// postgres: an idle connection above `min_connections` is closed after
+    /// this long (default 600 s).
+    #[serde(with = "humantime_serde", default)]
+    pub idle_timeout: Option<Duration>,
+    /// postgres: a connection is replaced after this long (default 1800 s).
+    #[serde(with = "humantime_serde", default)]
+    pub max_lifetime: Option<Duration>,
+    /// postgres: server-side bound of any statement, on top of each request's
+    /// own deadline (default none).
+    #[serde(with = "humantime_serde", default)]
+    pub statement_timeout: Option<Duration>,
+    /// redis: longest wait to open a connection (default 5 s).
+    #[serde(with = "humantime_serde", default)]
+    pub connect_timeout: Option<Duration>,
+    /// redis: longest wait for any command's reply, on top of each request's
+    /// own deadline (default 5 s).
+    #[serde(with = "humantime_serde", default)]
+    pub command_timeout: Option<Duration>,
+    /// redis: prefix of every Redis key Prism writes (default `prism`).
+    #[serde(default)]
+    pub key_prefix: Option<String>,
 }
 
 /// The kinds of backend.
@@ -182,6 +223,10 @@ pub enum BackendKind {
     Sqlite,
     /// In-process map.
     Memory,
+    /// PostgreSQL server.
+    Postgres,
+    /// Redis server.
+    Redis,
 }
 
 impl BackendKind {
@@ -190,6 +235,8 @@ impl BackendKind {
         match self {
             BackendKind::Sqlite => "sqlite",
             BackendKind::Memory => "memory",
+            BackendKind::Postgres => "postgres",
+            BackendKind::Redis => "redis",
         }
     }
 }
@@ -220,9 +267,6 @@ mod defaults {
     }
     pub fn http_addr() -> std::net::SocketAddr {
         std::net::SocketAddr::from(([127, 0, 0, 1], 8981))
-    }
-    pub fn pool_size() -> u32 {
-        8
     }
     pub fn pool_mailbox() -> usize {
         1024
@@ -262,6 +306,49 @@ impl BackendSettings {
     /// The SQLite busy timeout: `busy_timeout`, or 5 s when unset.
     pub fn sqlite_busy_timeout(&self) -> Duration {
         self.busy_timeout.unwrap_or_else(defaults::busy_timeout)
+    }
+
+    /// `pool_size`, or the kind's default.
+    pub fn pool_size(&self) -> u32 {
+        self.pool_size.unwrap_or(match self.kind {
+            BackendKind::Sqlite | BackendKind::Memory => 8,
+            BackendKind::Postgres => 20,
+            BackendKind::Redis => 16,
+        })
+    }
+
+    /// The PostgreSQL connector settings, defaults filled in.
+    pub fn postgres_config(&self) -> PostgresConfig {
+        let d = PostgresConfig::default();
+        PostgresConfig {
+            url: self.url.clone().unwrap_or(d.url),
+            schema: self.schema.clone().unwrap_or(d.schema),
+            table: self.table.clone().unwrap_or(d.table),
+            max_connections: self.pool_size(),
+            min_connections: self
+                .min_connections
+                .unwrap_or(d.min_connections)
+                .min(self.pool_size()),
+            acquire_timeout: self.acquire_timeout.unwrap_or(d.acquire_timeout),
+            idle_timeout: self.idle_timeout.or(d.idle_timeout),
+            max_lifetime: self.max_lifetime.or(d.max_lifetime),
+            statement_timeout: self.statement_timeout.or(d.statement_timeout),
+            application_name: d.application_name,
+        }
+    }
+
+    /// The Redis connector settings, defaults filled in.
+    pub fn redis_config(&self) -> RedisConfig {
+        let d = RedisConfig::default();
+        RedisConfig {
+            url: self.url.clone().unwrap_or(d.url),
+            max_size: self.pool_size() as usize,
+            wait_timeout: self.acquire_timeout.unwrap_or(d.wait_timeout),
+            create_timeout: self.connect_timeout.unwrap_or(d.create_timeout),
+            recycle_timeout: self.connect_timeout.unwrap_or(d.recycle_timeout),
+            key_prefix: self.key_prefix.clone().unwrap_or(d.key_prefix),
+            command_timeout: self.command_timeout.unwrap_or(d.command_timeout),
+        }
     }
 }
 
@@ -792,7 +879,7 @@ impl SupervisorSettings {
 
 impl BackendSettings {
     fn validate(&self, key: &str) -> Result<(), Error> {
-        at_least_one(&format!("{key}.pool_size"), self.pool_size as usize)?;
+        at_least_one(&format!("{key}.pool_size"), self.pool_size() as usize)?;
         at_least_one(&format!("{key}.mailbox"), self.mailbox)?;
         positive(&format!("{key}.purge_interval"), self.purge_interval)?;
         positive(&format!("{key}.health_interval"), self.health_interval)?;
@@ -801,20 +888,82 @@ impl BackendSettings {
             self.breaker_failures as usize,
         )?;
         positive(&format!("{key}.breaker_cooldown"), self.breaker_cooldown)?;
-        let sqlite_only = [
-            ("path", self.path.is_some()),
-            ("busy_timeout", self.busy_timeout.is_some()),
+        use BackendKind::{Postgres, Redis, Sqlite};
+        let kind_specific: [(&str, bool, &[BackendKind]); 13] = [
+            ("path", self.path.is_some(), &[Sqlite]),
+            ("busy_timeout", self.busy_timeout.is_some(), &[Sqlite]),
+            ("url", self.url.is_some(), &[Postgres, Redis]),
+            ("schema", self.schema.is_some(), &[Postgres]),
+            ("table", self.table.is_some(), &[Postgres]),
+            (
+                "min_connections",
+                self.min_connections.is_some(),
+                &[Postgres],
+            ),
+            (
+                "acquire_timeout",
+                self.acquire_timeout.is_some(),
+                &[Postgres, Redis],
+            ),
+            ("idle_timeout", self.idle_timeout.is_some(), &[Postgres]),
+            ("max_lifetime", self.max_lifetime.is_some(), &[Postgres]),
+            (
+                "statement_timeout",
+                self.statement_timeout.is_some(),
+                &[Postgres],
+            ),
+            ("connect_timeout", self.connect_timeout.is_some(), &[Redis]),
+            ("command_timeout", self.command_timeout.is_some(), &[Redis]),
+            ("key_prefix", self.key_prefix.is_some(), &[Redis]),
         ];
-        for (field, set) in sqlite_only {
-            if set && self.kind != BackendKind::Sqlite {
+        for (field, set, kinds) in kind_specific {
+            if set && !kinds.contains(&self.kind) {
+                let names: Vec<String> =
+                    kinds.iter().map(|k| format!("{:?}", k.as_str())).collect();
                 return Err(Error::invalid(
                     format!("{key}.{field}"),
                     format!(
-                        "applies only to kind \"sqlite\", and this backend is kind {:?}",
+                        "applies only to kind {}, and this backend is kind {:?}",
+                        names.join(" or "),
                         self.kind.as_str()
                     ),
                 ));
             }
+        }
+        let durations = [
+            ("acquire_timeout", self.acquire_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("max_lifetime", self.max_lifetime),
+            ("statement_timeout", self.statement_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("command_timeout", self.command_timeout),
+        ];
+        for (field, d) in durations {
+            if let Some(d) = d {
+                positive(&format!("{key}.{field}"), d)?;
+            }
+        }
+        if matches!(self.kind, Postgres | Redis) && self.url.is_none() {
+            return Err(Error::invalid(
+                format!("{key}.url"),
+                format!("is required for kind {:?}", self.kind.as_str()),
+            ));
+        }
+        // The connectors check URLs and identifiers; their messages name the
+        // value, the key is found from which part they complain about.
+        let checked = match self.kind {
+            Postgres => PostgresConnector::new(self.postgres_config()).map(drop),
+            Redis => RedisConnector::new(self.redis_config()).map(drop),
+            _ => Ok(()),
+        };
+        if let Err(e) = checked {
+            let msg = e.to_string();
+            let field = ["schema", "table", "key prefix", "url"]
+                .into_iter()
+                .find(|f| msg.contains(f))
+                .map(|f| f.replace(' ', "_"))
+                .unwrap_or_else(|| "url".to_owned());
+            return Err(Error::invalid(format!("{key}.{field}"), msg));
         }
         if let Some(busy_timeout) = self.busy_timeout {
             positive(&format!("{key}.busy_timeout"), busy_timeout)?;

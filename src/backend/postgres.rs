@@ -1,0 +1,1340 @@
+//! The PostgreSQL backend: one table keyed by (namespace, key), shared by
+//! every Prism instance that points at it.
+//!
+//! Keys use the `"C"` collation, so comparisons, the primary-key index and
+//! `ORDER BY key` all follow the bytewise UTF-8 order the API promises for
+//! scans. Expiry is a `TIMESTAMPTZ` computed from the database's `now()`, never
+//! from a gateway's clock, so several gateways agree on what has expired.
+//!
+//! Deadlines reach the server: every operation first sets the session's
+//! `statement_timeout` to the time its caller has left. A future dropped at
+//! its deadline leaves its statement running on the server and its
+//! connection busy until the statement ends; the statement timeout makes
+//! the server cancel it at about the same moment, so the connection comes
+//! back to the pool instead of waiting behind, say, a row lock.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sqlx::postgres::{types::PgInterval, PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Connection as _, Row};
+use tokio::time::Instant;
+use tracing::info;
+
+use super::{
+    prefix_successor, Backend, BoxFuture, Connector, Error, Item, Op, Outcome, PoolStats, Record,
+};
+
+/// How to reach and lay out the PostgreSQL backend.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// Connection URL, e.g. `postgres://user:password@host:5432/database`.
+    pub url: String,
+    /// Schema of the tables; created when missing. Default `public`.
+    pub schema: String,
+    /// The key-value table; `<table>_schema_version` records its migrations.
+    /// Default `prism_kv`.
+    pub table: String,
+    /// Largest number of connections. Default 20.
+    pub max_connections: u32,
+    /// Connections kept open while idle. Default 5.
+    pub min_connections: u32,
+    /// How long an operation waits for a free connection, or a connect for
+    /// the server, before the backend counts as unavailable. Default 5s.
+    pub acquire_timeout: Duration,
+    /// Idle connections above `min_connections` are closed after this long;
+    /// `None` keeps them. Default 10 minutes.
+    pub idle_timeout: Option<Duration>,
+    /// Connections are replaced after this long; `None` keeps them.
+    /// Default 30 minutes.
+    pub max_lifetime: Option<Duration>,
+    /// Upper bound of any one statement, also for operations without a
+    /// deadline (purge). An operation with a deadline is bounded by the time
+    /// it has left anyway. Default `None`: no bound beyond the deadline.
+    pub statement_timeout: Option<Duration>,
+    /// Shown in `pg_stat_activity`. Default `prism`.
+    pub application_name: String,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: "postgres://postgres@127.0.0.1:5432/test".into(),
+            schema: "public".into(),
+            table: "prism_kv".into(),
+            max_connections: 20,
+            min_connections: 5,
+            acquire_timeout: Duration::from_secs(5),
+            idle_timeout: Some(Duration::from_secs(600)),
+            max_lifetime: Some(Duration::from_secs(1800)),
+            statement_timeout: None,
+            application_name: "prism".into(),
+        }
+    }
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(&self.url))
+            .field("schema", &self.schema)
+            .field("table", &self.table)
+            .field("max_connections", &self.max_connections)
+            .field("min_connections", &self.min_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_lifetime", &self.max_lifetime)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("application_name", &self.application_name)
+            .finish()
+    }
+}
+
+/// `url` with the password of its user info, if any, replaced by `***`, for
+/// logs and debug output.
+pub(super) fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+/// Longest table name: the derived `<table>_schema_version` must still fit
+/// PostgreSQL's 63-byte identifiers, which it would otherwise truncate
+/// silently (and two long table names could then share one version table).
+const MAX_TABLE_LEN: usize = 63 - "_schema_version".len();
+
+/// Checks `^[A-Za-z_][A-Za-z0-9_]{0,62}$` (and, for the table, the shorter
+/// limit that leaves room for derived names).
+fn validate_identifier(what: &str, value: &str, max_len: usize) -> Result<(), Error> {
+    let mut chars = value.chars();
+    let well_formed = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !well_formed || value.len() > max_len {
+        return Err(Error::Internal(format!(
+            "invalid postgres {what} {value:?}: expected a letter or underscore followed by \
+             letters, digits or underscores, at most {max_len} characters"
+        )));
+    }
+    Ok(())
+}
+
+/// A validated identifier, double-quoted for SQL. Validation leaves no
+/// character that needs escaping.
+fn quote(ident: &str) -> String {
+    format!("\"{ident}\"")
+}
+
+/// Connects to PostgreSQL and migrates the schema. Cheap to clone.
+#[derive(Clone)]
+pub struct PostgresConnector {
+    config: PostgresConfig,
+    options: PgConnectOptions,
+    sql: Arc<Sql>,
+}
+
+impl fmt::Debug for PostgresConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConnector")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresConnector {
+    /// A connector for `config`. Fails, with a message naming the bad
+    /// value, when the URL does not parse or the schema or table is not a
+    /// plain identifier. Nothing is connected until [`Connector::connect`].
+    pub fn new(config: PostgresConfig) -> Result<Self, Error> {
+        validate_identifier("schema", &config.schema, 63)?;
+        validate_identifier("table", &config.table, MAX_TABLE_LEN)?;
+        let invalid_url = |why: &dyn fmt::Display| {
+            Error::Internal(format!(
+                "invalid postgres url {}: {why}",
+                redact_url(&config.url)
+            ))
+        };
+        if !(config.url.starts_with("postgres://") || config.url.starts_with("postgresql://")) {
+            return Err(invalid_url(&"expected postgres:// or postgresql://"));
+        }
+        let options = PgConnectOptions::from_str(&config.url)
+            .map_err(|e| invalid_url(&e))?
+            .application_name(&config.application_name);
+        let sql = Arc::new(Sql::new(&config.schema, &config.table));
+        Ok(PostgresConnector {
+            config,
+            options,
+            sql,
+        })
+    }
+
+    /// The settings this connector was made with.
+    pub fn config(&self) -> &PostgresConfig {
+        &self.config
+    }
+
+    async fn open(&self) -> Result<PostgresBackend, Error> {
+        // Migrate over one connection of its own first: a server that is
+        // down or refuses us is reported with its own error at once, where
+        // a pool would retry until its acquire timeout and then only say
+        // that it timed out.
+        let mut conn = tokio::time::timeout(
+            self.config.acquire_timeout,
+            PgConnection::connect_with(&self.options),
+        )
+        .await
+        .map_err(|_| Error::Unavailable("timed out connecting to postgres".into()))?
+        .map_err(map_sqlx)?;
+        let migrated = migrate(&mut conn, &self.sql).await;
+        // The connection has done its job either way; failing to say goodbye
+        // politely changes nothing.
+        let _ = conn.close().await;
+        migrated?;
+
+        let max = self.config.max_connections.max(1);
+        let pool = PgPoolOptions::new()
+            .max_connections(max)
+            .min_connections(self.config.min_connections.min(max))
+            .acquire_timeout(self.config.acquire_timeout)
+            .idle_timeout(self.config.idle_timeout)
+            .max_lifetime(self.config.max_lifetime)
+            .connect_with(self.options.clone())
+            .await
+            .map_err(map_sqlx)?;
+        Ok(PostgresBackend {
+            pool,
+            sql: Arc::clone(&self.sql),
+            statement_timeout: self.config.statement_timeout,
+        })
+    }
+}
+
+impl Connector for PostgresConnector {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn connect(&self) -> BoxFuture<'_, Result<Arc<dyn Backend>, Error>> {
+        Box::pin(async move {
+            let backend: Arc<dyn Backend> = Arc::new(self.open().await?);
+            Ok(backend)
+        })
+    }
+}
+
+/// One step of the schema, written with `{table}` (the quoted, qualified
+/// key-value table) and `{name}` (its bare name, for derived object names).
+/// Applied steps are recorded in `<table>_schema_version`; a new step is
+/// appended with the next version and never edits an applied one.
+struct Migration {
+    version: i64,
+    name: &'static str,
+    statements: &'static [&'static str],
+}
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "create key-value table",
+    statements: &[
+        // Both key columns use the "C" collation: the key for byte order,
+        // the namespace for cheaper comparisons (it is only ever compared
+        // for equality).
+        r#"CREATE TABLE {table} (
+            namespace  TEXT COLLATE "C" NOT NULL,
+            key        TEXT COLLATE "C" NOT NULL,
+            value      BYTEA            NOT NULL,
+            expires_at TIMESTAMPTZ      NULL,
+            PRIMARY KEY (namespace, key)
+        )"#,
+        // Partial: only keys with a TTL are ever purged.
+        r#"CREATE INDEX "{name}_expires_at" ON {table} (expires_at) WHERE expires_at IS NOT NULL"#,
+    ],
+}];
+
+/// Every statement of the backend, built once for its schema and table.
+struct Sql {
+    schema: String,
+    table: String,
+    versions: String,
+    /// Serialises migrations of this table across processes.
+    migration_lock: i64,
+    get: String,
+    put: String,
+    delete: String,
+    exists: String,
+    /// Indexed by [`scan_index`].
+    scan: [String; 8],
+    purge: String,
+}
+
+impl Sql {
+    fn new(schema: &str, table: &str) -> Sql {
+        let t = format!("{}.{}", quote(schema), quote(table));
+        let live = "(expires_at IS NULL OR expires_at > now())";
+        let mut scan: [String; 8] = Default::default();
+        for keys_only in [false, true] {
+            for exclusive in [false, true] {
+                for upper in [false, true] {
+                    // Each bound is a plain comparison on `key`, so the
+                    // primary-key index yields exactly the range
+                    // (namespace, lower) .. (namespace, upper) in order: no
+                    // sort, no visit of keys before the cursor.
+                    scan[scan_index(keys_only, exclusive, upper)] = format!(
+                        "SELECT {cols} FROM {t} WHERE namespace = $1 AND key {op} $2{upper} \
+                         AND {live} ORDER BY key LIMIT $3",
+                        cols = if keys_only { "key" } else { "key, value" },
+                        op = if exclusive { ">" } else { ">=" },
+                        upper = if upper { " AND key < $4" } else { "" },
+                    );
+                }
+            }
+        }
+        Sql {
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+            versions: format!("{}.{}", quote(schema), quote(&format!("{table}_schema_version"))),
+            migration_lock: advisory_lock_key(&format!("prism/migrate/{schema}.{table}")),
+            get: format!(
+                "SELECT value, (EXTRACT(EPOCH FROM (expires_at - now())) * 1000000)::bigint \
+                 FROM {t} WHERE namespace = $1 AND key = $2 AND {live}"
+            ),
+            put: format!(
+                "INSERT INTO {t} (namespace, key, value, expires_at) VALUES ($1, $2, $3, now() + $4) \
+                 ON CONFLICT (namespace, key) DO UPDATE \
+                 SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at"
+            ),
+            delete: format!(
+                "DELETE FROM {t} WHERE namespace = $1 AND key = $2 RETURNING {live}"
+            ),
+            exists: format!("SELECT 1 FROM {t} WHERE namespace = $1 AND key = $2 AND {live}"),
+            scan,
+            // The row locks skip rows an operation holds (and other
+            // gateways' purges), so a purge never queues behind a request;
+            // the outer condition re-checks a row that was rewritten since
+            // it was picked, so a rescued key is never deleted.
+            purge: format!(
+                "DELETE FROM {t} WHERE ctid = ANY (ARRAY(\
+                     SELECT ctid FROM {t} WHERE expires_at <= now() \
+                     LIMIT $1 FOR UPDATE SKIP LOCKED)) \
+                 AND expires_at <= now()"
+            ),
+        }
+    }
+}
+
+fn scan_index(keys_only: bool, exclusive_lower: bool, upper: bool) -> usize {
+    usize::from(keys_only) << 2 | usize::from(exclusive_lower) << 1 | usize::from(upper)
+}
+
+/// A stable 64-bit key (FNV-1a) for `pg_advisory_xact_lock`: the same name
+/// gives the same lock in every process and build.
+fn advisory_lock_key(name: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in name.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// How long a start waits for a lock during the migration.
+const MIGRATION_LOCK_TIMEOUT: &str = "30s";
+
+/// Brings the schema up to the last migration in one transaction. Several
+/// Prism instances starting at once queue on an advisory lock taken first, so
+/// each step is applied exactly once; a failed step leaves no half-applied
+/// schema.
+async fn migrate(conn: &mut PgConnection, sql: &Sql) -> Result<(), Error> {
+    let mut tx = conn.begin().await.map_err(map_sqlx)?;
+    // A start must not hang forever behind another instance's migration or
+    // a long lock on the table; giving up makes the pool actor retry later.
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(MIGRATION_LOCK_TIMEOUT)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(sql.migration_lock)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03") => {
+                Error::Unavailable(format!(
+                    "timed out waiting for another instance to migrate {}.{}",
+                    sql.schema, sql.table
+                ))
+            }
+            _ => map_sqlx(e),
+        })?;
+    // Checked before creating: CREATE SCHEMA IF NOT EXISTS still needs the
+    // CREATE privilege on the database, which a deployment into an existing
+    // schema should not have to grant.
+    let schema_exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(&sql.schema)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+    if !schema_exists {
+        sqlx::query(&format!("CREATE SCHEMA {}", quote(&sql.schema)))
+            .persistent(false)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+    }
+    sqlx::query(&format!(
+        "CREATE TABLE IF NOT EXISTS {} (
+            version    BIGINT      PRIMARY KEY,
+            name       TEXT        NOT NULL,
+            applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+        )",
+        sql.versions
+    ))
+    .persistent(false)
+    .execute(&mut *tx)
+    .await
+    .map_err(map_sqlx)?;
+    let current: i64 = sqlx::query_scalar(&format!(
+        "SELECT COALESCE(MAX(version), 0) FROM {}",
+        sql.versions
+    ))
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(map_sqlx)?;
+    let latest = MIGRATIONS.last().map_or(0, |m| m.version);
+    if current > latest {
+        return Err(Error::Internal(format!(
+            "postgres schema version {current} of table {}.{} is newer than this build supports ({latest})",
+            sql.schema, sql.table
+        )));
+    }
+    let table = format!("{}.{}", quote(&sql.schema), quote(&sql.table));
+    for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
+        for statement in migration.statements {
+            let statement = statement
+                .replace("{table}", &table)
+                .replace("{name}", &sql.table);
+            sqlx::query(&statement)
+                .persistent(false)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx)?;
+        }
+        sqlx::query(&format!(
+            "INSERT INTO {} (version, name) VALUES ($1, $2)",
+            sql.versions
+        ))
+        .bind(migration.version)
+        .bind(migration.name)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx)?;
+        info!(
+            schema = %sql.schema,
+            table = %sql.table,
+            version = migration.version,
+            name = migration.name,
+            "postgres schema migrated"
+        );
+    }
+    tx.commit().await.map_err(map_sqlx)?;
+    Ok(())
+}
+
+/// Like `From<sqlx::Error>`, except that a statement cancelled by its
+/// statement timeout is a [`Error::Timeout`]: the deadline passed.
+fn map_sqlx(e: sqlx::Error) -> Error {
+    if let sqlx::Error::Database(db) = &e {
+        if db.code().as_deref() == Some("57014") && db.message().contains("statement timeout") {
+            return Error::Timeout;
+        }
+    }
+    Error::from(e)
+}
+
+/// Rows a purge deletes per statement: each batch is its own short
+/// transaction, so a large purge never holds many row locks for long.
+const PURGE_BATCH: i64 = 10_000;
+
+/// TTLs at or above this are stored as no expiry: the expiry would be out of
+/// the range of a timestamp (and is, for every practical purpose, never).
+const MAX_TTL: Duration = Duration::from_secs(100_000 * 365 * 24 * 3600);
+
+/// `ttl` as an interval, rounded up to the next microsecond so a positive TTL
+/// never expires on write; `None` for no expiry.
+fn ttl_interval(ttl: Option<Duration>) -> Option<PgInterval> {
+    let ttl = ttl.filter(|ttl| *ttl < MAX_TTL)?;
+    Some(PgInterval {
+        months: 0,
+        days: 0,
+        // MAX_TTL in microseconds is far below i64::MAX.
+        microseconds: i64::try_from(ttl.as_nanos().div_ceil(1000)).unwrap_or(i64::MAX),
+    })
+}
+
+/// The `statement_timeout` setting for `timeout`: whole milliseconds,
+/// rounded up and at least 1 (0 would mean no timeout); "0" for none.
+fn statement_timeout_setting(timeout: Option<Duration>) -> String {
+    match timeout {
+        None => "0".into(),
+        Some(t) => {
+            let ms = t.as_micros().div_ceil(1000).clamp(1, i32::MAX as u128);
+            ms.to_string()
+        }
+    }
+}
+
+/// A pool of connections to the database.
+struct PostgresBackend {
+    pool: PgPool,
+    sql: Arc<Sql>,
+    statement_timeout: Option<Duration>,
+}
+
+impl PostgresBackend {
+    /// Runs `op` on a pooled connection, bounded by `deadline` when there is
+    /// one: on the client, by giving up at the deadline (waiting for a
+    /// connection included), and on the server, by a statement timeout of
+    /// the time left.
+    async fn exec_bounded(
+        &self,
+        namespace: &str,
+        op: Op,
+        deadline: Option<Instant>,
+    ) -> Result<Outcome, Error> {
+        let work = async {
+            let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
+            let timeout = match deadline {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Error::Timeout);
+                    }
+                    Some(self.statement_timeout.map_or(left, |t| t.min(left)))
+                }
+                None => self.statement_timeout,
+            };
+            set_statement_timeout(&mut conn, timeout).await?;
+            self.run(&mut conn, namespace, op).await.map_err(map_sqlx)
+        };
+        match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, work)
+                .await
+                .unwrap_or(Err(Error::Timeout)),
+            None => work.await,
+        }
+    }
+
+    async fn run(
+        &self,
+        conn: &mut PgConnection,
+        namespace: &str,
+        op: Op,
+    ) -> Result<Outcome, sqlx::Error> {
+        let sql = &*self.sql;
+        match op {
+            Op::Get { key } => {
+                let row: Option<(Vec<u8>, Option<i64>)> = sqlx::query_as(&sql.get)
+                    .bind(namespace)
+                    .bind(key.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                Ok(Outcome::Get(row.map(|(value, ttl_us)| Record {
+                    value: Bytes::from(value),
+                    // The liveness filter guarantees a positive remainder;
+                    // the floor keeps a live key from reporting zero.
+                    ttl: ttl_us.map(|us| Duration::from_micros(us.max(1).unsigned_abs())),
+                })))
+            }
+            Op::Put { key, value, ttl } => {
+                sqlx::query(&sql.put)
+                    .bind(namespace)
+                    .bind(key.as_str())
+                    .bind(&value[..])
+                    .bind(ttl_interval(ttl))
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(Outcome::Put)
+            }
+            Op::Delete { key } => {
+                // One statement removes the row, expired or not, and tells
+                // whether it was live.
+                let live: Option<bool> = sqlx::query_scalar(&sql.delete)
+                    .bind(namespace)
+                    .bind(key.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                Ok(Outcome::Delete(live == Some(true)))
+            }
+            Op::Exists { key } => {
+                let row: Option<i32> = sqlx::query_scalar(&sql.exists)
+                    .bind(namespace)
+                    .bind(key.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                Ok(Outcome::Exists(row.is_some()))
+            }
+            Op::Scan {
+                prefix,
+                after,
+                limit,
+                keys_only,
+            } => {
+                // Start at whichever bound is higher, so the index range
+                // begins at the cursor rather than at the prefix.
+                let (lower, exclusive) = match after.as_deref() {
+                    Some(after) if after >= prefix.as_str() => (after, true),
+                    _ => (prefix.as_str(), false),
+                };
+                let upper = prefix_successor(&prefix);
+                // One row past the page tells whether more follow.
+                let fetch = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+                let mut query =
+                    sqlx::query(&sql.scan[scan_index(keys_only, exclusive, upper.is_some())])
+                        .bind(namespace)
+                        .bind(lower)
+                        .bind(fetch);
+                if let Some(upper) = upper.as_deref() {
+                    query = query.bind(upper);
+                }
+                let rows = query.fetch_all(&mut *conn).await?;
+                let more = rows.len() > limit;
+                let items = rows
+                    .into_iter()
+                    .take(limit)
+                    .map(|row| {
+                        let key: String = row.try_get(0)?;
+                        let value = if keys_only {
+                            Bytes::new()
+                        } else {
+                            Bytes::from(row.try_get::<Vec<u8>, _>(1)?)
+                        };
+                        Ok(Item { key, value })
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+                Ok(Outcome::Scan { items, more })
+            }
+        }
+    }
+
+    async fn purge(&self) -> Result<u64, Error> {
+        let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
+        set_statement_timeout(&mut conn, self.statement_timeout).await?;
+        let mut purged = 0u64;
+        loop {
+            let done = sqlx::query(&self.sql.purge)
+                .bind(PURGE_BATCH)
+                .execute(&mut *conn)
+                .await
+                .map_err(map_sqlx)?
+                .rows_affected();
+            purged += done;
+            // A short batch means no more expired rows, or only rows that
+            // others hold: those wait for the next purge.
+            if done < PURGE_BATCH.unsigned_abs() {
+                return Ok(purged);
+            }
+        }
+    }
+
+    async fn ping(&self) -> Result<(), Error> {
+        let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
+        set_statement_timeout(&mut conn, self.statement_timeout).await?;
+        sqlx::query("SELECT 1")
+            .execute(&mut *conn)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+}
+
+/// Sets the session's statement timeout. Every use of a pooled connection
+/// sets it first, since the previous user may have left a shorter one; a
+/// session setting costs one round trip, where a transaction with
+/// `SET LOCAL` would cost two more (BEGIN and COMMIT).
+async fn set_statement_timeout(
+    conn: &mut PgConnection,
+    timeout: Option<Duration>,
+) -> Result<(), Error> {
+    sqlx::query("SELECT set_config('statement_timeout', $1, false)")
+        .bind(statement_timeout_setting(timeout))
+        .execute(&mut *conn)
+        .await
+        .map_err(map_sqlx)?;
+    Ok(())
+}
+
+impl Backend for PostgresBackend {
+    fn exec<'a>(&'a self, namespace: &'a str, op: Op) -> BoxFuture<'a, Result<Outcome, Error>> {
+        Box::pin(self.exec_bounded(namespace, op, None))
+    }
+
+    fn exec_until<'a>(
+        &'a self,
+        namespace: &'a str,
+        op: Op,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<Outcome, Error>> {
+        Box::pin(self.exec_bounded(namespace, op, Some(deadline)))
+    }
+
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, Error>> {
+        Box::pin(self.purge())
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(self.ping())
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.pool.close())
+    }
+
+    fn connections(&self) -> PoolStats {
+        let size = self.pool.size();
+        let idle = u32::try_from(self.pool.num_idle())
+            .unwrap_or(u32::MAX)
+            .min(size);
+        PoolStats {
+            in_use: size - idle,
+            idle,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use bytes::Bytes;
+    use sqlx::{Connection, Executor, PgConnection};
+    use tokio::time::Instant;
+
+    use super::{redact_url, PostgresBackend, PostgresConfig, PostgresConnector, MIGRATIONS};
+    use crate::backend::{Backend, Connector, Error, Op, Outcome};
+
+    /// The test database; `PRISM_TEST_POSTGRES_URL` overrides it. Tests fail
+    /// (never skip) when it is not up.
+    fn url() -> String {
+        std::env::var("PRISM_TEST_POSTGRES_URL").unwrap_or_else(|_| PostgresConfig::default().url)
+    }
+
+    /// A table name no other test (or test run) uses: purge is table-wide,
+    /// so unique namespaces would not isolate tests.
+    fn unique_table() -> String {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!(
+            "prism_kv_t{}_{}_{}",
+            nanos % 1_000_000_000_000,
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    fn config(table: &str) -> PostgresConfig {
+        PostgresConfig {
+            url: url(),
+            table: table.into(),
+            max_connections: 4,
+            min_connections: 1,
+            ..PostgresConfig::default()
+        }
+    }
+
+    /// Drops a test's tables when the test ends, passed or failed.
+    struct DropTables {
+        table: String,
+    }
+
+    impl Drop for DropTables {
+        fn drop(&mut self) {
+            let table = self.table.clone();
+            // Drop runs inside the test's runtime, which cannot block on a
+            // future: clean up from a thread with a runtime of its own.
+            let cleanup = std::thread::spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async {
+                    let Ok(mut conn) = PgConnection::connect(&url()).await else {
+                        return;
+                    };
+                    let _ = conn
+                        .execute(
+                            format!(
+                                "SET lock_timeout = '5s'; \
+                                 DROP TABLE IF EXISTS public.\"{table}\"; \
+                                 DROP TABLE IF EXISTS public.\"{table}_schema_version\""
+                            )
+                            .as_str(),
+                        )
+                        .await;
+                    let _ = conn.close().await;
+                });
+            });
+            let _ = cleanup.join();
+        }
+    }
+
+    async fn fresh_concrete() -> (PostgresBackend, DropTables) {
+        let table = unique_table();
+        let guard = DropTables {
+            table: table.clone(),
+        };
+        let backend = PostgresConnector::new(config(&table))
+            .expect("valid config")
+            .open()
+            .await
+            .expect("connect to the test postgres (is it running?)");
+        (backend, guard)
+    }
+
+    async fn fresh() -> (Arc<dyn Backend>, DropTables) {
+        let (backend, guard) = fresh_concrete().await;
+        (Arc::new(backend), guard)
+    }
+
+    crate::backend::conformance::conformance_tests!(fresh);
+
+    async fn admin() -> PgConnection {
+        PgConnection::connect(&url())
+            .await
+            .expect("connect to the test postgres")
+    }
+
+    async fn versions(table: &str) -> Vec<i64> {
+        let mut conn = admin().await;
+        let v = sqlx::query_scalar(&format!(
+            "SELECT version FROM public.\"{table}_schema_version\" ORDER BY version"
+        ))
+        .fetch_all(&mut conn)
+        .await
+        .expect("versions");
+        let _ = conn.close().await;
+        v
+    }
+
+    fn put_op(key: &str, value: &'static [u8]) -> Op {
+        Op::Put {
+            key: key.into(),
+            value: Bytes::from_static(value),
+            ttl: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn schema_migration_is_idempotent_across_connects() {
+        let all: Vec<i64> = MIGRATIONS.iter().map(|m| m.version).collect();
+        assert!(
+            all.windows(2).all(|w| w[1] == w[0] + 1),
+            "versions must be consecutive"
+        );
+        assert_eq!(all.first(), Some(&1));
+
+        let (first, guard) = fresh_concrete().await;
+        assert_eq!(versions(&guard.table).await, all);
+        first.exec("ns", put_op("k", b"v")).await.expect("put");
+        first.pool.close().await;
+
+        let connector = PostgresConnector::new(config(&guard.table)).expect("config");
+        for _ in 0..2 {
+            let again = connector.connect().await.expect("reconnect");
+            assert_eq!(versions(&guard.table).await, all, "a migration ran twice");
+            assert_eq!(
+                again
+                    .exec("ns", Op::Exists { key: "k".into() })
+                    .await
+                    .expect("exists"),
+                Outcome::Exists(true),
+                "reconnect lost data"
+            );
+            again.close().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_connects_migrate_exactly_once() {
+        let table = unique_table();
+        let guard = DropTables {
+            table: table.clone(),
+        };
+        let connector = PostgresConnector::new(config(&table)).expect("config");
+        let starts: Vec<_> = (0..6)
+            .map(|_| {
+                let connector = connector.clone();
+                tokio::spawn(async move { connector.connect().await })
+            })
+            .collect();
+        let mut backends = Vec::new();
+        for start in starts {
+            backends.push(
+                start
+                    .await
+                    .expect("connect task")
+                    .expect("a concurrent connect failed"),
+            );
+        }
+        let all: Vec<i64> = MIGRATIONS.iter().map(|m| m.version).collect();
+        assert_eq!(versions(&guard.table).await, all);
+        for (i, b) in backends.iter().enumerate() {
+            b.exec("ns", put_op(&format!("k{i}"), b"v"))
+                .await
+                .expect("put");
+        }
+        for b in backends {
+            b.close().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_start_waits_for_another_instances_migration() {
+        let table = unique_table();
+        let _guard = DropTables {
+            table: table.clone(),
+        };
+        let connector = PostgresConnector::new(config(&table)).expect("config");
+        // Another instance in the middle of migrating this table.
+        let mut other = admin().await;
+        other.execute("BEGIN").await.expect("begin");
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(connector.sql.migration_lock)
+            .execute(&mut other)
+            .await
+            .expect("lock");
+        let start = tokio::spawn({
+            let connector = connector.clone();
+            async move { connector.connect().await }
+        });
+        // Wait until the start queues on the lock, as the server sees it
+        // (from a session of its own: a transaction sees one snapshot of
+        // the activity view).
+        let mut observer = admin().await;
+        let patience = Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event = 'advisory' AND query LIKE '%pg_advisory_xact_lock%' \
+                 AND pid <> pg_backend_pid()",
+            )
+            .fetch_one(&mut observer)
+            .await
+            .expect("pg_stat_activity");
+            if waiting > 0 {
+                break;
+            }
+            assert!(!start.is_finished(), "started during another's migration");
+            assert!(
+                Instant::now() < patience,
+                "the start never queued on the lock"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!start.is_finished(), "started during another's migration");
+        let _ = observer.close().await;
+        other.execute("COMMIT").await.expect("commit");
+        let _ = other.close().await;
+        let b = start.await.expect("start task").expect("connect");
+        assert_eq!(
+            versions(&table).await,
+            MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>()
+        );
+        b.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_schema_newer_than_this_build_is_refused() {
+        let (b, guard) = fresh_concrete().await;
+        b.pool.close().await;
+        let mut conn = admin().await;
+        sqlx::query(&format!(
+            "INSERT INTO public.\"{}_schema_version\" (version, name) VALUES (9999, 'future')",
+            guard.table
+        ))
+        .execute(&mut conn)
+        .await
+        .expect("insert");
+        let _ = conn.close().await;
+        match PostgresConnector::new(config(&guard.table))
+            .expect("config")
+            .connect()
+            .await
+        {
+            Err(Error::Internal(msg)) => assert!(msg.contains("9999"), "{msg}"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a newer schema was accepted"),
+        }
+    }
+
+    #[test]
+    fn invalid_identifiers_are_rejected_with_a_clear_message() {
+        for (schema, table, what) in [
+            ("public", "prism-kv", "table"),
+            ("public", "kv\"; DROP TABLE x; --", "table"),
+            ("public", "1kv", "table"),
+            ("public", "", "table"),
+            ("public", &"t".repeat(49), "table"),
+            ("my schema", "prism_kv", "schema"),
+            ("", "prism_kv", "schema"),
+            (&"s".repeat(64), "prism_kv", "schema"),
+        ] {
+            let config = PostgresConfig {
+                schema: schema.into(),
+                table: table.into(),
+                ..PostgresConfig::default()
+            };
+            match PostgresConnector::new(config) {
+                Err(Error::Internal(msg)) => {
+                    assert!(msg.contains(&format!("invalid postgres {what}")), "{msg}");
+                    assert!(
+                        msg.contains(&format!(
+                            "{:?}",
+                            if what == "table" { table } else { schema }
+                        )),
+                        "{msg}"
+                    );
+                }
+                Err(e) => panic!("unexpected error {e}"),
+                Ok(_) => panic!("{schema:?}.{table:?} was accepted"),
+            }
+        }
+        for (schema, table) in [
+            ("public", "prism_kv"),
+            ("_S1", "T_2"),
+            ("a", &"t".repeat(48)),
+        ] {
+            let config = PostgresConfig {
+                schema: schema.into(),
+                table: table.into(),
+                ..PostgresConfig::default()
+            };
+            assert!(PostgresConnector::new(config).is_ok(), "{schema}.{table}");
+        }
+        for url in ["mysql://u:secret@h/db", "postgres://u:secret@h:port/db"] {
+            let bad_url = PostgresConfig {
+                url: url.into(),
+                ..PostgresConfig::default()
+            };
+            match PostgresConnector::new(bad_url) {
+                Err(Error::Internal(msg)) => {
+                    assert!(msg.contains("invalid postgres url"), "{msg}");
+                    assert!(!msg.contains("secret"), "the password leaked: {msg}");
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_password() {
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5432/db?x=1"),
+            "postgres://u:***@h:5432/db?x=1"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("redis://:pw@h:6379"), "redis://:***@h:6379");
+        assert_eq!(redact_url("redis://h:6379/0"), "redis://h:6379/0");
+        let config = PostgresConfig {
+            url: "postgres://u:hunter2@h/db".into(),
+            ..PostgresConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[tokio::test]
+    async fn a_custom_schema_is_created_and_used() {
+        let table = unique_table();
+        let schema = format!("s_{table}");
+        let b = PostgresConnector::new(PostgresConfig {
+            schema: schema.clone(),
+            ..config(&table)
+        })
+        .expect("config")
+        .connect()
+        .await
+        .expect("connect");
+        b.exec("ns", put_op("k", b"v")).await.expect("put");
+        b.close().await;
+        let mut conn = admin().await;
+        let rows: i64 =
+            sqlx::query_scalar(&format!("SELECT count(*) FROM \"{schema}\".\"{table}\""))
+                .fetch_one(&mut conn)
+                .await
+                .expect("count");
+        assert_eq!(rows, 1);
+        conn.execute(format!("DROP SCHEMA \"{schema}\" CASCADE").as_str())
+            .await
+            .expect("drop schema");
+        let _ = conn.close().await;
+    }
+
+    /// Holds a row lock on `ns/key` of `table` in an open transaction until
+    /// dropped (or rolled back).
+    async fn lock_row(table: &str, key: &str) -> PgConnection {
+        let mut conn = admin().await;
+        conn.execute("BEGIN").await.expect("begin");
+        let locked: Option<i32> = sqlx::query_scalar(&format!(
+            "SELECT 1 FROM public.\"{table}\" WHERE namespace = 'ns' AND key = $1 FOR UPDATE"
+        ))
+        .bind(key)
+        .fetch_optional(&mut conn)
+        .await
+        .expect("lock");
+        assert_eq!(locked, Some(1), "no row to lock");
+        conn
+    }
+
+    /// Statements on `table` still running on the server, other than ours.
+    async fn active_statements(table: &str) -> i64 {
+        let mut conn = admin().await;
+        let n = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE state = 'active' AND pid <> pg_backend_pid() AND query LIKE $1",
+        )
+        .bind(format!("%\"{table}\"%"))
+        .fetch_one(&mut conn)
+        .await
+        .expect("pg_stat_activity");
+        let _ = conn.close().await;
+        n
+    }
+
+    #[tokio::test]
+    async fn a_deadline_cancels_the_statement_on_the_server() {
+        let (b, guard) = fresh_concrete().await;
+        b.exec("ns", put_op("k", b"v1")).await.expect("put");
+        let mut holder = lock_row(&guard.table, "k").await;
+
+        // The lock is held throughout: the operation can only end by its
+        // deadline, and its statement can only leave the server by being
+        // cancelled there.
+        let deadline = Instant::now() + Duration::from_millis(100);
+        let res = tokio::time::timeout(
+            Duration::from_secs(10),
+            b.exec_until("ns", put_op("k", b"v2"), deadline),
+        )
+        .await
+        .expect("the deadline was not honoured");
+        assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
+
+        let patience = Instant::now() + Duration::from_secs(10);
+        while active_statements(&guard.table).await > 0 {
+            assert!(
+                Instant::now() < patience,
+                "the statement kept running on the server"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Its connection came back to the pool and serves other keys.
+        b.exec_until(
+            "ns",
+            put_op("other", b"x"),
+            Instant::now() + Duration::from_secs(5),
+        )
+        .await
+        .expect("put after a cancelled statement");
+
+        holder.execute("ROLLBACK").await.expect("rollback");
+        let _ = holder.close().await;
+        match b.exec("ns", Op::Get { key: "k".into() }).await {
+            Ok(Outcome::Get(Some(r))) => {
+                assert_eq!(
+                    r.value,
+                    Bytes::from_static(b"v1"),
+                    "the cancelled put applied"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        b.pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_deadline_bounds_the_wait_for_a_connection() {
+        let table = unique_table();
+        let guard = DropTables {
+            table: table.clone(),
+        };
+        let b = PostgresConnector::new(PostgresConfig {
+            max_connections: 1,
+            min_connections: 1,
+            ..config(&table)
+        })
+        .expect("config")
+        .open()
+        .await
+        .expect("connect");
+        b.exec("ns", put_op("k", b"v")).await.expect("put");
+        let mut holder = lock_row(&guard.table, "k").await;
+        // The only connection is stuck behind the lock until its own
+        // deadline; the second operation's deadline comes first.
+        let stuck = b.exec_until(
+            "ns",
+            put_op("k", b"w"),
+            Instant::now() + Duration::from_secs(3),
+        );
+        let waiting = b.exec_until(
+            "ns",
+            Op::Exists { key: "k".into() },
+            Instant::now() + Duration::from_millis(100),
+        );
+        let (stuck, waiting) = tokio::join!(stuck, waiting);
+        assert!(matches!(waiting, Err(Error::Timeout)), "{waiting:?}");
+        assert!(matches!(stuck, Err(Error::Timeout)), "{stuck:?}");
+        holder.execute("ROLLBACK").await.expect("rollback");
+        let _ = holder.close().await;
+        b.pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_configured_statement_timeout_bounds_operations_without_a_deadline() {
+        let table = unique_table();
+        let guard = DropTables {
+            table: table.clone(),
+        };
+        let b = PostgresConnector::new(PostgresConfig {
+            statement_timeout: Some(Duration::from_millis(100)),
+            ..config(&table)
+        })
+        .expect("config")
+        .open()
+        .await
+        .expect("connect");
+        b.exec("ns", put_op("k", b"v")).await.expect("put");
+        let mut holder = lock_row(&guard.table, "k").await;
+        let res = tokio::time::timeout(
+            Duration::from_secs(10),
+            b.exec("ns", Op::Delete { key: "k".into() }),
+        )
+        .await
+        .expect("the statement timeout was not honoured");
+        assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
+        holder.execute("ROLLBACK").await.expect("rollback");
+        let _ = holder.close().await;
+        b.pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_unavailable() {
+        let connector = PostgresConnector::new(PostgresConfig {
+            url: "postgres://postgres@127.0.0.1:1/test".into(),
+            acquire_timeout: Duration::from_secs(2),
+            ..PostgresConfig::default()
+        })
+        .expect("config");
+        let started = Instant::now();
+        match connector.connect().await {
+            Err(Error::Unavailable(_)) => {}
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("connected to port 1"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn scan_is_an_ordered_primary_key_range() {
+        let (b, _guard) = fresh_concrete().await;
+        let mut conn = b.pool.acquire().await.expect("conn");
+        // Planner settings that make any sort or sequential scan visible
+        // on a small table.
+        conn.execute("SET enable_seqscan = off; SET enable_sort = off")
+            .await
+            .expect("settings");
+        for (keys_only, exclusive, upper) in [
+            (false, false, true),
+            (true, true, true),
+            (false, true, false),
+        ] {
+            let sql = format!(
+                "EXPLAIN {}",
+                b.sql.scan[super::scan_index(keys_only, exclusive, upper)]
+            );
+            let mut query = sqlx::query_scalar::<_, String>(&sql)
+                .bind("ns")
+                .bind("a")
+                .bind(10i64);
+            if upper {
+                query = query.bind("b");
+            }
+            let plan = query.fetch_all(&mut *conn).await.expect("plan").join("\n");
+            assert!(plan.contains("Index"), "{plan}");
+            assert!(!plan.contains("Sort"), "scan sorts: {plan}");
+            assert!(!plan.contains("Seq Scan"), "{plan}");
+            let cond = if exclusive { "(key > " } else { "(key >= " };
+            assert!(plan.contains(cond), "{plan}");
+            if upper {
+                assert!(plan.contains("(key < "), "{plan}");
+            }
+            assert!(!plan.to_lowercase().contains("like"), "{plan}");
+        }
+        drop(conn);
+        b.pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn connections_report_the_pool() {
+        let (b, _guard) = fresh_concrete().await;
+        b.health().await.expect("health");
+        let stats = b.connections();
+        assert!(stats.in_use + stats.idle >= 1, "{stats:?}");
+        assert!(stats.in_use + stats.idle <= 4, "{stats:?}");
+        assert!(!b.is_inline());
+        b.close().await;
+        assert!(b.health().await.is_err(), "a closed backend still answers");
+    }
+
+    #[tokio::test]
+    async fn huge_ttls_mean_no_expiry() {
+        let (b, _guard) = fresh_concrete().await;
+        for ttl in [
+            Duration::MAX,
+            Duration::from_secs(u64::MAX / 2),
+            super::MAX_TTL,
+        ] {
+            b.exec(
+                "ns",
+                Op::Put {
+                    key: "k".into(),
+                    value: Bytes::from_static(b"v"),
+                    ttl: Some(ttl),
+                },
+            )
+            .await
+            .expect("put");
+            match b.exec("ns", Op::Get { key: "k".into() }).await {
+                Ok(Outcome::Get(Some(r))) => assert_eq!(r.ttl, None),
+                other => panic!("{other:?}"),
+            }
+        }
+        b.pool.close().await;
+    }
+}

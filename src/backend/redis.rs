@@ -1,0 +1,1242 @@
+//! The Redis backend: values in plain string keys with native expiry, and a
+//! per-namespace sorted set as the ordered index that scans walk.
+//!
+//! Layout, for key prefix `P` and namespace `N` (with `%`, `{` and `}`
+//! percent-encoded):
+//!
+//! - `P:{N}:v:<key>`: the value, a string, with `PX` when the key has a TTL;
+//! - `P:{N}:idx`: every key of the namespace, all with score 0, so that
+//!   `ZRANGEBYLEX` walks them in bytewise order: the order scans promise;
+//! - `P:namespaces`: the namespaces ever written, for purge to visit.
+//!
+//! The `{N}` hash tag puts all of a namespace's keys in one Redis Cluster
+//! slot, so each operation's keys can be changed together atomically (MULTI
+//! or a Lua script). A value key vanishes natively when it expires; its
+//! index entry stays until a scan steps over it or a purge removes it, so
+//! every read decides liveness by the value key, never by the index.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_redis::redis::{self, IntoConnectionInfo, RedisError, Value};
+use deadpool_redis::{Connection, Manager, Pool, PoolError, Runtime, TimeoutType};
+use tokio::time::Instant;
+
+use super::postgres::redact_url;
+use super::{
+    prefix_successor, Backend, BoxFuture, Connector, Error, Item, Op, Outcome, PoolStats, Record,
+};
+
+/// How to reach Redis and name the keys.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// Connection URL, e.g. `redis://:password@host:6379/0`. Default
+    /// `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// Largest number of pooled connections, that is of operations at once.
+    /// Default 16.
+    pub max_size: usize,
+    /// How long an operation waits for a free connection before the backend
+    /// counts as unavailable. Default 5s.
+    pub wait_timeout: Duration,
+    /// How long opening a connection may take. Default 5s.
+    pub create_timeout: Duration,
+    /// How long the liveness check of a pooled connection, before reuse,
+    /// may take. Default 5s.
+    pub recycle_timeout: Duration,
+    /// Prefix of every key, so several deployments (or other applications)
+    /// can share one Redis. Must not contain `{` or `}`. Default `prism`.
+    pub key_prefix: String,
+    /// Longest wait for the reply to one command; also the deadline of an
+    /// operation run without one. Default 5s.
+    pub command_timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            max_size: 16,
+            wait_timeout: Duration::from_secs(5),
+            create_timeout: Duration::from_secs(5),
+            recycle_timeout: Duration::from_secs(5),
+            key_prefix: "prism".into(),
+            command_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("max_size", &self.max_size)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("create_timeout", &self.create_timeout)
+            .field("recycle_timeout", &self.recycle_timeout)
+            .field("key_prefix", &self.key_prefix)
+            .field("command_timeout", &self.command_timeout)
+            .finish()
+    }
+}
+
+/// Connects to Redis. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct RedisConnector {
+    config: RedisConfig,
+}
+
+impl RedisConnector {
+    /// A connector for `config`. Fails, with a message naming the bad
+    /// value, when the URL does not parse or the key prefix is empty or holds
+    /// a hash-tag brace. Nothing is connected until [`Connector::connect`].
+    pub fn new(config: RedisConfig) -> Result<Self, Error> {
+        if config.key_prefix.is_empty() || config.key_prefix.contains(['{', '}']) {
+            return Err(Error::Internal(format!(
+                "invalid redis key prefix {:?}: must be non-empty and contain no '{{' or '}}'",
+                config.key_prefix
+            )));
+        }
+        config.url.as_str().into_connection_info().map_err(|e| {
+            Error::Internal(format!(
+                "invalid redis url {}: {e}",
+                redact_url(&config.url)
+            ))
+        })?;
+        Ok(RedisConnector { config })
+    }
+
+    /// The settings this connector was made with.
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    async fn open(&self) -> Result<RedisBackend, Error> {
+        let c = &self.config;
+        // The response timeout bounds every command on the connection, also
+        // those of purge and health, which have no deadline of their own.
+        let connection = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(c.create_timeout))
+            .set_response_timeout(Some(c.command_timeout));
+        let manager = Manager::new_with_config(c.url.as_str(), connection).map_err(|e| {
+            Error::Internal(format!("invalid redis url {}: {e}", redact_url(&c.url)))
+        })?;
+        let pool = Pool::builder(manager)
+            .max_size(c.max_size.max(1))
+            .wait_timeout(Some(c.wait_timeout))
+            .create_timeout(Some(c.create_timeout))
+            .recycle_timeout(Some(c.recycle_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot build the redis pool: {e}")))?;
+        // The pool connects lazily: connect now, so that an unreachable
+        // server fails the start, and load the scripts while at it.
+        let loaded = async {
+            let mut conn = pool.get().await.map_err(map_pool)?;
+            let scan = Script::load(&mut conn, SCAN_SCRIPT).await?;
+            let purge = Script::load(&mut conn, PURGE_SCRIPT).await?;
+            Ok::<_, Error>((scan, purge))
+        };
+        let (scan, purge) = match loaded.await {
+            Ok(scripts) => scripts,
+            Err(e) => {
+                pool.close();
+                return Err(e);
+            }
+        };
+        Ok(RedisBackend {
+            pool,
+            prefix: c.key_prefix.clone(),
+            command_timeout: c.command_timeout,
+            scan,
+            purge,
+            registered: Mutex::new(HashSet::new()),
+        })
+    }
+}
+
+impl Connector for RedisConnector {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn connect(&self) -> BoxFuture<'_, Result<Arc<dyn Backend>, Error>> {
+        Box::pin(async move {
+            let backend: Arc<dyn Backend> = Arc::new(self.open().await?);
+            Ok(backend)
+        })
+    }
+}
+
+/// A Lua script, run by its SHA1 digest. The digest comes from `SCRIPT LOAD`
+/// at connect; a server that has lost its script cache since (restart,
+/// failover, `SCRIPT FLUSH`) gets the source again.
+struct Script {
+    source: &'static str,
+    sha: String,
+}
+
+impl Script {
+    async fn load(conn: &mut Connection, source: &'static str) -> Result<Script, Error> {
+        let sha: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(source)
+            .query_async(conn)
+            .await
+            .map_err(map_redis)?;
+        Ok(Script { source, sha })
+    }
+
+    /// Runs the script on one key (the namespace's index) and `args`.
+    async fn run(&self, conn: &mut Connection, key: &str, args: &[&[u8]]) -> Result<Value, Error> {
+        let invocation = |command: &str, script: &[u8]| {
+            let mut cmd = redis::cmd(command);
+            cmd.arg(script).arg(1).arg(key);
+            for arg in args {
+                cmd.arg(*arg);
+            }
+            cmd
+        };
+        match invocation("EVALSHA", self.sha.as_bytes())
+            .query_async(conn)
+            .await
+        {
+            Err(e) if e.code() == Some("NOSCRIPT") => invocation("EVAL", self.source.as_bytes())
+                .query_async(conn)
+                .await
+                .map_err(map_redis),
+            other => other.map_err(map_redis),
+        }
+    }
+}
+
+/// One page of a scan, from `ARGV[2]` (a `ZRANGEBYLEX` min) to `ARGV[3]`
+/// (a max), skipping index entries whose value key has expired, and
+/// removing them: they are garbage, and the check happens atomically with
+/// the read. Collects up to `ARGV[4]` live keys (with their values unless
+/// `ARGV[5]` is "1"), examining at most `ARGV[6]` index entries so that a
+/// long run of expired entries cannot keep the server busy in one call.
+///
+/// Replies `{exhausted, last, key1, value1, key2, ...}` (no values when keys
+/// only): `exhausted` is 1 when the range has no more entries, and `last` is
+/// the last entry examined, where the next call continues when the page is
+/// not full.
+///
+/// The value keys are derived from `ARGV[1]` rather than declared: they share
+/// the index's hash tag, so they live in its cluster slot.
+const SCAN_SCRIPT: &str = r#"
+local idx = KEYS[1]
+local vprefix = ARGV[1]
+local min = ARGV[2]
+local max = ARGV[3]
+local wanted = tonumber(ARGV[4])
+local keys_only = ARGV[5] == '1'
+local budget = tonumber(ARGV[6])
+local out = {0, ''}
+local found = 0
+local examined = 0
+while found < wanted and examined < budget do
+  local n = math.min(wanted - found, budget - examined)
+  local members = redis.call('ZRANGEBYLEX', idx, min, max, 'LIMIT', 0, n)
+  for _, m in ipairs(members) do
+    local vkey = vprefix .. m
+    if keys_only then
+      if redis.call('EXISTS', vkey) == 1 then
+        found = found + 1
+        out[#out + 1] = m
+      else
+        redis.call('ZREM', idx, m)
+      end
+    else
+      local v = redis.call('GET', vkey)
+      if v then
+        found = found + 1
+        out[#out + 1] = m
+        out[#out + 1] = v
+      else
+        redis.call('ZREM', idx, m)
+      end
+    end
+  end
+  examined = examined + #members
+  if #members < n then
+    out[1] = 1
+    return out
+  end
+  out[2] = members[#members]
+  min = '(' .. members[#members]
+end
+return out
+"#;
+
+/// Removes, from up to `ARGV[3]` index entries after `ARGV[2]` (a
+/// `ZRANGEBYLEX` min), those whose value key (`ARGV[1]` + entry) is gone.
+/// Replies `{removed, done, last}`; when not done, the next batch starts
+/// after `last`.
+const PURGE_SCRIPT: &str = r#"
+local idx = KEYS[1]
+local vprefix = ARGV[1]
+local batch = tonumber(ARGV[3])
+local members = redis.call('ZRANGEBYLEX', idx, ARGV[2], '+', 'LIMIT', 0, batch)
+local removed = 0
+for _, m in ipairs(members) do
+  if redis.call('EXISTS', vprefix .. m) == 0 then
+    redis.call('ZREM', idx, m)
+    removed = removed + 1
+  end
+end
+if #members < batch then
+  return {removed, 1, ''}
+end
+return {removed, 0, members[#members]}
+"#;
+
+/// Index entries one purge script call examines: each call is atomic and
+/// blocks the server while it runs, so it must stay short.
+const PURGE_BATCH: usize = 1000;
+
+/// Expired index entries one scan script call may step over besides the
+/// page itself, for the same reason.
+const SCAN_STALE_BUDGET: usize = 1000;
+
+/// TTLs at or above this are stored as no expiry: Redis rejects expiry times
+/// past its clock range (and this is, for every practical purpose, never).
+const MAX_TTL: Duration = Duration::from_secs(100_000 * 365 * 24 * 3600);
+
+/// The namespace as it appears inside the `{...}` hash tag. Escaping `%` and
+/// the braces keeps the mapping one-to-one and the tag closed by our own
+/// `}`: an unescaped `}` would end the tag early, and could make two
+/// namespaces' keys collide.
+fn ns_tag(namespace: &str) -> String {
+    let mut tag = String::with_capacity(namespace.len());
+    for c in namespace.chars() {
+        match c {
+            '%' => tag.push_str("%25"),
+            '{' => tag.push_str("%7B"),
+            '}' => tag.push_str("%7D"),
+            c => tag.push(c),
+        }
+    }
+    tag
+}
+
+/// A pool of connections to one Redis server.
+struct RedisBackend {
+    pool: Pool,
+    prefix: String,
+    command_timeout: Duration,
+    scan: Script,
+    purge: Script,
+    /// Namespaces this backend has added to the registry; a `std` lock, held
+    /// for one set operation and never across an await.
+    registered: Mutex<HashSet<String>>,
+}
+
+impl RedisBackend {
+    fn index_key(&self, namespace: &str) -> String {
+        format!("{}:{{{}}}:idx", self.prefix, ns_tag(namespace))
+    }
+
+    fn value_prefix(&self, namespace: &str) -> String {
+        format!("{}:{{{}}}:v:", self.prefix, ns_tag(namespace))
+    }
+
+    fn registry_key(&self) -> String {
+        format!("{}:namespaces", self.prefix)
+    }
+
+    /// Runs `op`, giving up at `deadline`. A connection whose command timed
+    /// out is dropped rather than pooled again: its reply may still be on
+    /// the way (a slow script), and the next user would queue behind it.
+    async fn exec_bounded(
+        &self,
+        namespace: &str,
+        op: Op,
+        deadline: Instant,
+    ) -> Result<Outcome, Error> {
+        let mut conn = match tokio::time::timeout_at(deadline, self.pool.get()).await {
+            Ok(conn) => conn.map_err(map_pool)?,
+            Err(_) => return Err(Error::Timeout),
+        };
+        match tokio::time::timeout_at(deadline, self.run(&mut conn, namespace, op)).await {
+            Ok(Err(Error::Timeout)) | Err(_) => {
+                drop(Connection::take(conn));
+                Err(Error::Timeout)
+            }
+            Ok(res) => res,
+        }
+    }
+
+    async fn run(&self, conn: &mut Connection, namespace: &str, op: Op) -> Result<Outcome, Error> {
+        match op {
+            Op::Get { key } => {
+                let vkey = self.value_prefix(namespace) + &key;
+                let (value, pttl): (Option<Bytes>, i64) = redis::pipe()
+                    .atomic()
+                    .cmd("GET")
+                    .arg(&vkey)
+                    .cmd("PTTL")
+                    .arg(&vkey)
+                    .query_async(conn)
+                    .await
+                    .map_err(map_redis)?;
+                Ok(Outcome::Get(value.map(|value| {
+                    Record {
+                        value,
+                        // -1: no expiry. A live key reports at least 1ms: PTTL
+                        // rounds down, and zero would read as "expired".
+                        ttl: u64::try_from(pttl)
+                            .ok()
+                            .map(|ms| Duration::from_millis(ms.max(1))),
+                    }
+                })))
+            }
+            Op::Put { key, value, ttl } => {
+                self.register(conn, namespace).await?;
+                let vkey = self.value_prefix(namespace) + &key;
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                // SET without KEEPTTL replaces any previous expiry.
+                let set = pipe.cmd("SET").arg(&vkey).arg(&value[..]);
+                if let Some(ttl) = ttl.filter(|ttl| *ttl < MAX_TTL) {
+                    // Rounded up so a positive TTL never expires on write.
+                    let ms = u64::try_from(ttl.as_nanos().div_ceil(1_000_000))
+                        .unwrap_or(u64::MAX)
+                        .max(1);
+                    set.arg("PX").arg(ms);
+                }
+                pipe.cmd("ZADD")
+                    .arg(self.index_key(namespace))
+                    .arg(0)
+                    .arg(&key);
+                let () = pipe.query_async(conn).await.map_err(map_redis)?;
+                Ok(Outcome::Put)
+            }
+            Op::Delete { key } => {
+                let vkey = self.value_prefix(namespace) + &key;
+                // DEL counts only a live key: an expired one is reclaimed
+                // first and does not count.
+                let (deleted, _removed): (i64, i64) = redis::pipe()
+                    .atomic()
+                    .cmd("DEL")
+                    .arg(&vkey)
+                    .cmd("ZREM")
+                    .arg(self.index_key(namespace))
+                    .arg(&key)
+                    .query_async(conn)
+                    .await
+                    .map_err(map_redis)?;
+                Ok(Outcome::Delete(deleted > 0))
+            }
+            Op::Exists { key } => {
+                let vkey = self.value_prefix(namespace) + &key;
+                let n: i64 = redis::cmd("EXISTS")
+                    .arg(&vkey)
+                    .query_async(conn)
+                    .await
+                    .map_err(map_redis)?;
+                Ok(Outcome::Exists(n > 0))
+            }
+            Op::Scan {
+                prefix,
+                after,
+                limit,
+                keys_only,
+            } => {
+                let (items, more) = self
+                    .scan(conn, namespace, &prefix, after.as_deref(), limit, keys_only)
+                    .await?;
+                Ok(Outcome::Scan { items, more })
+            }
+        }
+    }
+
+    /// Adds the namespace to the registry purge walks, once per backend:
+    /// the registry is one key outside the namespace's slot, so it cannot
+    /// join the namespace's MULTI, and a registered namespace stays
+    /// registered.
+    async fn register(&self, conn: &mut Connection, namespace: &str) -> Result<(), Error> {
+        let known = self
+            .registered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(namespace);
+        if known {
+            return Ok(());
+        }
+        let _: i64 = redis::cmd("SADD")
+            .arg(self.registry_key())
+            .arg(namespace)
+            .query_async(conn)
+            .await
+            .map_err(map_redis)?;
+        self.registered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(namespace.to_owned());
+        Ok(())
+    }
+
+    async fn scan(
+        &self,
+        conn: &mut Connection,
+        namespace: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        keys_only: bool,
+    ) -> Result<(Vec<Item>, bool), Error> {
+        let index = self.index_key(namespace);
+        let value_prefix = self.value_prefix(namespace);
+        // Start at whichever bound is higher, as the other backends do.
+        let mut min = match after {
+            Some(after) if after >= prefix => format!("({after}"),
+            _ if prefix.is_empty() => "-".to_owned(),
+            _ => format!("[{prefix}"),
+        };
+        let max = prefix_successor(prefix).map_or_else(|| "+".to_owned(), |s| format!("({s}"));
+        // One item past the page tells whether more follow.
+        let wanted_total = limit.saturating_add(1);
+        let keys_only_arg: &[u8] = if keys_only { b"1" } else { b"0" };
+        let mut items: Vec<Item> = Vec::new();
+        loop {
+            let wanted = wanted_total - items.len();
+            let budget = wanted.saturating_add(SCAN_STALE_BUDGET);
+            let reply = self
+                .scan
+                .run(
+                    conn,
+                    &index,
+                    &[
+                        value_prefix.as_bytes(),
+                        min.as_bytes(),
+                        max.as_bytes(),
+                        wanted.to_string().as_bytes(),
+                        keys_only_arg,
+                        budget.to_string().as_bytes(),
+                    ],
+                )
+                .await?;
+            let page = ScanReply::parse(reply, keys_only)?;
+            items.extend(page.items);
+            if page.exhausted || items.len() >= wanted_total {
+                break;
+            }
+            // Not exhausted and not full: the script stopped at its budget
+            // after examining at least one entry, so `last` moves forward.
+            min = format!("({}", page.last);
+        }
+        let more = items.len() > limit;
+        items.truncate(limit);
+        Ok((items, more))
+    }
+
+    async fn purge_all(&self) -> Result<u64, Error> {
+        let deadline = Instant::now() + self.command_timeout;
+        let mut conn = match tokio::time::timeout_at(deadline, self.pool.get()).await {
+            Ok(conn) => conn.map_err(map_pool)?,
+            Err(_) => return Err(Error::Timeout),
+        };
+        let namespaces: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.registry_key())
+            .query_async(&mut conn)
+            .await
+            .map_err(map_redis)?;
+        let batch = PURGE_BATCH.to_string();
+        let mut purged = 0u64;
+        for namespace in namespaces {
+            let index = self.index_key(&namespace);
+            let value_prefix = self.value_prefix(&namespace);
+            let mut min = "-".to_owned();
+            loop {
+                let reply = self
+                    .purge
+                    .run(
+                        &mut conn,
+                        &index,
+                        &[value_prefix.as_bytes(), min.as_bytes(), batch.as_bytes()],
+                    )
+                    .await?;
+                let (removed, done, last) = parse_purge_reply(reply)?;
+                purged += removed;
+                if done {
+                    break;
+                }
+                min = format!("({last}");
+            }
+        }
+        Ok(purged)
+    }
+
+    async fn ping(&self) -> Result<(), Error> {
+        let deadline = Instant::now() + self.command_timeout;
+        let mut conn = match tokio::time::timeout_at(deadline, self.pool.get()).await {
+            Ok(conn) => conn.map_err(map_pool)?,
+            Err(_) => return Err(Error::Timeout),
+        };
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(map_redis)?;
+        Ok(())
+    }
+}
+
+/// A parsed reply of [`SCAN_SCRIPT`].
+struct ScanReply {
+    exhausted: bool,
+    last: String,
+    items: Vec<Item>,
+}
+
+impl ScanReply {
+    fn parse(reply: Value, keys_only: bool) -> Result<ScanReply, Error> {
+        let Value::Array(values) = reply else {
+            return Err(unexpected("scan", &reply));
+        };
+        let mut values = values.into_iter();
+        let exhausted = match values.next() {
+            Some(Value::Int(flag)) => flag == 1,
+            other => return Err(unexpected("scan", &other)),
+        };
+        let last = match values.next() {
+            Some(v) => string(v)?,
+            None => return Err(unexpected("scan", &None::<Value>)),
+        };
+        let mut items = Vec::with_capacity(values.len() / if keys_only { 1 } else { 2 });
+        while let Some(key) = values.next() {
+            let key = string(key)?;
+            let value = if keys_only {
+                Bytes::new()
+            } else {
+                match values.next() {
+                    Some(Value::BulkString(v)) => Bytes::from(v),
+                    other => return Err(unexpected("scan value", &other)),
+                }
+            };
+            items.push(Item { key, value });
+        }
+        Ok(ScanReply {
+            exhausted,
+            last,
+            items,
+        })
+    }
+}
+
+/// `(removed, done, last)` of a [`PURGE_SCRIPT`] reply.
+fn parse_purge_reply(reply: Value) -> Result<(u64, bool, String), Error> {
+    match reply {
+        Value::Array(values) => match <[Value; 3]>::try_from(values) {
+            Ok([Value::Int(removed), Value::Int(done), last]) => {
+                Ok((removed.unsigned_abs(), done == 1, string(last)?))
+            }
+            Ok(other) => Err(unexpected("purge", &other)),
+            Err(other) => Err(unexpected("purge", &other)),
+        },
+        other => Err(unexpected("purge", &other)),
+    }
+}
+
+/// A key from a script reply. Index entries are only ever written from
+/// `String` keys, so they are UTF-8.
+fn string(value: Value) -> Result<String, Error> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes)
+            .map_err(|e| Error::Internal(format!("redis index entry is not utf-8: {e}"))),
+        other => Err(unexpected("key", &other)),
+    }
+}
+
+fn unexpected(what: &str, value: &dyn fmt::Debug) -> Error {
+    Error::Internal(format!("unexpected redis {what} reply: {value:?}"))
+}
+
+/// Server errors a retry (after a failover, a reload, a script ending) can
+/// fix.
+const TRANSIENT_CODES: &[&str] = &[
+    "LOADING",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "MASTERDOWN",
+    "READONLY",
+    "BUSY",
+    "OOM",
+];
+
+/// Command errors: a reply that did not come in time is a timeout, a lost or
+/// refused connection or a server that cannot serve for now is unavailable,
+/// anything else is internal.
+fn map_redis(e: RedisError) -> Error {
+    if e.is_timeout() {
+        Error::Timeout
+    } else if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.code().is_some_and(|code| TRANSIENT_CODES.contains(&code))
+    {
+        Error::Unavailable(e.to_string())
+    } else {
+        Error::Internal(e.to_string())
+    }
+}
+
+/// Pool errors: not getting a connection, for whatever reason, makes the
+/// backend unavailable, except for errors of our own making.
+fn map_pool(e: PoolError) -> Error {
+    match e {
+        PoolError::Timeout(TimeoutType::Wait) => {
+            Error::Unavailable("redis connection pool exhausted".into())
+        }
+        PoolError::Timeout(TimeoutType::Create) => {
+            Error::Unavailable("timed out connecting to redis".into())
+        }
+        PoolError::Timeout(TimeoutType::Recycle) => {
+            Error::Unavailable("timed out checking a pooled redis connection".into())
+        }
+        PoolError::Closed => Error::Unavailable("redis connection pool closed".into()),
+        PoolError::Backend(e) => match map_redis(e) {
+            // A connect that timed out is a server out of reach.
+            Error::Timeout => Error::Unavailable("timed out connecting to redis".into()),
+            other => other,
+        },
+        PoolError::NoRuntimeSpecified => Error::Internal("redis pool has no runtime".into()),
+        PoolError::PostCreateHook(e) => Error::Internal(format!("redis pool hook: {e}")),
+    }
+}
+
+impl Backend for RedisBackend {
+    fn exec<'a>(&'a self, namespace: &'a str, op: Op) -> BoxFuture<'a, Result<Outcome, Error>> {
+        Box::pin(async move {
+            let deadline = Instant::now() + self.command_timeout;
+            self.exec_bounded(namespace, op, deadline).await
+        })
+    }
+
+    fn exec_until<'a>(
+        &'a self,
+        namespace: &'a str,
+        op: Op,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<Outcome, Error>> {
+        Box::pin(self.exec_bounded(namespace, op, deadline))
+    }
+
+    fn purge_expired(&self) -> BoxFuture<'_, Result<u64, Error>> {
+        Box::pin(self.purge_all())
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(self.ping())
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        // Closing drops the idle connections and refuses new checkouts;
+        // connections in use close when their operation returns them.
+        self.pool.close();
+        Box::pin(async {})
+    }
+
+    fn connections(&self) -> PoolStats {
+        let status = self.pool.status();
+        let size = u32::try_from(status.size).unwrap_or(u32::MAX);
+        let idle = u32::try_from(status.available)
+            .unwrap_or(u32::MAX)
+            .min(size);
+        PoolStats {
+            in_use: size - idle,
+            idle,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use bytes::Bytes;
+    use deadpool_redis::redis::{self, aio::MultiplexedConnection, Value};
+    use tokio::time::Instant;
+
+    use super::{ns_tag, RedisBackend, RedisConfig, RedisConnector};
+    use crate::backend::{Backend, Connector, Error, Op, Outcome};
+
+    /// The test server; `PRISM_TEST_REDIS_URL` overrides it. Tests fail
+    /// (never skip) when it is not up.
+    fn url() -> String {
+        std::env::var("PRISM_TEST_REDIS_URL").unwrap_or_else(|_| RedisConfig::default().url)
+    }
+
+    /// A key prefix no other test (or test run) uses.
+    fn unique_prefix() -> String {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!(
+            "prism-test-{nanos}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    fn config(prefix: &str) -> RedisConfig {
+        RedisConfig {
+            url: url(),
+            max_size: 4,
+            key_prefix: prefix.into(),
+            ..RedisConfig::default()
+        }
+    }
+
+    async fn admin() -> MultiplexedConnection {
+        redis::Client::open(url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the test redis")
+    }
+
+    /// Every key under `prefix`.
+    async fn keys_under(conn: &mut MultiplexedConnection, prefix: &str) -> Vec<String> {
+        let mut cursor = 0u64;
+        let mut keys = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}:*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await
+                .expect("scan");
+            keys.extend(batch);
+            if next == 0 {
+                return keys;
+            }
+            cursor = next;
+        }
+    }
+
+    /// Deletes a test's keys when the test ends, passed or failed.
+    struct DropKeys {
+        prefix: String,
+    }
+
+    impl Drop for DropKeys {
+        fn drop(&mut self) {
+            let prefix = self.prefix.clone();
+            // Drop runs inside the test's runtime, which cannot block on a
+            // future: clean up from a thread with a runtime of its own.
+            let cleanup = std::thread::spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async {
+                    let Ok(client) = redis::Client::open(url()) else {
+                        return;
+                    };
+                    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                        return;
+                    };
+                    let keys = keys_under(&mut conn, &prefix).await;
+                    for chunk in keys.chunks(500) {
+                        let _: Result<i64, _> =
+                            redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+                    }
+                });
+            });
+            let _ = cleanup.join();
+        }
+    }
+
+    async fn fresh_concrete() -> (RedisBackend, DropKeys) {
+        let prefix = unique_prefix();
+        let guard = DropKeys {
+            prefix: prefix.clone(),
+        };
+        let backend = RedisConnector::new(config(&prefix))
+            .expect("valid config")
+            .open()
+            .await
+            .expect("connect to the test redis (is it running?)");
+        (backend, guard)
+    }
+
+    async fn fresh() -> (Arc<dyn Backend>, DropKeys) {
+        let (backend, guard) = fresh_concrete().await;
+        (Arc::new(backend), guard)
+    }
+
+    crate::backend::conformance::conformance_tests!(fresh);
+
+    async fn put(b: &dyn Backend, ns: &str, key: &str, ttl: Option<Duration>) {
+        let op = Op::Put {
+            key: key.into(),
+            value: Bytes::from_static(b"v"),
+            ttl,
+        };
+        assert_eq!(b.exec(ns, op).await.expect("put"), Outcome::Put);
+    }
+
+    async fn scan_keys(b: &dyn Backend, ns: &str, limit: usize) -> (Vec<String>, bool) {
+        let op = Op::Scan {
+            prefix: String::new(),
+            after: None,
+            limit,
+            keys_only: true,
+        };
+        match b.exec(ns, op).await.expect("scan") {
+            Outcome::Scan { items, more } => (items.into_iter().map(|i| i.key).collect(), more),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn wait_until_gone(b: &dyn Backend, ns: &str, key: &str) {
+        let patience = Instant::now() + Duration::from_secs(10);
+        loop {
+            match b.exec(ns, Op::Exists { key: key.into() }).await {
+                Ok(Outcome::Exists(false)) => return,
+                Ok(Outcome::Exists(true)) => {}
+                other => panic!("{other:?}"),
+            }
+            assert!(Instant::now() < patience, "{ns}/{key} never expired");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn index(b: &RedisBackend, ns: &str) -> Vec<String> {
+        let mut conn = admin().await;
+        redis::cmd("ZRANGE")
+            .arg(b.index_key(ns))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .expect("zrange")
+    }
+
+    const SHORT: Duration = Duration::from_millis(200);
+
+    #[tokio::test]
+    async fn the_index_stays_consistent_through_expiry_and_purge() {
+        let (b, _guard) = fresh_concrete().await;
+        put(&b, "ns", "a", None).await;
+        put(&b, "ns", "b", Some(SHORT)).await;
+        put(&b, "ns", "c", Some(SHORT)).await;
+        put(&b, "ns", "d", None).await;
+        assert_eq!(index(&b, "ns").await, ["a", "b", "c", "d"]);
+        wait_until_gone(&b, "ns", "b").await;
+        wait_until_gone(&b, "ns", "c").await;
+        // Expired values are gone; their index entries wait for a purge.
+        assert_eq!(index(&b, "ns").await, ["a", "b", "c", "d"]);
+        assert_eq!(b.purge_expired().await.expect("purge"), 2);
+        assert_eq!(index(&b, "ns").await, ["a", "d"]);
+        assert_eq!(b.purge_expired().await.expect("purge"), 0);
+
+        // A scan steps over an expired entry and removes it on the way.
+        put(&b, "ns", "e", Some(SHORT)).await;
+        wait_until_gone(&b, "ns", "e").await;
+        assert_eq!(
+            scan_keys(&b, "ns", 10).await,
+            (vec!["a".into(), "d".into()], false)
+        );
+        assert_eq!(index(&b, "ns").await, ["a", "d"]);
+
+        // Writing an expired key again indexes it again; deleting unindexes.
+        put(&b, "ns", "b", None).await;
+        assert_eq!(index(&b, "ns").await, ["a", "b", "d"]);
+        assert_eq!(
+            b.exec("ns", Op::Delete { key: "a".into() })
+                .await
+                .expect("delete"),
+            Outcome::Delete(true)
+        );
+        assert_eq!(index(&b, "ns").await, ["b", "d"]);
+        assert_eq!(
+            scan_keys(&b, "ns", 10).await,
+            (vec!["b".into(), "d".into()], false)
+        );
+    }
+
+    #[tokio::test]
+    async fn scan_steps_over_long_runs_of_expired_entries() {
+        let (b, _guard) = fresh_concrete().await;
+        // More expired entries in a row than one script call may examine.
+        let stale = 2 * super::SCAN_STALE_BUDGET + 500;
+        let ttl = Some(Duration::from_millis(300));
+        let mut conn = admin().await;
+        // Written directly (one pipeline), in the layout the backend uses,
+        // so that the test does not take thousands of round trips.
+        let mut pipe = redis::pipe();
+        for i in 0..stale {
+            let key = format!("k/{i:05}");
+            pipe.cmd("SET")
+                .arg(b.value_prefix("ns") + &key)
+                .arg("v")
+                .arg("PX")
+                .arg(300)
+                .ignore();
+            pipe.cmd("ZADD")
+                .arg(b.index_key("ns"))
+                .arg(0)
+                .arg(&key)
+                .ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.expect("write stale keys");
+        for key in ["k/99998", "k/99999", "l"] {
+            put(&b, "ns", key, None).await;
+        }
+        put(&b, "ns", "k/0000-sentinel", ttl).await;
+        wait_until_gone(&b, "ns", "k/0000-sentinel").await;
+        wait_until_gone(&b, "ns", &format!("k/{:05}", stale - 1)).await;
+
+        let (keys, more) = scan_keys(&b, "ns", 2).await;
+        assert_eq!(keys, ["k/99998", "k/99999"]);
+        assert!(more, "\"l\" follows");
+        let (keys, more) = scan_keys(&b, "ns", 3).await;
+        assert_eq!(keys, ["k/99998", "k/99999", "l"]);
+        assert!(!more);
+        // The scans cleaned the index as they went.
+        assert_eq!(index(&b, "ns").await, ["k/99998", "k/99999", "l"]);
+        assert_eq!(b.purge_expired().await.expect("purge"), 0);
+    }
+
+    #[tokio::test]
+    async fn purge_walks_every_namespace_in_batches() {
+        let (b, _guard) = fresh_concrete().await;
+        let stale = super::PURGE_BATCH * 2 + 7;
+        let mut conn = admin().await;
+        let mut pipe = redis::pipe();
+        for i in 0..stale {
+            // Index entries whose values are already gone.
+            pipe.cmd("ZADD")
+                .arg(b.index_key("big"))
+                .arg(0)
+                .arg(format!("k{i:05}"))
+                .ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.expect("write index");
+        put(&b, "big", "live", None).await;
+        put(&b, "small", "dies", Some(SHORT)).await;
+        put(&b, "small", "lives", None).await;
+        wait_until_gone(&b, "small", "dies").await;
+        assert_eq!(
+            b.purge_expired().await.expect("purge"),
+            u64::try_from(stale + 1).expect("fits")
+        );
+        assert_eq!(index(&b, "big").await, ["live"]);
+        assert_eq!(index(&b, "small").await, ["lives"]);
+    }
+
+    #[tokio::test]
+    async fn namespaces_with_braces_and_percent_signs_do_not_collide() {
+        let (b, _guard) = fresh_concrete().await;
+        // Naively spliced into `{ns}`, "x}:v:y" and "x" with key "y}:v:k"
+        // would name the same value key.
+        put(&b, "x}:v:y", "k", None).await;
+        assert_eq!(
+            b.exec(
+                "x",
+                Op::Exists {
+                    key: "y}:v:k".into()
+                }
+            )
+            .await
+            .expect("exists"),
+            Outcome::Exists(false)
+        );
+        for ns in ["%7D", "}", "{", "%", "a{b}c"] {
+            put(&b, ns, &format!("in {ns}"), None).await;
+        }
+        for ns in ["%7D", "}", "{", "%", "a{b}c"] {
+            assert_eq!(scan_keys(&b, ns, 10).await.0, [format!("in {ns}")], "{ns}");
+        }
+        assert_eq!(ns_tag("a{b}c%"), "a%7Bb%7Dc%25");
+        assert!(b
+            .index_key("a}b")
+            .starts_with(&format!("{}:{{a%7Db}}", b.prefix)));
+    }
+
+    #[tokio::test]
+    async fn a_command_past_its_deadline_times_out_and_its_connection_is_dropped() {
+        let (b, guard) = fresh_concrete().await;
+        assert_eq!(b.pool.status().size, 1, "connect opened one connection");
+        // BLPOP on an empty list holds its connection for 5s: well past the
+        // deadline.
+        let blocked = guard.prefix.clone() + ":{t}:list";
+        let op = async {
+            let mut conn = b.pool.get().await.map_err(super::map_pool)?;
+            let deadline = Instant::now() + Duration::from_millis(100);
+            let res = tokio::time::timeout_at(deadline, async {
+                redis::cmd("BLPOP")
+                    .arg(&blocked)
+                    .arg(5)
+                    .query_async::<Value>(&mut conn)
+                    .await
+                    .map_err(super::map_redis)
+            })
+            .await;
+            // The same policy as `exec_bounded`, on a command that no
+            // operation sends.
+            match res {
+                Ok(Err(Error::Timeout)) | Err(_) => {
+                    drop(deadpool_redis::Connection::take(conn));
+                    Err(Error::Timeout)
+                }
+                Ok(other) => other.map(|_| ()),
+            }
+        };
+        assert!(matches!(op.await, Err(Error::Timeout)));
+        assert_eq!(
+            b.pool.status().size,
+            0,
+            "the stuck connection was pooled again"
+        );
+        // The next operation gets a fresh connection, not one stuck behind
+        // the BLPOP.
+        put(&b, "ns", "k", None).await;
+
+        // An operation whose deadline has passed does not run.
+        let res = b
+            .exec_until(
+                "ns",
+                Op::Delete { key: "k".into() },
+                Instant::now() - Duration::from_millis(1),
+            )
+            .await;
+        assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
+        assert_eq!(
+            b.exec("ns", Op::Exists { key: "k".into() })
+                .await
+                .expect("exists"),
+            Outcome::Exists(true)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_command_timeout_bounds_operations_without_a_deadline() {
+        let prefix = unique_prefix();
+        let _guard = DropKeys {
+            prefix: prefix.clone(),
+        };
+        let b = RedisConnector::new(RedisConfig {
+            command_timeout: Duration::from_millis(100),
+            ..config(&prefix)
+        })
+        .expect("config")
+        .open()
+        .await
+        .expect("connect");
+        // Every connection is checked out, so the operation waits for one
+        // past its command timeout.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(b.pool.get().await.expect("connection"));
+        }
+        let res = b.exec("ns", Op::Exists { key: "k".into() }).await;
+        assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
+        drop(held);
+        assert_eq!(
+            b.exec("ns", Op::Exists { key: "k".into() })
+                .await
+                .expect("exists"),
+            Outcome::Exists(false)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_unavailable() {
+        let connector = RedisConnector::new(RedisConfig {
+            url: "redis://127.0.0.1:1".into(),
+            create_timeout: Duration::from_secs(2),
+            ..RedisConfig::default()
+        })
+        .expect("config");
+        let started = Instant::now();
+        match connector.connect().await {
+            Err(Error::Unavailable(_)) => {}
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("connected to port 1"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn invalid_settings_are_rejected_with_a_clear_message() {
+        for prefix in ["", "a{b", "a}b"] {
+            match RedisConnector::new(RedisConfig {
+                key_prefix: prefix.into(),
+                ..RedisConfig::default()
+            }) {
+                Err(Error::Internal(msg)) => {
+                    assert!(msg.contains("invalid redis key prefix"), "{msg}")
+                }
+                other => panic!("{prefix:?}: {other:?}"),
+            }
+        }
+        match RedisConnector::new(RedisConfig {
+            url: "http://:secret@127.0.0.1:6379".into(),
+            ..RedisConfig::default()
+        }) {
+            Err(Error::Internal(msg)) => {
+                assert!(msg.contains("invalid redis url"), "{msg}");
+                assert!(!msg.contains("secret"), "the password leaked: {msg}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(RedisConnector::new(RedisConfig::default()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn scripts_are_reloaded_after_the_script_cache_is_lost() {
+        let (b, _guard) = fresh_concrete().await;
+        put(&b, "ns", "k", None).await;
+        let mut conn = admin().await;
+        let mut forget = redis::cmd("EVALSHA");
+        // Simulates a server that lost its cache (restart, failover)
+        // without flushing the cache every other test relies on: the
+        // backend is made to use a digest the server does not know.
+        let unknown = "0000000000000000000000000000000000000000";
+        let err = forget
+            .arg(unknown)
+            .arg(0)
+            .query_async::<Value>(&mut conn)
+            .await
+            .expect_err("unknown script");
+        assert_eq!(err.code(), Some("NOSCRIPT"));
+        let b = RedisBackend {
+            scan: super::Script {
+                sha: unknown.into(),
+                ..b.scan
+            },
+            ..b
+        };
+        assert_eq!(scan_keys(&b, "ns", 10).await, (vec!["k".into()], false));
+    }
+
+    #[tokio::test]
+    async fn connections_report_the_pool() {
+        let (b, _guard) = fresh_concrete().await;
+        b.health().await.expect("health");
+        let stats = b.connections();
+        assert!(stats.in_use + stats.idle >= 1, "{stats:?}");
+        assert!(stats.in_use + stats.idle <= 4, "{stats:?}");
+        assert!(!b.is_inline());
+        b.close().await;
+        assert!(b.health().await.is_err(), "a closed backend still answers");
+    }
+}
