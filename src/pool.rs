@@ -84,6 +84,7 @@ enum BreakerState {
 /// and readiness. It outlives pool actor restarts.
 #[derive(Debug)]
 pub struct BackendHealth {
+    backend: Arc<str>,
     up: AtomicBool,
     failures: AtomicU32,
     in_use: AtomicU32,
@@ -98,7 +99,7 @@ pub struct BackendHealth {
 
 impl Default for BackendHealth {
     fn default() -> Self {
-        Self::new(BreakerConfig::default())
+        Self::new("unnamed".into(), BreakerConfig::default())
     }
 }
 
@@ -114,9 +115,11 @@ pub enum Admission {
 }
 
 impl BackendHealth {
-    /// A healthy-until-proven-otherwise backend with this breaker.
-    pub fn new(breaker: BreakerConfig) -> Self {
+    /// The health of backend `backend`, down until its pool actor connects,
+    /// with this breaker.
+    pub fn new(backend: Arc<str>, breaker: BreakerConfig) -> Self {
         BackendHealth {
+            backend,
             up: AtomicBool::new(false),
             failures: AtomicU32::new(0),
             in_use: AtomicU32::new(0),
@@ -208,7 +211,7 @@ impl BackendHealth {
         self.clear.store(true, Ordering::Release);
         if !matches!(*st, BreakerState::Closed { failures: 0 }) {
             if !matches!(*st, BreakerState::Closed { .. }) {
-                info!("circuit closed");
+                info!(backend = %self.backend, "circuit closed");
             }
             *st = BreakerState::Closed { failures: 0 };
         }
@@ -234,8 +237,10 @@ impl BackendHealth {
         };
         if open {
             warn!(
+                backend = %self.backend,
                 cooldown_ms = self.breaker.cooldown.as_millis() as u64,
-                error, "circuit opened"
+                error,
+                "circuit opened"
             );
             *st = BreakerState::Open {
                 until: Instant::now() + self.breaker.cooldown,
@@ -255,8 +260,10 @@ impl BackendHealth {
             BreakerState::Closed { .. } | BreakerState::HalfOpen { .. }
         ) {
             warn!(
+                backend = %self.backend,
                 cooldown_ms = self.breaker.cooldown.as_millis() as u64,
-                error, "circuit opened"
+                error,
+                "circuit opened"
             );
         }
         *st = BreakerState::Open {

@@ -134,10 +134,13 @@ impl Gateway {
         let mut handles = Vec::new();
         for (name, b) in &s.backends {
             let connector = self.connector_for(name, b)?;
-            let health = Arc::new(BackendHealth::new(BreakerConfig {
-                failures: b.breaker_failures,
-                cooldown: b.breaker_cooldown,
-            }));
+            let health = Arc::new(BackendHealth::new(
+                name.as_str().into(),
+                BreakerConfig {
+                    failures: b.breaker_failures,
+                    cooldown: b.breaker_cooldown,
+                },
+            ));
             let config = PoolConfig {
                 pool_size: b.pool_size(),
                 purge_interval: b.purge_interval,

@@ -259,3 +259,62 @@ backend = "faulty"
     assert!(deadline >= 1, "the running call should time out");
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn sessions_are_created_on_demand_and_end_when_idle() {
+    let (server, _probe, _dir) = server(
+        r#"
+[sessions]
+idle_timeout = "200ms"
+"#,
+    )
+    .await;
+    let mut c = server.client().await.unwrap();
+    let http = reqwest::Client::new();
+    let tree_has = |name: &'static str| {
+        let http = http.clone();
+        let url = format!("{}/v1/actors", server.http_url());
+        async move {
+            let body = http.get(url).send().await.unwrap().text().await.unwrap();
+            body.contains(&format!("\"{name}\""))
+        }
+    };
+    assert!(!tree_has("session:sleepy").await);
+    c.get(as_client("sleepy", get("cache", "x"))).await.unwrap();
+    assert!(
+        tree_has("session:sleepy").await,
+        "no session actor for the client"
+    );
+    // With no more requests the session ends and leaves the tree ...
+    let gone = eventually(Duration::from_secs(5), || async {
+        !tree_has("session:sleepy").await
+    })
+    .await;
+    assert!(gone, "idle session never ended");
+    // ... and the next request opens a new one.
+    c.get(as_client("sleepy", get("cache", "x"))).await.unwrap();
+    assert!(tree_has("session:sleepy").await);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn clients_past_max_sessions_get_resource_exhausted() {
+    let (server, _probe, _dir) = server(
+        r#"
+[sessions]
+max_sessions = 1
+"#,
+    )
+    .await;
+    let mut c = server.client().await.unwrap();
+    c.get(as_client("first", get("cache", "x"))).await.unwrap();
+    let e = c
+        .get(as_client("second", get("cache", "x")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("max_sessions"), "{}", e.message());
+    // The admitted client keeps working.
+    c.get(as_client("first", get("cache", "x"))).await.unwrap();
+    server.stop().await.unwrap();
+}

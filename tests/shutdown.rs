@@ -182,3 +182,126 @@ async fn sigterm_drains_and_every_acknowledged_put_survives_a_restart() {
     let status = prism.wait_exit(Duration::from_secs(25)).await;
     assert_eq!(status.code(), Some(0));
 }
+
+fn postgres_url() -> String {
+    std::env::var("PRISM_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Drops the test's table even when the test fails.
+struct DropTable(String);
+
+impl Drop for DropTable {
+    fn drop(&mut self) {
+        let table = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(pool) = sqlx::PgPool::connect(&postgres_url()).await {
+                    for t in [table.clone(), format!("{table}_schema_version")] {
+                        let _ = sqlx::query(&format!("DROP TABLE IF EXISTS \"{t}\""))
+                            .execute(&pool)
+                            .await;
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once_while_a_request_is_still_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let table = format!("prism_sig_{}", std::process::id());
+    let _cleanup = DropTable(table.clone());
+    std::fs::write(
+        dir.path().join("default.toml"),
+        format!(
+            r#"
+[server]
+grpc_addr = "127.0.0.1:{port}"
+http_addr = "127.0.0.1:0"
+shutdown_grace = "60s"
+
+[backends.pg]
+kind = "postgres"
+url = "{}"
+table = "{table}"
+pool_size = 2
+min_connections = 1
+
+[namespaces.pg]
+backend = "pg"
+timeout = "60s"
+"#,
+            postgres_url()
+        ),
+    )
+    .unwrap();
+    let mut prism = Prism::start(dir.path());
+    let mut client = connect(port).await;
+    let put = |key: &str| PutRequest {
+        namespace: "pg".into(),
+        key: key.into(),
+        value: Bytes::from_static(b"v"),
+        ttl_ms: 0,
+    };
+    client.put(put("locked")).await.unwrap();
+
+    // Hold the row's lock in another transaction, so that an overwrite
+    // through Prism stays in flight.
+    let pool = sqlx::PgPool::connect(&postgres_url()).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT 1 FROM \"{table}\" WHERE namespace = 'pg' AND key = 'locked' FOR UPDATE"
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let mut blocked_client = client.clone();
+    let blocked = tokio::spawn(async move {
+        let mut req = tonic::Request::new(put("locked"));
+        req.set_timeout(Duration::from_secs(60));
+        blocked_client.put(req).await
+    });
+    let mut waiting = false;
+    for _ in 0..500 {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = 'prism'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if n > 0 {
+            waiting = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(waiting, "the overwrite never waited for the lock");
+
+    // The first signal begins a drain that waits for the request ...
+    prism.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        prism.0.try_wait().unwrap().is_none(),
+        "prism exited although a request was in flight"
+    );
+    // ... the second one ends the process at once.
+    let started = std::time::Instant::now();
+    prism.signal("TERM");
+    let status = prism.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(
+        blocked.await.unwrap().is_err(),
+        "the cut-off request cannot have succeeded"
+    );
+    tx.rollback().await.unwrap();
+    pool.close().await;
+}
