@@ -212,6 +212,28 @@ pub struct PoolStats {
     pub idle: u32,
 }
 
+impl PoolStats {
+    /// Figures from a pool's total and idle connection counts, as pools
+    /// report them (the idle count may lag and is capped at the total).
+    pub fn from_counts(size: usize, idle: usize) -> Self {
+        let size = u32::try_from(size).unwrap_or(u32::MAX);
+        let idle = u32::try_from(idle).unwrap_or(u32::MAX).min(size);
+        PoolStats {
+            in_use: size - idle,
+            idle,
+        }
+    }
+}
+
+/// One step of an SQL backend's schema. Applied steps are recorded in a
+/// version table; a new step is appended with the next version and never
+/// edits an applied one.
+pub(crate) struct Migration {
+    pub(crate) version: i64,
+    pub(crate) name: &'static str,
+    pub(crate) statements: &'static [&'static str],
+}
+
 /// Opens a backend. A pool actor calls it at each start (and restart), so it
 /// holds whatever must outlive a restart, such as the data of a memory
 /// backend.

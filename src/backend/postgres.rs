@@ -25,7 +25,8 @@ use tokio::time::Instant;
 use tracing::info;
 
 use super::{
-    prefix_successor, Backend, BoxFuture, Connector, Error, Item, Op, Outcome, PoolStats, Record,
+    prefix_successor, Backend, BoxFuture, Connector, Error, Item, Migration, Op, Outcome,
+    PoolStats, Record,
 };
 
 /// How to reach and lay out the PostgreSQL backend.
@@ -240,15 +241,9 @@ impl Connector for PostgresConnector {
     }
 }
 
-/// One step of the schema, written with `{table}` (the quoted, qualified
-/// key-value table) and `{name}` (its bare name, for derived object names).
-/// Applied steps are recorded in `<table>_schema_version`; a new step is
-/// appended with the next version and never edits an applied one.
-struct Migration {
-    version: i64,
-    name: &'static str,
-    statements: &'static [&'static str],
-}
+/// The schema steps, written with `{table}` (the quoted, qualified key-value
+/// table) and `{name}` (its bare name, for derived object names). Applied
+/// steps are recorded in `<table>_schema_version`.
 
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
@@ -709,14 +704,7 @@ impl Backend for PostgresBackend {
     }
 
     fn connections(&self) -> PoolStats {
-        let size = self.pool.size();
-        let idle = u32::try_from(self.pool.num_idle())
-            .unwrap_or(u32::MAX)
-            .min(size);
-        PoolStats {
-            in_use: size - idle,
-            idle,
-        }
+        PoolStats::from_counts(self.pool.size() as usize, self.pool.num_idle())
     }
 }
 

@@ -742,14 +742,7 @@ impl Backend for RedisBackend {
 
     fn connections(&self) -> PoolStats {
         let status = self.pool.status();
-        let size = u32::try_from(status.size).unwrap_or(u32::MAX);
-        let idle = u32::try_from(status.available)
-            .unwrap_or(u32::MAX)
-            .min(size);
-        PoolStats {
-            in_use: size - idle,
-            idle,
-        }
+        PoolStats::from_counts(status.size, status.available)
     }
 }
 

@@ -17,7 +17,9 @@ use sqlx::sqlite::{
 use sqlx::Row;
 use tracing::info;
 
-use super::{prefix_successor, Backend, BoxFuture, Connector, Error, Item, Op, Outcome, Record};
+use super::{
+    prefix_successor, Backend, BoxFuture, Connector, Error, Item, Migration, Op, Outcome, Record,
+};
 
 /// Opens the SQLite database at a path, creating it (and its folder) when
 /// missing and migrating its schema.
@@ -80,14 +82,7 @@ impl Connector for SqliteConnector {
     }
 }
 
-/// One step of the schema. Applied steps are recorded in
-/// `prism_schema_version`; a new step is appended with the next version and
-/// never edits an applied one.
-struct Migration {
-    version: i64,
-    name: &'static str,
-    statements: &'static [&'static str],
-}
+/// The schema steps. Applied steps are recorded in `prism_schema_version`.
 
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
@@ -360,14 +355,7 @@ impl Backend for SqliteBackend {
     }
 
     fn connections(&self) -> super::PoolStats {
-        let size = self.pool.size();
-        let idle = u32::try_from(self.pool.num_idle())
-            .unwrap_or(u32::MAX)
-            .min(size);
-        super::PoolStats {
-            in_use: size - idle,
-            idle,
-        }
+        super::PoolStats::from_counts(self.pool.size() as usize, self.pool.num_idle())
     }
 }
 
