@@ -4,7 +4,7 @@
 //! the backends supervisor) when an operation panics or the backend stays
 //! unhealthy.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,8 @@ const HEALTH_FAILURES_BEFORE_RESTART: u32 = 3;
 pub struct PoolConfig {
     /// Operations run at once.
     pub pool_size: u32,
+    /// Operations that may wait for a free slot; past it, RESOURCE_EXHAUSTED.
+    pub queue: usize,
     /// How often expired entries are deleted.
     pub purge_interval: Duration,
     /// How often the backend is pinged.
@@ -189,9 +191,11 @@ impl BackendHealth {
         match *st {
             BreakerState::Closed { .. } => Admission::Pass,
             // A probe that never reported back (dropped, refused) does not
-            // keep the circuit half-open forever.
+            // keep the circuit half-open forever. While the pool actor is
+            // down (restarting) there is no probe: it would wait out its
+            // deadline in the mailbox; the reconnect is the probe then.
             BreakerState::Open { until } | BreakerState::HalfOpen { since: until }
-                if now >= until =>
+                if now >= until && self.is_up() =>
             {
                 *st = BreakerState::HalfOpen {
                     since: now + self.breaker.cooldown,
@@ -291,13 +295,34 @@ pub enum PoolMsg {
     Purge,
     /// Ping the backend (sent by the health ticker).
     Health,
-    /// The last health check's result.
-    HealthResult(Result<(), String>),
-    /// The purge that was running has ended.
-    PurgeDone,
-    /// A spawned operation panicked: fail this incarnation.
-    Crashed(String),
+    /// A health check of incarnation `generation` ended.
+    HealthResult {
+        /// The incarnation that ran the check.
+        generation: u64,
+        /// Its result.
+        result: Result<(), String>,
+    },
+    /// The purge of incarnation `generation` ended.
+    PurgeDone {
+        /// The incarnation that ran it.
+        generation: u64,
+    },
+    /// An operation of incarnation `generation` panicked: fail it.
+    Crashed {
+        /// The incarnation that ran it.
+        generation: u64,
+        /// The panic message.
+        panic: String,
+    },
 }
+
+/// Incarnation numbers, so that the results of a failed incarnation's
+/// background work do not count against the next one.
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// How long the connection pool of a failed incarnation is given to close.
+/// A pool whose server is gone may keep reconnecting for minutes.
+const FAILED_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The pool actor of one backend.
 pub struct PoolActor {
@@ -306,7 +331,12 @@ pub struct PoolActor {
     config: PoolConfig,
     health: Arc<BackendHealth>,
     backend: Option<Arc<dyn Backend>>,
+    generation: u64,
+    /// Operations running at once (`pool_size`).
     permits: Arc<Semaphore>,
+    /// Operations admitted, running or waiting for a permit (`pool_size +
+    /// queue`); past it, RESOURCE_EXHAUSTED.
+    admitted: Arc<Semaphore>,
     tasks: JoinSet<()>,
     tickers: Vec<AbortHandle>,
     purging: bool,
@@ -320,14 +350,18 @@ impl PoolActor {
         config: PoolConfig,
         health: Arc<BackendHealth>,
     ) -> Self {
-        let permits = Arc::new(Semaphore::new(config.pool_size.max(1) as usize));
+        let pool_size = config.pool_size.max(1) as usize;
+        let permits = Arc::new(Semaphore::new(pool_size));
+        let admitted = Arc::new(Semaphore::new(pool_size + config.queue.max(1)));
         PoolActor {
             backend_name,
             connector,
             config,
             health,
             backend: None,
+            generation: 0,
             permits,
+            admitted,
             tasks: JoinSet::new(),
             tickers: Vec::new(),
             purging: false,
@@ -392,6 +426,7 @@ impl Actor for PoolActor {
             }
         };
         self.backend = Some(backend);
+        self.generation = GENERATION.fetch_add(1, Ordering::Relaxed);
         self.health.failures.store(0, Ordering::Release);
         self.health.set(true);
         self.health.record_success();
@@ -449,26 +484,37 @@ impl Actor for PoolActor {
                     let _ = reply.send(res);
                     return Ok(());
                 }
-                // Waiting here for a free slot is the backpressure: the
-                // mailbox fills up behind it and callers get RESOURCE_EXHAUSTED.
-                let pool_permit = tokio::select! {
-                    biased;
-                    p = self.permits.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => return Err("pool semaphore closed".into()),
-                    },
-                    _ = reply.closed() => return Ok(()),
-                    _ = tokio::time::sleep_until(deadline) => {
-                        let _ = reply.send(Err(ApiError::DeadlineExceeded("waiting for a backend connection")));
-                        return Ok(());
-                    }
+                // Admission is bounded here, at once, and the wait for a free
+                // slot happens in the operation's own task: the actor never
+                // blocks, so health checks and failures are handled promptly
+                // even when every slot is busy.
+                let Ok(admitted) = self.admitted.clone().try_acquire_owned() else {
+                    let _ = reply.send(Err(ApiError::ResourceExhausted(format!(
+                        "backend of namespace '{namespace}' is saturated ({} running, {} waiting)",
+                        self.config.pool_size, self.config.queue
+                    ))));
+                    return Ok(());
                 };
+                let permits = self.permits.clone();
                 let me = ctx.addr();
+                let generation = self.generation;
                 let health = self.health.clone();
                 let span = tracing::debug_span!("op", backend = %self.backend_name, namespace = %namespace, op = op.name());
                 self.tasks.spawn(
                     async move {
-                        let _permits = (permit, pool_permit);
+                        let _slots = (permit, admitted);
+                        let _running = tokio::select! {
+                            biased;
+                            p = permits.acquire_owned() => match p {
+                                Ok(p) => p,
+                                Err(_) => return,
+                            },
+                            _ = reply.closed() => return,
+                            _ = tokio::time::sleep_until(deadline) => {
+                                let _ = reply.send(Err(ApiError::DeadlineExceeded("waiting for a backend connection")));
+                                return;
+                            }
+                        };
                         // Whichever comes first: the caller going away (the
                         // backend future is dropped, which cancels the call),
                         // the deadline, or the result.
@@ -485,7 +531,7 @@ impl Actor for PoolActor {
                             }
                             Some(Ok(Err(panic))) => {
                                 let _ = reply.send(Err(ApiError::Internal));
-                                let _ = me.tell(PoolMsg::Crashed(panic)).await;
+                                let _ = me.tell(PoolMsg::Crashed { generation, panic }).await;
                             }
                             Some(Ok(Ok(r))) => {
                                 record(&health, &r);
@@ -506,6 +552,7 @@ impl Actor for PoolActor {
                 self.purging = true;
                 let name = self.backend_name.clone();
                 let me = ctx.addr();
+                let generation = self.generation;
                 self.tasks.spawn(async move {
                     let _permit = permit;
                     match backend.purge_expired().await {
@@ -513,27 +560,34 @@ impl Actor for PoolActor {
                         Ok(n) => debug!(backend = %name, purged = n, "expired entries purged"),
                         Err(e) => warn!(backend = %name, error = %e, "purge failed"),
                     }
-                    let _ = me.tell(PoolMsg::PurgeDone).await;
+                    let _ = me.tell(PoolMsg::PurgeDone { generation }).await;
                 });
             }
             PoolMsg::Health => {
                 let me = ctx.addr();
+                let generation = self.generation;
                 let timeout = self.config.health_interval.max(Duration::from_millis(100));
                 self.tasks.spawn(async move {
-                    let res = match tokio::time::timeout(timeout, backend.health()).await {
+                    let result = match tokio::time::timeout(timeout, backend.health()).await {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(e)) => Err(e.to_string()),
                         Err(_) => Err("health check timed out".to_owned()),
                     };
-                    let _ = me.tell(PoolMsg::HealthResult(res)).await;
+                    let _ = me.tell(PoolMsg::HealthResult { generation, result }).await;
                 });
             }
-            PoolMsg::PurgeDone => self.purging = false,
-            PoolMsg::HealthResult(res) => {
+            // Results of an earlier incarnation's work say nothing about
+            // this one's connections.
+            PoolMsg::PurgeDone { generation }
+            | PoolMsg::HealthResult { generation, .. }
+            | PoolMsg::Crashed { generation, .. }
+                if generation != self.generation => {}
+            PoolMsg::PurgeDone { .. } => self.purging = false,
+            PoolMsg::HealthResult { result, .. } => {
                 let stats = backend.connections();
                 self.health.in_use.store(stats.in_use, Ordering::Release);
                 self.health.idle.store(stats.idle, Ordering::Release);
-                match res {
+                match result {
                     Ok(()) => {
                         if !self.health.is_up() {
                             info!(backend = %self.backend_name, "backend healthy again");
@@ -553,7 +607,7 @@ impl Actor for PoolActor {
                     }
                 }
             }
-            PoolMsg::Crashed(panic) => {
+            PoolMsg::Crashed { panic, .. } => {
                 return Err(format!("operation panicked: {panic}").into());
             }
         }
@@ -565,10 +619,16 @@ impl Actor for PoolActor {
         reason: &ExitReason,
         _ctx: &mut Context<Self>,
     ) -> Result<(), BoxError> {
+        // First, so that requests fail fast while this incarnation cleans up
+        // and the next one starts.
+        if reason.is_failure() {
+            self.health.trip(&reason.to_string());
+        }
         for t in self.tickers.drain(..) {
             t.abort();
         }
-        if matches!(reason, ExitReason::Shutdown | ExitReason::Normal) {
+        let graceful = matches!(reason, ExitReason::Shutdown | ExitReason::Normal);
+        if graceful {
             // A graceful stop lets every running operation finish and reply.
             while self.tasks.join_next().await.is_some() {}
         } else {
@@ -577,11 +637,23 @@ impl Actor for PoolActor {
             self.tasks.shutdown().await;
         }
         if let Some(backend) = self.backend.take() {
-            backend.close().await;
+            if graceful {
+                backend.close().await;
+            } else {
+                // The restart does not wait for the old pool: it closes in
+                // the background, given up on after a bound.
+                let name = self.backend_name.clone();
+                tokio::spawn(async move {
+                    if tokio::time::timeout(FAILED_CLOSE_TIMEOUT, backend.close())
+                        .await
+                        .is_err()
+                    {
+                        warn!(backend = %name, timeout_ms = FAILED_CLOSE_TIMEOUT.as_millis() as u64, "old connection pool did not close in time, dropped");
+                    }
+                });
+            }
         }
-        if reason.is_failure() {
-            self.health.trip(&reason.to_string());
-        } else if !matches!(reason, ExitReason::Restart) {
+        if !reason.is_failure() && !matches!(reason, ExitReason::Restart) {
             self.health.set(false);
         }
         Ok(())

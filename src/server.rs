@@ -143,6 +143,7 @@ impl Gateway {
             ));
             let config = PoolConfig {
                 pool_size: b.pool_size(),
+                queue: b.mailbox,
                 purge_interval: b.purge_interval,
                 health_interval: b.health_interval,
             };

@@ -244,7 +244,6 @@ impl Connector for PostgresConnector {
 /// The schema steps, written with `{table}` (the quoted, qualified key-value
 /// table) and `{name}` (its bare name, for derived object names). Applied
 /// steps are recorded in `<table>_schema_version`.
-
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "create key-value table",

@@ -83,7 +83,6 @@ impl Connector for SqliteConnector {
 }
 
 /// The schema steps. Applied steps are recorded in `prism_schema_version`.
-
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "create prism_kv",
