@@ -5,7 +5,8 @@
 //! Each gateway owns its recorder instead of installing a global one, so that
 //! several gateways in one process (tests) keep separate counts.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use metrics::{Key, Label, Metadata, Recorder, SharedString, Unit};
@@ -107,7 +108,11 @@ static METADATA: Metadata<'static> =
 pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
+    handles: Arc<RwLock<HashMap<RequestKey, (metrics::Counter, metrics::Histogram)>>>,
 }
+
+/// Namespace, operation and gRPC code of a request.
+type RequestKey = (SharedString, &'static str, i32);
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -145,6 +150,7 @@ impl Metrics {
         Metrics {
             recorder: Arc::new(recorder),
             handle,
+            handles: Arc::default(),
         }
     }
 
@@ -162,24 +168,47 @@ impl Metrics {
             Some(n) => n.into(),
             None => SharedString::const_str(UNKNOWN_NAMESPACE),
         };
-        let counter = Key::from_parts(
-            REQUESTS_TOTAL,
-            vec![
-                Label::new("namespace", namespace.clone()),
-                Label::new("op", op),
-                Label::new("code", crate::client::code_name(code)),
-            ],
-        );
-        self.recorder
-            .register_counter(&counter, &METADATA)
-            .increment(1);
-        let histogram = Key::from_parts(
-            REQUEST_DURATION_SECONDS,
-            vec![Label::new("namespace", namespace), Label::new("op", op)],
-        );
-        self.recorder
-            .register_histogram(&histogram, &METADATA)
-            .record(elapsed.as_secs_f64());
+        // Handles are cached: registering builds and hashes the label set,
+        // which on the hot path costs more than the recording itself. The
+        // cache is bounded by namespaces × operations × codes.
+        let key = (namespace, op, code as i32);
+        let cached = self
+            .handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        let (counter, histogram) = match cached {
+            Some(h) => h,
+            None => {
+                let (namespace, op, _) = key.clone();
+                let counter = self.recorder.register_counter(
+                    &Key::from_parts(
+                        REQUESTS_TOTAL,
+                        vec![
+                            Label::new("namespace", namespace.clone()),
+                            Label::new("op", op),
+                            Label::new("code", crate::client::code_name(code)),
+                        ],
+                    ),
+                    &METADATA,
+                );
+                let histogram = self.recorder.register_histogram(
+                    &Key::from_parts(
+                        REQUEST_DURATION_SECONDS,
+                        vec![Label::new("namespace", namespace), Label::new("op", op)],
+                    ),
+                    &METADATA,
+                );
+                self.handles
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, (counter.clone(), histogram.clone()));
+                (counter, histogram)
+            }
+        };
+        counter.increment(1);
+        histogram.record(elapsed.as_secs_f64());
     }
 
     /// Sets the per-actor series from a tree snapshot: restart counts and

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use prism_actors::{Backoff, ChildSpec, ExitReason, Restart, Supervisor, SupervisorHandle};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 
 use crate::admin::{AdminServer, AdminState, Draining};
@@ -281,13 +280,16 @@ impl Gateway {
             shutdown.await;
             let _ = signalled_tx.send(());
         });
+        // The builder's own nodelay setting only applies to listeners it
+        // binds itself; this one is bound by the caller.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
         let server = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(kv)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), async move {
+            .serve_with_incoming_shutdown(incoming, async move {
                 let _ = drain_rx.await;
             });
         let mut server = std::pin::pin!(server);
