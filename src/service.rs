@@ -241,6 +241,17 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
+/// How much earlier than the client's deadline a request gives up, so that
+/// the answer is ours (DEADLINE_EXCEEDED with a reason) and not tonic's
+/// timeout layer's (CANCELLED), which fires at the deadline itself: a tenth
+/// of the timeout, at least 5 ms (at most half the timeout), at most 20 ms.
+pub fn deadline_margin(timeout: Duration) -> Duration {
+    (timeout / 10).clamp(
+        Duration::from_millis(5).min(timeout / 2),
+        Duration::from_millis(20),
+    )
+}
+
 /// The gRPC service.
 #[derive(Clone)]
 pub struct KvService {
@@ -270,7 +281,7 @@ impl KvService {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
-            .map(|t| t.saturating_sub((t / 50).min(Duration::from_millis(5))));
+            .map(|t| t.saturating_sub(deadline_margin(t)));
         (client, timeout)
     }
 
@@ -504,6 +515,15 @@ mod tests {
         assert_eq!(parse_grpc_timeout("m"), None);
         assert_eq!(parse_grpc_timeout("12x"), None);
         assert_eq!(parse_grpc_timeout("123456789S"), None);
+    }
+
+    #[test]
+    fn requests_give_up_a_little_before_the_client_deadline() {
+        let ms = Duration::from_millis;
+        assert_eq!(deadline_margin(ms(10)), ms(5));
+        assert_eq!(deadline_margin(ms(4)), ms(2));
+        assert_eq!(deadline_margin(ms(100)), ms(10));
+        assert_eq!(deadline_margin(Duration::from_secs(5)), ms(20));
     }
 
     #[test]
