@@ -56,10 +56,10 @@ pub struct ShutdownReport {
 impl ShutdownReport {
     /// True when every actor drained.
     pub fn is_clean(&self) -> bool {
-        self.root
-            .iter()
-            .iter()
-            .all(|r| r.outcome == StopOutcome::Drained)
+        fn drained(r: &ActorReport) -> bool {
+            r.outcome == StopOutcome::Drained && r.children.iter().all(drained)
+        }
+        drained(&self.root)
     }
 
     /// The reports of actors that were aborted.

@@ -345,6 +345,10 @@ pub(crate) enum SupervisorMsg {
         child: Child,
         reply: Option<Reply<Result<u64, SupervisorError>>>,
     },
+    AddMany {
+        children: Vec<Child>,
+        reply: Reply<Result<Vec<u64>, SupervisorError>>,
+    },
     Remove {
         id: u64,
         reply: Reply<Result<ActorReport, SupervisorError>>,
@@ -777,18 +781,28 @@ impl SupervisorRun {
     fn command(&mut self, msg: SupervisorMsg) {
         match msg {
             SupervisorMsg::Add { child, reply } => {
-                let id = child.slot.id();
-                let res = if self.core.ids.contains_key(&id) {
-                    Err(SupervisorError::Duplicate(id))
-                } else {
-                    child.slot.register(&self.tree, Some(self.core.id));
-                    let seq = self.core.push(child, true);
-                    self.start(seq);
-                    Ok(id)
-                };
+                let res = self.add(child);
                 if let Some(reply) = reply {
                     let _ = reply.send(res);
                 }
+            }
+            SupervisorMsg::AddMany { children, reply } => {
+                let mut ids = Vec::with_capacity(children.len());
+                let mut res = Ok(());
+                for child in children {
+                    // After a refusal the rest are not supervised either.
+                    if res.is_err() {
+                        if !self.core.ids.contains_key(&child.slot.id()) {
+                            child.slot.close();
+                        }
+                        continue;
+                    }
+                    match self.add(child) {
+                        Ok(id) => ids.push(id),
+                        Err(e) => res = Err(e),
+                    }
+                }
+                let _ = reply.send(res.map(|()| ids));
             }
             SupervisorMsg::Remove { id, reply } => {
                 let Some(seq) = self.seq_of(id) else {
@@ -820,6 +834,19 @@ impl SupervisorRun {
                 }
             }
         }
+    }
+
+    /// Registers and starts a dynamic child.
+    fn add(&mut self, child: Child) -> Result<u64, SupervisorError> {
+        let id = child.slot.id();
+        if self.core.ids.contains_key(&id) {
+            // The same mailbox is supervised already: leave it open.
+            return Err(SupervisorError::Duplicate(id));
+        }
+        child.slot.register(&self.tree, Some(self.core.id));
+        let seq = self.core.push(child, true);
+        self.start(seq);
+        Ok(id)
     }
 
     fn seq_of(&self, id: u64) -> Option<u64> {
@@ -1172,6 +1199,12 @@ impl SupervisorRun {
                         let _ = reply.send(Err(SupervisorError::ShuttingDown));
                     }
                 }
+                Envelope::Msg(SupervisorMsg::AddMany { children, reply }) => {
+                    for child in children {
+                        child.slot.close();
+                    }
+                    let _ = reply.send(Err(SupervisorError::ShuttingDown));
+                }
                 Envelope::Msg(SupervisorMsg::Remove { reply, .. }) => {
                     let _ = reply.send(Err(SupervisorError::ShuttingDown));
                 }
@@ -1316,8 +1349,14 @@ impl SupervisorRef {
     async fn send(&self, msg: SupervisorMsg) -> Result<(), SupervisorError> {
         // A child that will never be supervised must not leave an open mailbox.
         fn refuse(msg: SupervisorMsg, e: SupervisorError) -> SupervisorError {
-            if let SupervisorMsg::Add { child, .. } = msg {
-                child.slot.close();
+            match msg {
+                SupervisorMsg::Add { child, .. } => child.slot.close(),
+                SupervisorMsg::AddMany { children, .. } => {
+                    for child in children {
+                        child.slot.close();
+                    }
+                }
+                SupervisorMsg::Remove { .. } => {}
             }
             e
         }
@@ -1353,6 +1392,22 @@ impl SupervisorRef {
             reply: None,
         })
         .await
+    }
+
+    /// Adds many children at run time in one message and starts them in
+    /// order, e.g. a pool of identical workers. Returns their ids. After a
+    /// duplicate, the remaining children are refused too.
+    pub async fn add_children(
+        &self,
+        children: impl IntoIterator<Item = Child>,
+    ) -> Result<Vec<u64>, SupervisorError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(SupervisorMsg::AddMany {
+            children: children.into_iter().collect(),
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| SupervisorError::Stopped)?
     }
 
     /// Drains and stops the child with this id and removes it from the tree.

@@ -113,6 +113,32 @@ async fn tell_add_child_gives_a_working_address_at_once() {
 }
 
 #[tokio::test]
+async fn add_children_starts_a_whole_pool_with_one_message() {
+    let root = Supervisor::new("root").spawn();
+    let sup = root.supervisor_ref();
+    let opts = Opts::default();
+    let specs: Vec<_> = (0..3)
+        .map(|i| ChildSpec::new(format!("pool-{i}"), opts.factory("pool")))
+        .collect();
+    let addrs: Vec<_> = specs.iter().map(|s| s.addr()).collect();
+    let ids = sup
+        .add_children(specs.into_iter().map(Into::into))
+        .await
+        .unwrap();
+    assert_eq!(ids, addrs.iter().map(|a| a.id()).collect::<Vec<_>>());
+    for (i, addr) in addrs.iter().enumerate() {
+        addr.tell(WorkerMsg::Add(i as u64 + 1)).await.unwrap();
+        assert_eq!(total(addr).await, i as u64 + 1);
+    }
+    assert_eq!(opts.builds.get(), 3);
+    let tree = sup.snapshot().unwrap();
+    assert!((0..3).all(|i| tree.find(&format!("pool-{i}")).is_some()));
+    let report = root.shutdown(GRACE).await;
+    assert!(report.is_clean());
+    assert_eq!(report.root.children.len(), 3);
+}
+
+#[tokio::test]
 async fn added_child_is_supervised_like_a_static_one() {
     let root = Supervisor::new("root").backoff(Backoff::NONE).spawn();
     let sup = root.supervisor_ref();
