@@ -294,8 +294,7 @@ impl KvService {
     ) -> Result<Outcome, Status> {
         let ns = self.router.namespace(namespace)?;
         let name = op.name();
-        let span =
-            tracing::debug_span!("request", namespace = %ns.name, op = name, session = %client);
+        let span = tracing::info_span!("request", namespace = %ns.name, op = name, session = %client, api = "grpc");
         let res = self
             .router
             .call(client, ns, op, timeout)
