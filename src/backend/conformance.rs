@@ -55,6 +55,23 @@ macro_rules! conformance_tests {
 }
 pub(crate) use conformance_tests;
 
+/// A suffix no other test (or test run, or process) uses, for the tables and
+/// key prefixes that isolate tests on the shared servers.
+pub(crate) fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}_{}_{}",
+        nanos % 1_000_000_000_000,
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 async fn get(b: &dyn Backend, ns: &str, key: &str) -> Option<Record> {
     match b.exec(ns, Op::Get { key: key.into() }).await {
         Ok(Outcome::Get(r)) => r,

@@ -709,9 +709,8 @@ impl Backend for PostgresBackend {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use std::time::Duration;
 
     use bytes::Bytes;
     use sqlx::{Connection, Executor, PgConnection};
@@ -729,16 +728,7 @@ mod tests {
     /// A table name no other test (or test run) uses: purge is table-wide,
     /// so unique namespaces would not isolate tests.
     fn unique_table() -> String {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        format!(
-            "prism_kv_t{}_{}_{}",
-            nanos % 1_000_000_000_000,
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        )
+        format!("prism_kv_t{}", crate::backend::conformance::unique_suffix())
     }
 
     fn config(table: &str) -> PostgresConfig {

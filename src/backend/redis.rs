@@ -748,9 +748,8 @@ impl Backend for RedisBackend {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use std::time::Duration;
 
     use bytes::Bytes;
     use deadpool_redis::redis::{self, aio::MultiplexedConnection, Value};
@@ -767,14 +766,9 @@ mod tests {
 
     /// A key prefix no other test (or test run) uses.
     fn unique_prefix() -> String {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
         format!(
-            "prism-test-{nanos}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
+            "prism-test-{}",
+            crate::backend::conformance::unique_suffix()
         )
     }
 
