@@ -560,3 +560,32 @@ async fn restart_delays_grow_and_are_capped() {
     }
     assert!(root.shutdown(GRACE).await.is_clean());
 }
+
+#[tokio::test]
+async fn messages_queued_behind_a_crashing_one_reach_the_next_incarnation_in_order() {
+    let opts = Opts::default();
+    let spec = ChildSpec::with_mailbox("batch", 128, opts.factory("batch"));
+    let addr = spec.addr();
+    let root = Supervisor::new("root")
+        .backoff(Backoff::NONE)
+        .child(spec)
+        .spawn();
+    // Hold the actor so that everything below is queued at once, with the
+    // crash in the middle.
+    let release = block(&addr).await;
+    for k in 1..=5 {
+        addr.tell(WorkerMsg::Add(k)).await.unwrap();
+    }
+    addr.tell(WorkerMsg::Panic).await.unwrap();
+    for k in 1..=10 {
+        addr.tell(WorkerMsg::Log(k)).await.unwrap();
+        addr.tell(WorkerMsg::Add(100)).await.unwrap();
+    }
+    let _ = release.send(());
+    assert_eq!(incarnation(&addr).await, 2);
+    // Fresh state, and every message after the crash handled, in order.
+    assert_eq!(total(&addr).await, 1000);
+    let seen = addr.ask(|reply| WorkerMsg::Seen { reply }).await.unwrap();
+    assert_eq!(seen, (1..=10).collect::<Vec<u64>>());
+    assert!(root.shutdown(GRACE).await.is_clean());
+}
