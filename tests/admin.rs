@@ -149,6 +149,16 @@ struct Harness {
     _dir: tempfile::TempDir,
 }
 
+/// The element of a JSON array whose `name` is `name`.
+fn named<'a>(array: &'a Value, name: &str) -> &'a Value {
+    array
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {array}"))
+}
+
 impl Harness {
     async fn start(extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -175,10 +185,7 @@ impl Harness {
             _dir: dir,
         };
         assert!(
-            eventually(Duration::from_secs(10), || async {
-                h.status("/readyz").await == Some(StatusCode::OK)
-            })
-            .await,
+            h.becomes_ready(Duration::from_secs(10)).await,
             "the gateway never became ready: {:?}",
             h.get_json("/readyz").await
         );
@@ -187,6 +194,14 @@ impl Harness {
 
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.server.http_url())
+    }
+
+    /// Polls `/readyz` until it answers 200 or `within` passes.
+    async fn becomes_ready(&self, within: Duration) -> bool {
+        eventually(within, || async {
+            self.status("/readyz").await == Some(StatusCode::OK)
+        })
+        .await
     }
 
     fn kv(&self, ns: &str, key: &str) -> String {
@@ -438,34 +453,19 @@ async fn readiness_is_503_while_a_backend_is_down_and_200_after_recovery() {
     );
     let (_, body) = h.get_json("/readyz").await;
     assert_eq!(body["draining"], false);
-    let flaky = body["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["name"] == "flaky")
-        .unwrap()
-        .clone();
+    let flaky = named(&body["backends"], "flaky").clone();
     assert_eq!(flaky["ready"], false, "{body}");
     let reason = body["reasons"][0].as_str().unwrap();
     assert!(reason.contains("'flaky'"), "{reason}");
     assert!(reason.contains("switched off"), "{reason}");
     // The namespaces view shows the same health.
     let (_, ns) = h.get_json("/v1/namespaces").await;
-    let flaky_ns = ns["namespaces"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == "flaky")
-        .unwrap()
-        .clone();
+    let flaky_ns = named(&ns["namespaces"], "flaky").clone();
     assert_eq!(flaky_ns["health"]["ready"], false, "{flaky_ns}");
 
     h.flaky.store(true, Ordering::SeqCst);
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            h.status("/readyz").await == Some(StatusCode::OK)
-        })
-        .await,
+        h.becomes_ready(Duration::from_secs(10)).await,
         "readiness never came back after recovery: {:?}",
         h.get_json("/readyz").await
     );
@@ -500,23 +500,14 @@ async fn readiness_is_503_while_a_circuit_breaker_is_open() {
     let reason = body["reasons"][0].as_str().unwrap();
     assert!(reason.contains("'faulty'"), "{reason}");
     assert!(reason.contains("circuit breaker open"), "{reason}");
-    let faulty = body["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["name"] == "faulty")
-        .unwrap()
-        .clone();
+    let faulty = named(&body["backends"], "faulty").clone();
     assert_eq!(faulty["circuit"], "open", "{faulty}");
     assert_eq!(faulty["up"], true, "{faulty}");
     // While open, requests are refused at once.
     let r = h.http.get(h.kv("faulty", "k")).send().await.unwrap();
     assert_error(r, StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE").await;
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            h.status("/readyz").await == Some(StatusCode::OK)
-        })
-        .await,
+        h.becomes_ready(Duration::from_secs(5)).await,
         "the circuit never closed: {:?}",
         h.get_json("/readyz").await
     );
@@ -543,12 +534,7 @@ async fn the_actor_tree_is_served_as_json() {
     assert_eq!(children, ["backends", "sessions"]);
     let backends = &root["children"][0];
     assert_eq!(backends["parent"], root["id"]);
-    let pool = backends["children"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "pool:memory")
-        .expect("pool:memory in the tree");
+    let pool = named(&backends["children"], "pool:memory");
     assert_eq!(pool["parent"], backends["id"]);
     assert_eq!(pool["supervisor"], false);
     assert_eq!(pool["state"], "running");
