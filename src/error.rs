@@ -28,9 +28,6 @@ pub enum ApiError {
     /// A limit was hit: in-flight, rate, mailbox or session count.
     #[error("{0}")]
     ResourceExhausted(String),
-    /// The client went away; nobody reads this answer.
-    #[error("request cancelled by the client")]
-    Cancelled,
     /// A failure the client cannot fix; details are in the server log.
     #[error("internal error")]
     Internal,
@@ -45,7 +42,6 @@ impl ApiError {
             ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
-            ApiError::Cancelled => Code::Cancelled,
             ApiError::Internal => Code::Internal,
         }
     }
@@ -69,10 +65,6 @@ impl actix_web::ResponseError for ApiError {
             ApiError::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
-            // Nobody reads it; nginx's "client closed request".
-            ApiError::Cancelled => {
-                StatusCode::from_u16(499).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-            }
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
