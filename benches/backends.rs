@@ -222,15 +222,7 @@ backend = "redis"
         pg = config.postgres_url,
         redis = config.redis_url,
     );
-    let settings: Settings = config::Config::builder()
-        .add_source(config::File::from_str(&toml, config::FileFormat::Toml))
-        .build()
-        .and_then(|c| c.try_deserialize())
-        .context("parsing the gateway settings")?;
-    settings
-        .validate()
-        .context("validating the gateway settings")?;
-    Ok(settings)
+    Settings::from_toml(&toml).context("the gateway settings")
 }
 
 /// One run's numbers.

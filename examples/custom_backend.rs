@@ -103,12 +103,7 @@ timeout = "2s"
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let settings: Settings = config::Config::builder()
-        .add_source(config::File::from_str(SETTINGS, config::FileFormat::Toml))
-        .build()
-        .and_then(|c| c.try_deserialize())
-        .context("example settings")?;
-    settings.validate().context("example settings")?;
+    let settings = Settings::from_toml(SETTINGS).context("example settings")?;
 
     let ops = Arc::new(AtomicU64::new(0));
     let connector = SlowConnector {

@@ -294,24 +294,21 @@ pub fn summary(settings: &Settings, files: &[PathBuf], overrides: &[String]) -> 
     ));
     out.push_str("backends:\n");
     for (name, backend) in &settings.backends {
-        let detail = match backend.kind {
-            BackendKind::Sqlite => format!(
+        let detail = match &backend.kind {
+            BackendKind::Sqlite(s) => format!(
                 " path={} busy_timeout={}",
-                backend.sqlite_path().display(),
-                humantime::format_duration(backend.sqlite_busy_timeout())
+                s.path.display(),
+                humantime::format_duration(s.busy_timeout)
             ),
-            BackendKind::Memory => String::new(),
-            BackendKind::Postgres => {
-                let c = backend.postgres_config();
-                format!(" schema={} table={}", c.schema, c.table)
-            }
-            BackendKind::Redis => format!(" key_prefix={}", backend.redis_config().key_prefix),
+            BackendKind::Memory | BackendKind::Custom(_) => String::new(),
+            BackendKind::Postgres(s) => format!(" schema={} table={}", s.schema, s.table),
+            BackendKind::Redis(s) => format!(" key_prefix={}", s.key_prefix),
         };
         out.push_str(&format!(
             "  {name:<16} {:<7} pool_size={} mailbox={}{detail}\n",
-            backend.kind.as_str(),
-            backend.pool_size(),
-            backend.mailbox
+            backend.kind_name(),
+            backend.pool.pool_size,
+            backend.pool.mailbox
         ));
     }
     out.push_str("namespaces:\n");

@@ -1,8 +1,7 @@
 //! The errors a request can end with, and the one place they become gRPC
-//! statuses (and HTTP responses, for the admin plane's REST API).
+//! statuses. (HTTP statuses are mapped once too, in [`crate::http`].)
 
-use actix_web::http::StatusCode;
-use actix_web::HttpResponse;
+use prism_actors::SendError;
 use tonic::{Code, Status};
 
 /// Why a request failed, in terms a client can act on. Internal causes are
@@ -19,6 +18,15 @@ pub enum ApiError {
     /// The namespace is not configured.
     #[error("unknown namespace '{0}'")]
     UnknownNamespace(String),
+    /// The key does not exist (REST answers a missing key with 404; gRPC's
+    /// Get answers `found = false` instead).
+    #[error("key '{key}' not found in namespace '{namespace}'")]
+    KeyNotFound {
+        /// The namespace.
+        namespace: String,
+        /// The key.
+        key: String,
+    },
     /// The backend is down, draining or restarting.
     #[error("{0}")]
     Unavailable(String),
@@ -38,11 +46,25 @@ impl ApiError {
     pub fn code(&self) -> Code {
         match self {
             ApiError::InvalidArgument(_) | ApiError::ValueTooLarge(_) => Code::InvalidArgument,
-            ApiError::UnknownNamespace(_) => Code::NotFound,
+            ApiError::UnknownNamespace(_) | ApiError::KeyNotFound { .. } => Code::NotFound,
             ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
             ApiError::Internal => Code::Internal,
+        }
+    }
+
+    /// A mailbox that refused a message: full is backpressure
+    /// (RESOURCE_EXHAUSTED, naming the `setting` that sizes it); stopping or
+    /// closed means the actor behind it is going away (UNAVAILABLE).
+    /// `owner` names the mailbox's owner as a client would understand it.
+    pub fn rejected<M>(e: &SendError<M>, owner: &str, setting: &str) -> ApiError {
+        match e {
+            SendError::Full(_) => {
+                ApiError::ResourceExhausted(format!("{owner} is saturated: {setting} is full"))
+            }
+            SendError::Stopping(_) => ApiError::Unavailable(format!("{owner} is draining")),
+            SendError::Closed(_) => ApiError::Unavailable(format!("{owner} is stopped")),
         }
     }
 }
@@ -53,33 +75,38 @@ impl From<ApiError> for Status {
     }
 }
 
-impl actix_web::ResponseError for ApiError {
-    /// 400 invalid, 404 unknown namespace, 413 value too large, 429
-    /// exhausted, 503 unavailable, 504 deadline; 499 (the client went away)
-    /// and 500 internal.
-    fn status_code(&self) -> StatusCode {
-        match self {
-            ApiError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-            ApiError::UnknownNamespace(_) => StatusCode::NOT_FOUND,
-            ApiError::ValueTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
-    fn error_response(&self) -> HttpResponse {
-        http_error(self.status_code(), self.code(), &self.to_string())
+/// The canonical name of a gRPC code (`NOT_FOUND`), as the metrics label
+/// requests and the REST API reports errors.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
-/// An HTTP error with the JSON body every REST error has:
-/// `{"code": "<gRPC code name>", "message": "..."}`, so that REST and gRPC
-/// clients see the same codes.
-pub fn http_error(status: StatusCode, code: Code, message: &str) -> HttpResponse {
-    HttpResponse::build(status).json(serde_json::json!({
-        "code": crate::client::code_name(code),
-        "message": message,
-    }))
+/// An error and every `source()` below it, `: `-separated, for logs.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
 }

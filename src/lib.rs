@@ -3,17 +3,18 @@
 //! semantics, deadlines, backpressure, supervision and draining shutdown for
 //! every backend.
 
-pub mod admin;
 pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod kv;
 pub mod metrics;
 pub mod pool;
 pub mod proto;
 pub mod server;
-pub mod service;
 pub mod session;
 pub mod settings;
 pub mod signal;

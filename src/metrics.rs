@@ -188,7 +188,7 @@ impl Metrics {
                         vec![
                             Label::new("namespace", namespace.clone()),
                             Label::new("op", op),
-                            Label::new("code", crate::client::code_name(code)),
+                            Label::new("code", crate::error::code_name(code)),
                         ],
                     ),
                     &METADATA,

@@ -659,3 +659,14 @@ impl Actor for PoolActor {
         Ok(())
     }
 }
+
+/// One backend of a running gateway, as the admin plane reports it.
+#[derive(Clone)]
+pub struct BackendHandle {
+    /// The backend's name.
+    pub name: String,
+    /// Its kind, as written in its settings.
+    pub kind: String,
+    /// Its live health.
+    pub health: Arc<BackendHealth>,
+}

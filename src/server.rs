@@ -5,21 +5,24 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use prism_actors::{Backoff, ChildSpec, ExitReason, Restart, Supervisor, SupervisorHandle};
+use prism_actors::{
+    Backoff, Child, ChildSpec, ExitReason, Restart as RestartPolicy, Supervisor, SupervisorHandle,
+};
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
-use crate::admin::{AdminServer, AdminState, Draining};
+use crate::grpc::KvService;
+use crate::http::{AdminServer, AdminState};
+use crate::kv::{Core, Draining, Namespace};
 use crate::backend::memory::MemoryConnector;
 use crate::backend::postgres::PostgresConnector;
 use crate::backend::redis::RedisConnector;
 use crate::backend::sqlite::SqliteConnector;
 use crate::backend::Connector;
-use crate::pool::{BackendHealth, BreakerConfig, PoolActor, PoolConfig};
+use crate::pool::{BackendHandle, BackendHealth, BreakerConfig, PoolActor, PoolConfig};
 use crate::proto::key_value_server::KeyValueServer;
-use crate::service::{KvService, MeteredKvService, Namespace, Router};
 use crate::session::Sessions;
-use crate::settings::{BackendKind, BackendSettings, Settings, SupervisorSettings};
+use crate::settings::{BackendKind, BackendSettings, CustomSettings, Settings, SupervisorSettings};
 
 /// Room above the largest value for the rest of a request or response.
 const MESSAGE_OVERHEAD: usize = 64 * 1024;
@@ -50,23 +53,22 @@ pub enum Error {
     Start(String),
 }
 
-/// One backend of a running gateway.
-#[derive(Clone)]
-pub struct BackendHandle {
-    /// The backend's name.
-    pub name: String,
-    /// Its kind.
-    pub kind: &'static str,
-    /// Its live health.
-    pub health: Arc<BackendHealth>,
-}
-
 /// A gateway under construction: settings plus, optionally, connectors that
 /// replace the ones the settings describe (custom backends, fault tests).
 pub struct Gateway {
     settings: Settings,
     connectors: BTreeMap<String, Arc<dyn Connector>>,
+    kinds: BTreeMap<String, ConnectorFactory>,
+    children: Vec<Child>,
 }
+
+/// Builds the connector of a backend of a registered kind from its name and
+/// settings.
+pub type ConnectorFactory = Arc<
+    dyn Fn(&str, &CustomSettings) -> Result<Arc<dyn Connector>, crate::settings::Error>
+        + Send
+        + Sync,
+>;
 
 /// Serves `settings` on `listeners` until `shutdown` resolves, then drains.
 pub async fn run(
@@ -91,7 +93,34 @@ impl Gateway {
         Gateway {
             settings,
             connectors: BTreeMap::new(),
+            kinds: BTreeMap::new(),
+            children: Vec::new(),
         }
+    }
+
+    /// Builds the backends of kind `name` with `factory`. The settings must
+    /// have been loaded with the kind registered too
+    /// ([`crate::settings::Loader::kind`]), so that they accept it.
+    pub fn kind(
+        mut self,
+        name: impl Into<String>,
+        factory: impl Fn(&str, &CustomSettings) -> Result<Arc<dyn Connector>, crate::settings::Error>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        self.kinds.insert(name.into(), Arc::new(factory));
+        self
+    }
+
+    /// Runs `child` (an actor or a supervisor of the program's own) in the
+    /// gateway's supervision tree, under the root beside the backends and
+    /// sessions: it is restarted by its policy, shows in `/v1/actors`, and
+    /// is drained first on shutdown, before the sessions and pools it may
+    /// use.
+    pub fn child(mut self, child: impl Into<Child>) -> Self {
+        self.children.push(child.into());
+        self
     }
 
     /// Uses `connector` for the backend named `backend` instead of the one its
@@ -106,24 +135,38 @@ impl Gateway {
             return Ok(c.clone());
         }
         let invalid = |e: crate::backend::Error| Error::Start(format!("backends.{name}: {e}"));
-        Ok(match b.kind {
-            BackendKind::Sqlite => Arc::new(SqliteConnector::new(
-                b.sqlite_path(),
-                b.sqlite_busy_timeout(),
-                b.pool_size(),
+        Ok(match &b.kind {
+            BackendKind::Sqlite(s) => Arc::new(SqliteConnector::new(
+                s.path.clone(),
+                s.busy_timeout,
+                b.pool.pool_size,
             )),
             BackendKind::Memory => Arc::new(MemoryConnector::new()),
-            BackendKind::Postgres => {
-                Arc::new(PostgresConnector::new(b.postgres_config()).map_err(invalid)?)
+            BackendKind::Postgres(s) => {
+                Arc::new(PostgresConnector::new(s.config(&b.pool)).map_err(invalid)?)
             }
-            BackendKind::Redis => Arc::new(RedisConnector::new(b.redis_config()).map_err(invalid)?),
+            BackendKind::Redis(s) => {
+                Arc::new(RedisConnector::new(s.config(&b.pool)).map_err(invalid)?)
+            }
+            BackendKind::Custom(c) => {
+                let factory = self.kinds.get(&c.kind).ok_or_else(|| {
+                    Error::Start(format!(
+                        "backends.{name}.kind: no connector is registered for kind {:?} (Gateway::kind)",
+                        c.kind
+                    ))
+                })?;
+                factory(name, c).map_err(|e| Error::Start(e.to_string()))?
+            }
         })
     }
 
     /// Builds the supervision tree: root → backends (one pool actor each),
-    /// sessions (dynamic, one per client). Backends start first, so they stop
-    /// last.
-    fn tree(&self) -> Result<(SupervisorHandle, Router, Vec<BackendHandle>), Error> {
+    /// sessions (dynamic, one per client), then the program's own children.
+    /// Backends start first, so they stop last.
+    fn tree(
+        &mut self,
+        draining: Draining,
+    ) -> Result<(SupervisorHandle, Core, Vec<BackendHandle>), Error> {
         let s = &self.settings;
         let sup = &s.supervisor;
         let mut backends = Supervisor::new("backends")
@@ -136,20 +179,19 @@ impl Gateway {
             let health = Arc::new(BackendHealth::new(
                 name.as_str().into(),
                 BreakerConfig {
-                    failures: b.breaker_failures,
-                    cooldown: b.breaker_cooldown,
+                    failures: b.pool.breaker_failures,
+                    cooldown: b.pool.breaker_cooldown,
                 },
             ));
             let config = PoolConfig {
-                pool_size: b.pool_size(),
-                queue: b.mailbox,
-                purge_interval: b.purge_interval,
-                health_interval: b.health_interval,
+                pool_size: b.pool.pool_size,
+                queue: b.pool.mailbox,
+                purge_interval: b.pool.purge_interval,
+                health_interval: b.pool.health_interval,
             };
             let backend_name: Arc<str> = name.as_str().into();
-            let kind = connector.kind();
             let factory_health = health.clone();
-            let spec = ChildSpec::with_mailbox(format!("pool:{name}"), b.mailbox, move || {
+            let spec = ChildSpec::with_mailbox(format!("pool:{name}"), b.pool.mailbox, move || {
                 PoolActor::new(
                     backend_name.clone(),
                     connector.clone(),
@@ -158,10 +200,10 @@ impl Gateway {
                 )
             })
             .shutdown_timeout(s.server.shutdown_grace);
-            pools.insert(name.clone(), spec.addr());
+            pools.insert(name.clone(), (spec.addr(), health.clone()));
             handles.push(BackendHandle {
                 name: name.clone(),
-                kind,
+                kind: b.kind_name().to_owned(),
                 health,
             });
             backends = backends.child(spec);
@@ -170,36 +212,33 @@ impl Gateway {
             .intensity(sup.max_restarts, sup.restart_window)
             .backoff(backoff(sup));
         let sessions = Sessions::new(sessions_sup.supervisor_ref(), s.sessions.clone());
-        let mut namespaces = BTreeMap::new();
+        let mut namespaces = Vec::new();
         for (name, ns) in &s.namespaces {
-            let pool = pools.get(&ns.backend).ok_or_else(|| {
-                Error::Start(format!(
-                    "namespaces.{name}.backend names backend '{}', which is not configured",
+            // Settings only validate when every namespace names a configured
+            // backend, and every configured backend has a pool here.
+            let Some((pool, health)) = pools.get(&ns.backend) else {
+                return Err(Error::Start(format!(
+                    "namespaces.{name}.backend: backend '{}' has no pool",
                     ns.backend
-                ))
-            })?;
-            let health = handles
-                .iter()
-                .find(|h| h.name == ns.backend)
-                .map(|h| h.health.clone())
-                .unwrap_or_default();
-            namespaces.insert(
-                name.clone(),
-                Namespace {
-                    name: name.as_str().into(),
-                    settings: ns.clone(),
-                    pool: pool.clone(),
-                    health,
-                },
-            );
+                )));
+            };
+            namespaces.push(Namespace {
+                name: name.as_str().into(),
+                settings: ns.clone(),
+                pool: pool.clone(),
+                health: health.clone(),
+            });
         }
-        let root = Supervisor::new("prism")
+        let mut root = Supervisor::new("prism")
             .intensity(sup.max_restarts, sup.restart_window)
             .backoff(backoff(sup))
-            .child(backends.restart(Restart::Permanent))
-            .child(sessions_sup.restart(Restart::Permanent))
-            .spawn();
-        Ok((root, Router::new(namespaces, sessions), handles))
+            .child(backends.restart(RestartPolicy::Permanent))
+            .child(sessions_sup.restart(RestartPolicy::Permanent));
+        for child in self.children.drain(..) {
+            root = root.child(child);
+        }
+        let core = Core::new(namespaces, sessions, draining);
+        Ok((root.spawn(), core, handles))
     }
 
     /// Serves until `shutdown` resolves (or the supervision tree gives up),
@@ -207,20 +246,14 @@ impl Gateway {
     /// ones complete, sessions then pool actors drain their mailboxes and the
     /// pools close, all within `server.shutdown_grace`.
     pub async fn serve(
-        self,
+        mut self,
         listeners: Listeners,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
         let grace = self.settings.server.shutdown_grace;
-        let max_value = self
-            .settings
-            .namespaces
-            .values()
-            .map(|n| n.max_value_size)
-            .max()
-            .unwrap_or(0);
-        let max_message = max_value + MESSAGE_OVERHEAD;
-        let (mut root, router, backends) = self.tree()?;
+        let max_message = self.settings.max_value_size() + MESSAGE_OVERHEAD;
+        let draining = Draining::default();
+        let (mut root, core, backends) = self.tree(draining.clone())?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<KeyValueServer<KvService>>().await;
@@ -236,7 +269,7 @@ impl Gateway {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .map_err(|e| Error::Start(format!("grpc reflection: {e}")))?;
-        let kv = KeyValueServer::new(MeteredKvService::new(KvService::new(router.clone())))
+        let kv = KeyValueServer::new(KvService::new(core.clone()))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
 
@@ -249,16 +282,10 @@ impl Gateway {
             backends = backends.len(),
             "prism serving"
         );
-        let draining = Draining::default();
-        let upkeep = router.metrics().spawn_upkeep(METRICS_UPKEEP);
+        let upkeep = core.metrics().spawn_upkeep(METRICS_UPKEEP);
         let admin = match listeners.http {
             Some(l) => {
-                let state = AdminState::new(
-                    router.clone(),
-                    backends.clone(),
-                    root.supervisor_ref(),
-                    draining.clone(),
-                );
+                let state = AdminState::new(core.clone(), backends.clone(), root.supervisor_ref());
                 match AdminServer::start(l, state) {
                     Ok(admin) => Some(admin),
                     Err(e) => {

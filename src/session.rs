@@ -126,6 +126,7 @@ impl Session {
                 return;
             }
         };
+        let owner = namespace.clone();
         let msg = PoolMsg::Exec {
             namespace,
             op,
@@ -134,21 +135,10 @@ impl Session {
             reply,
         };
         if let Err(e) = pool.try_tell(msg) {
-            let full = matches!(e, SendError::Full(_));
-            let stopping = matches!(e, SendError::Stopping(_));
-            if let PoolMsg::Exec {
-                reply, namespace, ..
-            } = e.into_inner()
-            {
-                let err = if full {
-                    ApiError::ResourceExhausted(format!(
-                        "backend of namespace '{namespace}' is saturated (pool mailbox full)"
-                    ))
-                } else if stopping {
-                    ApiError::Unavailable(format!("backend of namespace '{namespace}' is draining"))
-                } else {
-                    ApiError::Unavailable(format!("backend of namespace '{namespace}' is stopped"))
-                };
+            let owner = format!("backend of namespace '{owner}'");
+            let err = ApiError::rejected(&e, &owner, "its pool mailbox (backends.<name>.mailbox)");
+            // The refused message still holds the caller's reply channel.
+            if let PoolMsg::Exec { reply, .. } = e.into_inner() {
                 let _ = reply.send(Err(err));
             }
         }
@@ -321,17 +311,13 @@ impl Sessions {
             let addr = self.session(client).await?;
             match addr.try_tell(msg) {
                 Ok(()) => return Ok(()),
-                Err(SendError::Full(_)) => {
-                    return Err(ApiError::ResourceExhausted(format!(
-                        "client '{client}' has too many queued requests (sessions.mailbox)"
-                    )))
-                }
-                Err(SendError::Stopping(_)) => {
-                    return Err(ApiError::Unavailable("server is shutting down".into()))
-                }
                 Err(SendError::Closed(m)) => {
                     self.forget(client, addr.id());
                     msg = m;
+                }
+                Err(e) => {
+                    let owner = format!("the session of client '{client}'");
+                    return Err(ApiError::rejected(&e, &owner, "its mailbox (sessions.mailbox)"));
                 }
             }
         }

@@ -3,9 +3,9 @@
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::filter::EnvFilter;
 
-use crate::settings::{LogFormat, LogSettings};
+use crate::settings::{log_filter, LogFormat, LogSettings};
 
 /// Errors of [`init`].
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +33,7 @@ pub fn init(log: &LogSettings) -> Result<(), Error> {
                 key: "RUST_LOG",
                 message: format!("{directives:?}: {e}"),
             })?,
-        _ => filter(&log.level).map_err(|message| Error::Filter {
+        _ => log_filter(&log.level).map_err(|message| Error::Filter {
             key: "log.level",
             message,
         })?,
@@ -53,54 +53,4 @@ pub fn init(log: &LogSettings) -> Result<(), Error> {
             .try_init(),
     };
     installed.map_err(|e| Error::Init(e.to_string()))
-}
-
-/// Parses the `log.level` filter: a level (`info`) or `EnvFilter` directives
-/// (`prism=debug,warn`). Stricter than `EnvFilter` in one way: a bare word
-/// must be a level, because `EnvFilter` would read a misspelt level
-/// (`level = "inf"`) as a target name and silently log almost nothing.
-pub fn filter(directives: &str) -> Result<EnvFilter, String> {
-    if directives.trim().is_empty() {
-        return Err(
-            "is empty; use a level such as \"info\" or directives such as \"prism=debug,warn\""
-                .into(),
-        );
-    }
-    for directive in directives
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-    {
-        if !directive.contains(['=', '[']) && directive.parse::<LevelFilter>().is_err() {
-            return Err(format!(
-                "{directive:?} is not a level (off, error, warn, info, debug, trace); write `target=level` to filter one target"
-            ));
-        }
-    }
-    EnvFilter::try_new(directives).map_err(|e| format!("{directives:?}: {e}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::filter;
-
-    #[test]
-    fn levels_and_directives_are_accepted() {
-        for ok in [
-            "info",
-            "WARN",
-            "prism=debug,warn",
-            "prism::session=trace",
-            "off",
-        ] {
-            assert!(filter(ok).is_ok(), "{ok} should parse");
-        }
-    }
-
-    #[test]
-    fn misspelt_levels_and_empty_filters_are_rejected() {
-        for bad in ["", " ", "inf", "prism=loud"] {
-            assert!(filter(bad).is_err(), "{bad:?} should be rejected");
-        }
-    }
 }

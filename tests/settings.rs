@@ -65,15 +65,13 @@ fn repository_defaults_load_and_validate() {
     assert_eq!(s.server.grpc_addr.to_string(), "127.0.0.1:8980");
     assert_eq!(s.server.shutdown_grace, Duration::from_secs(30));
     assert_eq!(s.log.level, "info");
-    assert_eq!(s.backends["embedded"].kind, BackendKind::Sqlite);
-    assert_eq!(
-        s.backends["embedded"].sqlite_path(),
-        PathBuf::from("./data/prism.db")
-    );
-    assert_eq!(s.backends["memory"].kind, BackendKind::Memory);
+    let BackendKind::Sqlite(sqlite) = &s.backends["embedded"].kind else {
+        panic!("backend embedded is not sqlite");
+    };
+    assert_eq!(sqlite.path, PathBuf::from("./data/prism.db"));
+    assert!(matches!(s.backends["memory"].kind, BackendKind::Memory));
     assert_eq!(s.namespaces["default"].backend, "embedded");
     assert_eq!(s.namespaces["cache"].backend, "memory");
-    s.validate().expect("defaults are valid");
 }
 
 #[test]

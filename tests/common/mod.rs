@@ -18,12 +18,7 @@ use tonic::transport::Channel;
 
 /// Settings from a TOML text, parsed the way the settings files are.
 pub fn settings(toml: &str) -> Settings {
-    let s: Settings = config::Config::builder()
-        .add_source(config::File::from_str(toml, config::FileFormat::Toml))
-        .build()
-        .and_then(|c| c.try_deserialize())
-        .expect("test settings parse");
-    s
+    Settings::from_toml(toml).unwrap_or_else(|e| panic!("test settings: {e}"))
 }
 
 /// Settings with a memory namespace `cache`, an SQLite namespace `default`

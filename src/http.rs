@@ -1,0 +1,160 @@
+//! The admin plane: an HTTP server (actix-web) beside the gRPC server, on
+//! `server.http_addr`. Two jobs, one file each:
+//!
+//! - [`ops`]: probes, metrics, the actor tree and the namespaces;
+//! - [`rest`]: the key-value API over REST, a thin adapter over the request
+//!   core like the gRPC service.
+//!
+//! Errors are `{"code", "message"}` JSON; [`error_response`] is the one
+//! place an [`ApiError`] becomes an HTTP status.
+//!
+//! actix runs each worker on its own thread and single-threaded runtime.
+//! Handlers therefore only talk to actors (through the core's addresses and
+//! channels, which work across runtimes); nothing here opens a backend
+//! connection. actix's own signal handling is off: the gateway's one
+//! shutdown path stops this server after the drain has ended, so probes and
+//! metrics answer throughout the drain.
+
+pub mod ops;
+pub mod rest;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::http::StatusCode;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use prism_actors::SupervisorRef;
+use tonic::Code;
+use tracing::{info, warn};
+
+use crate::error::{code_name, ApiError};
+use crate::kv::Core;
+use crate::pool::BackendHandle;
+
+/// Worker threads of the HTTP server. Each has its own runtime; handlers
+/// only await actor replies, so two are plenty.
+const WORKERS: usize = 2;
+
+/// Seconds the stop waits for open connections once the drain is over:
+/// every key-value request has been answered by then, so what is left is
+/// idle keep-alive connections and probes.
+const STOP_TIMEOUT_SECS: u64 = 1;
+
+/// What the admin handlers read: the request core (namespaces, sessions,
+/// metrics, drain flag), the backends' health and the live tree.
+#[derive(Clone)]
+pub struct AdminState {
+    core: Core,
+    backends: Arc<[BackendHandle]>,
+    tree: SupervisorRef,
+}
+
+impl AdminState {
+    /// The state of one gateway.
+    pub fn new(core: Core, backends: Vec<BackendHandle>, tree: SupervisorRef) -> Self {
+        AdminState {
+            core,
+            backends: backends.into(),
+            tree,
+        }
+    }
+}
+
+/// A running admin server.
+pub struct AdminServer {
+    handle: ServerHandle,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    addr: Option<SocketAddr>,
+}
+
+impl AdminServer {
+    /// Starts serving on `listener`, on its own worker threads, driven from
+    /// the current tokio runtime.
+    pub fn start(listener: std::net::TcpListener, state: AdminState) -> std::io::Result<Self> {
+        let addr = listener.local_addr().ok();
+        let data = web::Data::new(state);
+        let server: Server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .configure(ops::routes)
+                .configure(rest::routes)
+                .default_service(web::to(not_found))
+        })
+        .workers(WORKERS)
+        // Prism's signal handler starts the drain; actix's would stop
+        // this server at once, probes and metrics included.
+        .disable_signals()
+        .shutdown_timeout(STOP_TIMEOUT_SECS)
+        .listen(listener)?
+        .run();
+        let handle = server.handle();
+        let task = tokio::spawn(server);
+        if let Some(addr) = addr {
+            info!(http_addr = %addr, workers = WORKERS, "admin plane serving");
+        }
+        Ok(AdminServer { handle, task, addr })
+    }
+
+    /// The address served on.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.addr
+    }
+
+    /// Stops accepting, lets open requests finish (briefly), then returns.
+    pub async fn stop(self) {
+        self.handle.stop(true).await;
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "admin plane stopped with an error"),
+            Err(e) => warn!(error = %e, "admin plane task failed"),
+        }
+        info!("admin plane stopped");
+    }
+}
+
+/// An HTTP error with the JSON body every error has:
+/// `{"code": "<gRPC code name>", "message": "..."}`, so that REST and gRPC
+/// clients see the same codes.
+pub fn http_error(status: StatusCode, code: Code, message: &str) -> HttpResponse {
+    HttpResponse::build(status).json(serde_json::json!({
+        "code": code_name(code),
+        "message": message,
+    }))
+}
+
+/// The HTTP status of an [`ApiError`]: 400 invalid, 404 unknown namespace
+/// or missing key, 413 value too large, 429 exhausted, 503 unavailable,
+/// 504 deadline, 500 internal.
+pub fn status_of(e: &ApiError) -> StatusCode {
+    match e {
+        ApiError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+        ApiError::UnknownNamespace(_) | ApiError::KeyNotFound { .. } => StatusCode::NOT_FOUND,
+        ApiError::ValueTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        ApiError::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
+        ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+        ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// An [`ApiError`] as its JSON response.
+pub fn error_response(e: &ApiError) -> HttpResponse {
+    http_error(status_of(e), e.code(), &e.to_string())
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    http_error(
+        StatusCode::NOT_FOUND,
+        Code::NotFound,
+        &format!("no endpoint at {}", req.path()),
+    )
+}
+
+async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
+    http_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        Code::Unimplemented,
+        &format!("{} is not allowed on {}", req.method(), req.path()),
+    )
+}

@@ -1,0 +1,257 @@
+//! The key-value API over REST, with the gRPC semantics: every rule is the
+//! request core's; this file converts paths, queries, headers and bodies.
+//!
+//! - `GET /v1/kv/{namespace}/{key}`: the raw value, `x-prism-ttl-ms`; 404
+//!   when missing.
+//! - `HEAD /v1/kv/{namespace}/{key}`: exists, 200 or 404.
+//! - `PUT /v1/kv/{namespace}/{key}?ttl_ms=`: the body is the value; 204.
+//! - `DELETE /v1/kv/{namespace}/{key}`: `{"existed": bool}`.
+//! - `GET /v1/kv/{namespace}?prefix=&limit=&cursor=&keys_only=`: a page.
+//!
+//! Keys are percent-encoded path tails (`a%2Fb` and `a/b` are both `a/b`).
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{web, HttpRequest, HttpResponse};
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use percent_encoding::percent_decode_str;
+use serde::{Deserialize, Serialize};
+use tokio_stream::StreamExt;
+
+use super::{error_response, method_not_allowed, AdminState};
+use crate::error::ApiError;
+use crate::kv::caller::{CLIENT_ID, TIMEOUT};
+use crate::kv::{ttl_ms, Api, Caller, Core, ScanParams, ValueLimit};
+use crate::settings::MAX_VALUE_SIZE_LIMIT;
+
+/// The response header of a GET that carries the key's remaining time to
+/// live in milliseconds, `-1` when it has no expiry (as gRPC's `ttl_ms`).
+pub const TTL_HEADER: &str = "x-prism-ttl-ms";
+
+/// The key-value routes' prefix.
+const KV_PREFIX: &str = "/v1/kv/";
+
+/// A body is read at most this far: past the largest legal value (plus room
+/// for the rest of a request), the rest is not worth reading to produce a
+/// clean 413, and the connection is closed instead.
+const MAX_BODY_READ: usize = MAX_VALUE_SIZE_LIMIT + 64 * 1024;
+
+/// Registers the routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/v1/kv/{namespace}")
+            .route(web::get().to(scan))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        // `(?s)`-style matching is the router's default, so a key may
+        // hold any character, `/` and newlines included.
+        web::resource("/v1/kv/{namespace}/{key:.*}")
+            .route(web::get().to(get))
+            .route(web::head().to(exists))
+            .route(web::put().to(put))
+            .route(web::delete().to(delete))
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+fn caller(req: &HttpRequest) -> Caller {
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    Caller::new(Api::Rest, header(CLIENT_ID), req.peer_addr(), header(TIMEOUT))
+}
+
+/// The namespace and key of a `/v1/kv/{namespace}[/{key}]` request, each
+/// percent-decoded exactly once from the raw path. The router's own
+/// decoding keeps `%2F` encoded and replaces invalid UTF-8, so the key is
+/// taken from the raw path instead: `a%2Fb` is the key `a/b`, `%25` is `%`,
+/// and bytes that are not UTF-8 are a 400 rather than a different key.
+struct KvPath {
+    namespace: String,
+    key: Result<String, ApiError>,
+}
+
+fn kv_path(req: &HttpRequest) -> Result<KvPath, ApiError> {
+    let rest = req.uri().path().strip_prefix(KV_PREFIX).unwrap_or_default();
+    let (ns_raw, key_raw) = rest.split_once('/').unwrap_or((rest, ""));
+    let decode = |raw: &str, what: &str| -> Result<String, ApiError> {
+        percent_decode_str(raw)
+            .decode_utf8()
+            .map(|s| s.into_owned())
+            .map_err(|_| ApiError::InvalidArgument(format!("{what} is not valid UTF-8")))
+    };
+    Ok(KvPath {
+        namespace: decode(ns_raw, "namespace")?,
+        key: decode(key_raw, "key"),
+    })
+}
+
+/// Runs `op` with the caller, namespace and key of `req`; a path that does
+/// not decode is refused through the core, so it is counted like any
+/// failed request.
+async fn with_key<F, Fut>(
+    req: &HttpRequest,
+    state: &AdminState,
+    op: &'static str,
+    f: F,
+) -> HttpResponse
+where
+    F: FnOnce(Core, Caller, String, String) -> Fut,
+    Fut: std::future::Future<Output = Result<HttpResponse, ApiError>>,
+{
+    let caller = caller(req);
+    let path = kv_path(req).and_then(|p| Ok((p.key?, p.namespace)));
+    let res = match path {
+        Ok((key, namespace)) => f(state.core.clone(), caller, namespace, key).await,
+        Err(e) => Err(state.core.refuse(&caller, "", op, e)),
+    };
+    res.unwrap_or_else(|e| error_response(&e))
+}
+
+async fn get(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    with_key(&req, &state, "get", |core, caller, namespace, key| async move {
+        match core.get(&caller, &namespace, key.clone()).await? {
+            Some(r) => Ok(HttpResponse::Ok()
+                .content_type("application/octet-stream")
+                .insert_header((TTL_HEADER, HeaderValue::from(ttl_ms(r.ttl))))
+                .body(r.value)),
+            None => Err(ApiError::KeyNotFound { namespace, key }),
+        }
+    })
+    .await
+}
+
+async fn exists(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    with_key(&req, &state, "exists", |core, caller, namespace, key| async move {
+        Ok(if core.exists(&caller, &namespace, key).await? {
+            HttpResponse::Ok().finish()
+        } else {
+            HttpResponse::NotFound().finish()
+        })
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct PutQuery {
+    /// Time to live; absent or 0 means the namespace's `default_ttl`.
+    #[serde(default)]
+    ttl_ms: u64,
+}
+
+async fn put(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AdminState>,
+) -> HttpResponse {
+    let request = req.clone();
+    with_key(&req, &state, "put", |core, caller, namespace, key| async move {
+        let query = web::Query::<PutQuery>::from_query(request.query_string())
+            .map_err(|e| ApiError::InvalidArgument(format!("ttl_ms: {e}")));
+        let query = match query {
+            Ok(q) => q,
+            Err(e) => return Err(core.refuse(&caller, &namespace, "put", e)),
+        };
+        core.put(&caller, &namespace, key, query.ttl_ms, |limit| {
+            read_value(&request, payload, limit)
+        })
+        .await?;
+        Ok(HttpResponse::NoContent().finish())
+    })
+    .await
+}
+
+/// Reads a PUT body as the value, under the namespace's limit. An
+/// over-long body is still read to its end (up to [`MAX_BODY_READ`]) so
+/// that the client gets the 413 rather than a connection reset while it is
+/// still sending.
+async fn read_value(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: ValueLimit,
+) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let mut value = BytesMut::with_capacity(declared.unwrap_or(0).min(limit.max()));
+    let mut total = 0usize;
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::InvalidArgument(format!("cannot read the request body: {e}")))?;
+        total = total.saturating_add(chunk.len());
+        if total <= limit.max() {
+            value.extend_from_slice(&chunk);
+        } else if total > MAX_BODY_READ {
+            break;
+        }
+    }
+    limit.check(declared.unwrap_or(0).max(total))?;
+    Ok(value.freeze())
+}
+
+async fn delete(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    with_key(&req, &state, "delete", |core, caller, namespace, key| async move {
+        let existed = core.delete(&caller, &namespace, key).await?;
+        Ok(HttpResponse::Ok().json(serde_json::json!({ "existed": existed })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct ScanQuery {
+    #[serde(default)]
+    prefix: String,
+    /// Page size: 0 or absent for the default (100), at most 1000.
+    #[serde(default)]
+    limit: u32,
+    /// A `next_cursor` of an earlier page.
+    #[serde(default)]
+    cursor: String,
+    #[serde(default)]
+    keys_only: bool,
+}
+
+#[derive(Serialize)]
+struct ScanItem {
+    key: String,
+    /// Standard base64; absent with `keys_only`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<String>,
+}
+
+async fn scan(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    let caller = caller(&req);
+    let res = async {
+        let namespace = kv_path(&req)
+            .map(|p| p.namespace)
+            .map_err(|e| state.core.refuse(&caller, "", "scan", e))?;
+        let q = web::Query::<ScanQuery>::from_query(req.query_string())
+            .map_err(|e| ApiError::InvalidArgument(format!("scan query: {e}")))
+            .map_err(|e| state.core.refuse(&caller, &namespace, "scan", e))?
+            .into_inner();
+        let keys_only = q.keys_only;
+        let params = ScanParams {
+            prefix: q.prefix,
+            limit: q.limit,
+            cursor: q.cursor,
+            keys_only,
+        };
+        let page = state.core.scan(&caller, &namespace, params).await?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let items: Vec<ScanItem> = page
+            .items
+            .into_iter()
+            .map(|i| ScanItem {
+                key: i.key,
+                value: (!keys_only).then(|| b64.encode(&i.value)),
+            })
+            .collect();
+        Ok(HttpResponse::Ok().json(serde_json::json!({
+            "items": items,
+            "next_cursor": page.next_cursor,
+        })))
+    }
+    .await;
+    res.unwrap_or_else(|e: ApiError| error_response(&e))
+}

@@ -1,0 +1,355 @@
+//! The request core: every rule a key-value request obeys, decided once for
+//! every transport. The gRPC service ([`crate::grpc`]) and the REST API
+//! ([`crate::http`]) only convert their types to and from the typed
+//! operations here.
+//!
+//! One operation, in order: the request span opens; a draining gateway
+//! refuses; the namespace is looked up; the fields are validated; the
+//! deadline is fixed (the caller's, else the namespace's); the operation
+//! goes to the caller's session actor, which admits it and hands it to the
+//! backend's pool actor; the outcome comes back; the request is counted and
+//! timed in the metrics and, when it failed, logged.
+
+pub mod caller;
+pub mod validate;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use prism_actors::Addr;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{debug, error, Instrument};
+
+pub use self::caller::{Api, Caller};
+pub use self::validate::{ScanParams, ValueLimit};
+use crate::backend::{Item, Op, Outcome, Record};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::pool::{BackendHealth, PoolActor};
+use crate::session::{self, Sessions};
+use crate::settings::NamespaceSettings;
+
+/// A configured namespace, resolved to its pool actor.
+#[derive(Debug)]
+pub struct Namespace {
+    /// The namespace's name.
+    pub name: Arc<str>,
+    /// Its settings.
+    pub settings: NamespaceSettings,
+    /// The pool actor of its backend.
+    pub pool: Addr<PoolActor>,
+    /// Its backend's health and circuit breaker.
+    pub health: Arc<BackendHealth>,
+}
+
+/// One page of a scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// Keys in ascending byte order (values empty with `keys_only`).
+    pub items: Vec<Item>,
+    /// Where the next page starts; empty when this is the last one.
+    pub next_cursor: String,
+}
+
+/// Set once the gateway stops admitting requests: readiness answers 503
+/// and new requests on every transport get UNAVAILABLE.
+#[derive(Debug, Clone, Default)]
+pub struct Draining(Arc<AtomicBool>);
+
+impl Draining {
+    /// Marks the drain as begun.
+    pub fn begin(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// True once the drain has begun.
+    pub fn is_draining(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// The request core of one gateway. Cheap to clone.
+#[derive(Clone)]
+pub struct Core {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    namespaces: BTreeMap<String, Arc<Namespace>>,
+    sessions: Sessions,
+    metrics: Metrics,
+    draining: Draining,
+}
+
+impl Core {
+    /// A core over `namespaces`, admitting requests through `sessions`.
+    pub fn new(
+        namespaces: impl IntoIterator<Item = Namespace>,
+        sessions: Sessions,
+        draining: Draining,
+    ) -> Self {
+        Core {
+            inner: Arc::new(Inner {
+                namespaces: namespaces
+                    .into_iter()
+                    .map(|ns| (ns.name.to_string(), Arc::new(ns)))
+                    .collect(),
+                sessions,
+                metrics: Metrics::new(),
+                draining,
+            }),
+        }
+    }
+
+    /// Every namespace, by name.
+    pub fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
+        self.inner.namespaces.values().map(|ns| &**ns)
+    }
+
+    /// The metrics every request is recorded in.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The sessions.
+    pub fn sessions(&self) -> &Sessions {
+        &self.inner.sessions
+    }
+
+    /// The drain flag.
+    pub fn draining(&self) -> &Draining {
+        &self.inner.draining
+    }
+
+    /// Reads a key.
+    pub async fn get(
+        &self,
+        caller: &Caller,
+        namespace: &str,
+        key: String,
+    ) -> Result<Option<Record>, ApiError> {
+        self.run(caller, namespace, "get", |_| async move {
+            validate::key(&key)?;
+            Ok(Op::Get { key })
+        })
+        .await
+        .and_then(|o| match o {
+            Outcome::Get(r) => Ok(r),
+            other => Err(unexpected("get", other)),
+        })
+    }
+
+    /// Inserts or replaces a key. `value` produces the value once the
+    /// namespace (and so its size limit) is known, so that a transport can
+    /// read a body under that limit; the size is checked here in any case.
+    /// `ttl_ms` of 0 means the namespace's default TTL.
+    pub async fn put<F, Fut>(
+        &self,
+        caller: &Caller,
+        namespace: &str,
+        key: String,
+        ttl_ms: u64,
+        value: F,
+    ) -> Result<(), ApiError>
+    where
+        F: FnOnce(ValueLimit) -> Fut,
+        Fut: Future<Output = Result<Bytes, ApiError>>,
+    {
+        self.run(caller, namespace, "put", |ns| async move {
+            validate::key(&key)?;
+            let limit = ValueLimit::new(ns.name.clone(), &ns.settings);
+            let value = value(limit.clone()).await?;
+            limit.check(value.len())?;
+            let ttl = validate::put_ttl(&ns.settings, ttl_ms);
+            Ok(Op::Put { key, value, ttl })
+        })
+        .await
+        .and_then(|o| match o {
+            Outcome::Put => Ok(()),
+            other => Err(unexpected("put", other)),
+        })
+    }
+
+    /// Removes a key; true when it existed.
+    pub async fn delete(
+        &self,
+        caller: &Caller,
+        namespace: &str,
+        key: String,
+    ) -> Result<bool, ApiError> {
+        self.run(caller, namespace, "delete", |_| async move {
+            validate::key(&key)?;
+            Ok(Op::Delete { key })
+        })
+        .await
+        .and_then(|o| match o {
+            Outcome::Delete(existed) => Ok(existed),
+            other => Err(unexpected("delete", other)),
+        })
+    }
+
+    /// Tells whether a key exists.
+    pub async fn exists(
+        &self,
+        caller: &Caller,
+        namespace: &str,
+        key: String,
+    ) -> Result<bool, ApiError> {
+        self.run(caller, namespace, "exists", |_| async move {
+            validate::key(&key)?;
+            Ok(Op::Exists { key })
+        })
+        .await
+        .and_then(|o| match o {
+            Outcome::Exists(exists) => Ok(exists),
+            other => Err(unexpected("exists", other)),
+        })
+    }
+
+    /// One page of keys with a prefix, in ascending byte order.
+    pub async fn scan(
+        &self,
+        caller: &Caller,
+        namespace: &str,
+        params: ScanParams,
+    ) -> Result<Page, ApiError> {
+        self.run(caller, namespace, "scan", |_| async move {
+            validate::scan_op(params)
+        })
+        .await
+        .and_then(|o| match o {
+            Outcome::Scan { items, more } => {
+                let next_cursor = match (more, items.last()) {
+                    (true, Some(last)) => validate::encode_cursor(&last.key),
+                    _ => String::new(),
+                };
+                Ok(Page { items, next_cursor })
+            }
+            other => Err(unexpected("scan", other)),
+        })
+    }
+
+    /// Records a request that its transport refused before it reached an
+    /// operation (a path or query that does not decode), like any failed
+    /// request, and gives the error back.
+    pub fn refuse(
+        &self,
+        caller: &Caller,
+        namespace: &str,
+        op: &'static str,
+        e: ApiError,
+    ) -> ApiError {
+        self.finish::<()>(caller, namespace, op, std::time::Instant::now(), &Err(e.clone()));
+        e
+    }
+
+    /// The steps every operation shares; `build` validates the request's
+    /// fields against its namespace and returns the operation.
+    async fn run<F, Fut>(
+        &self,
+        caller: &Caller,
+        namespace: &str,
+        op: &'static str,
+        build: F,
+    ) -> Result<Outcome, ApiError>
+    where
+        F: FnOnce(Arc<Namespace>) -> Fut,
+        Fut: Future<Output = Result<Op, ApiError>>,
+    {
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!("request", namespace = %namespace, op, session = %caller.client, api = caller.api.as_str());
+        let res = async {
+            if self.inner.draining.is_draining() {
+                return Err(ApiError::Unavailable("server is draining".into()));
+            }
+            let ns = self
+                .inner
+                .namespaces
+                .get(namespace)
+                .cloned()
+                .ok_or_else(|| ApiError::UnknownNamespace(namespace.to_owned()))?;
+            let operation = build(ns.clone()).await?;
+            self.call(caller, &ns, operation).await
+        }
+        .instrument(span)
+        .await;
+        self.finish(caller, namespace, op, started, &res);
+        res
+    }
+
+    /// Counts and times a finished request; logs it when it failed.
+    fn finish<T>(
+        &self,
+        caller: &Caller,
+        namespace: &str,
+        op: &'static str,
+        started: std::time::Instant,
+        res: &Result<T, ApiError>,
+    ) {
+        let code = match res {
+            Ok(_) => tonic::Code::Ok,
+            Err(e) => {
+                debug!(namespace, op, session = %caller.client, api = caller.api.as_str(), code = ?e.code(), error = %e, "request failed");
+                e.code()
+            }
+        };
+        // A namespace that is not configured is counted under one label.
+        let known = self.inner.namespaces.get(namespace).map(|ns| ns.name.clone());
+        self.inner
+            .metrics
+            .request(known, op, code, started.elapsed());
+    }
+
+    /// Sends `op` through the caller's session to the namespace's pool
+    /// actor and waits for the outcome until the deadline.
+    async fn call(&self, caller: &Caller, ns: &Namespace, op: Op) -> Result<Outcome, ApiError> {
+        let now = Instant::now();
+        let timeout = caller.timeout.unwrap_or(ns.settings.timeout);
+        // A client may send any deadline; a year is as good as forever.
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
+        let (reply, rx) = oneshot::channel();
+        let req = session::Request {
+            pool: ns.pool.clone(),
+            health: ns.health.clone(),
+            namespace: ns.name.clone(),
+            op,
+            deadline,
+            reply,
+        };
+        self.inner.sessions.submit(&caller.client, req).await?;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(res)) => res,
+            // The pool actor dropped the request: it failed (and is being
+            // restarted) while the request was queued or running.
+            Ok(Err(_)) => Err(ApiError::Unavailable(format!(
+                "backend of namespace '{}' failed during the request; retry",
+                ns.name
+            ))),
+            Err(_) => Err(ApiError::DeadlineExceeded("waiting for the backend")),
+        }
+    }
+}
+
+/// A remaining TTL as the API reports it: milliseconds, -1 for no expiry.
+/// A live key with under 1 ms left still reads as live (1), and a TTL too
+/// long for the field saturates instead of wrapping.
+pub fn ttl_ms(ttl: Option<Duration>) -> i64 {
+    match ttl {
+        Some(t) => i64::try_from(t.as_millis()).unwrap_or(i64::MAX).max(1),
+        None => -1,
+    }
+}
+
+/// A backend that answered an operation with another one's outcome: a bug,
+/// logged, answered INTERNAL.
+fn unexpected(op: &'static str, _outcome: Outcome) -> ApiError {
+    error!(op, "backend answered with the outcome of another operation");
+    ApiError::Internal
+}

@@ -1,0 +1,142 @@
+//! Who is asking, and until when: the identity and the deadline of a
+//! request, by the same rules for every transport.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The transport a request came in on, for logs and for the deadline rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// gRPC (`prism.kv.v1.KeyValue`).
+    Grpc,
+    /// The admin plane's REST key-value API.
+    Rest,
+}
+
+impl Api {
+    /// Lowercase name, as in the `api` field of request spans.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::Grpc => "grpc",
+            Api::Rest => "rest",
+        }
+    }
+}
+
+/// The metadata key (gRPC) and header (REST) naming the client's session.
+pub const CLIENT_ID: &str = "x-client-id";
+
+/// The metadata key and header bounding a request, in the `grpc-timeout`
+/// format (`<digits><H|M|S|m|u|n>`, e.g. `250m`).
+pub const TIMEOUT: &str = "grpc-timeout";
+
+/// The caller of one request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The session's identity: `x-client-id`, else the peer address.
+    pub client: String,
+    /// How long the request may take; `None` means the namespace's timeout.
+    pub timeout: Option<Duration>,
+    /// The transport.
+    pub api: Api,
+}
+
+impl Caller {
+    /// The caller of a request that arrived on `api` from `peer`, with the
+    /// `x-client-id` and `grpc-timeout` values it sent.
+    ///
+    /// On gRPC, tonic's own timeout layer answers CANCELLED exactly at the
+    /// client's deadline, so the request gives up a small margin earlier
+    /// and the client gets DEADLINE_EXCEEDED with a reason instead.
+    pub fn new(
+        api: Api,
+        client_id: Option<&str>,
+        peer: Option<SocketAddr>,
+        grpc_timeout: Option<&str>,
+    ) -> Caller {
+        let client = client_id
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .or_else(|| peer.map(|a| a.to_string()))
+            .unwrap_or_else(|| "unknown".to_owned());
+        let timeout = grpc_timeout.and_then(parse_grpc_timeout);
+        let timeout = match api {
+            Api::Grpc => timeout.map(|t| t.saturating_sub(deadline_margin(t))),
+            Api::Rest => timeout,
+        };
+        Caller {
+            client,
+            timeout,
+            api,
+        }
+    }
+}
+
+/// Parses a `grpc-timeout` value (`<digits><unit>`, unit one of H M S m u
+/// n, at most 8 digits).
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// How much earlier than the client's deadline a gRPC request gives up: a
+/// tenth of the timeout, at least 5 ms (at most half the timeout), at most
+/// 20 ms.
+pub fn deadline_margin(timeout: Duration) -> Duration {
+    (timeout / 10).clamp(
+        Duration::from_millis(5).min(timeout / 2),
+        Duration::from_millis(20),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_values_parse() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("12x"), None);
+        assert_eq!(parse_grpc_timeout("+1S"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+    }
+
+    #[test]
+    fn requests_give_up_a_little_before_the_client_deadline() {
+        let ms = Duration::from_millis;
+        assert_eq!(deadline_margin(ms(10)), ms(5));
+        assert_eq!(deadline_margin(ms(4)), ms(2));
+        assert_eq!(deadline_margin(ms(100)), ms(10));
+        assert_eq!(deadline_margin(Duration::from_secs(5)), ms(20));
+    }
+
+    #[test]
+    fn the_client_is_its_id_else_its_address() {
+        let peer = Some(SocketAddr::from(([127, 0, 0, 1], 4000)));
+        let c = Caller::new(Api::Grpc, Some("svc"), peer, Some("1S"));
+        assert_eq!(c.client, "svc");
+        assert_eq!(c.timeout, Some(Duration::from_millis(980)));
+        let c = Caller::new(Api::Rest, Some(""), peer, Some("1S"));
+        assert_eq!(c.client, "127.0.0.1:4000");
+        assert_eq!(c.timeout, Some(Duration::from_secs(1)));
+    }
+}

@@ -1,0 +1,557 @@
+//! `[backends.<name>]`: a `kind`-tagged section. The keys every kind takes
+//! (pool, breaker, background work) are one type, [`PoolSettings`]; each
+//! kind has its own type for the rest. Which key belongs to which kind, and
+//! which kinds exist, is read from those types (their serde field and
+//! variant lists), so error messages always list every kind and key.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use config::{Value, ValueKind};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::error::Error;
+use crate::backend::postgres::{PostgresConfig, PostgresConnector};
+use crate::backend::redis::{RedisConfig, RedisConnector};
+use super::load::{from_config, origin_of};
+use super::raw::{bound, duration, number};
+
+/// One configured backend.
+#[derive(Debug, Clone)]
+pub struct BackendSettings {
+    /// The keys every kind takes.
+    pub pool: PoolSettings,
+    /// The kind and its own keys.
+    pub kind: BackendKind,
+}
+
+impl BackendSettings {
+    /// The kind's name, as written in `kind = "..."`.
+    pub fn kind_name(&self) -> &str {
+        self.kind.name()
+    }
+}
+
+/// The keys every backend kind takes.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Operations run at once, and for SQLite, PostgreSQL and Redis the most
+    /// connections (default: sqlite 8, memory 8, postgres 20, redis 16).
+    pub pool_size: u32,
+    /// Mailbox capacity of the pool actor, and how many operations may wait
+    /// for a free slot beyond `pool_size`; past either, RESOURCE_EXHAUSTED.
+    pub mailbox: usize,
+    /// How often expired entries are deleted.
+    pub purge_interval: Duration,
+    /// How often the backend is pinged.
+    pub health_interval: Duration,
+    /// Consecutive backend failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open circuit rejects requests (UNAVAILABLE, at once)
+    /// before one probe request is let through.
+    pub breaker_cooldown: Duration,
+}
+
+/// A backend's kind, with the keys only that kind takes.
+#[derive(Debug, Clone)]
+pub enum BackendKind {
+    /// Embedded SQLite file.
+    Sqlite(SqliteSettings),
+    /// In-process map.
+    Memory,
+    /// PostgreSQL server.
+    Postgres(PostgresSettings),
+    /// Redis server.
+    Redis(RedisSettings),
+    /// A kind registered by the program embedding Prism
+    /// ([`super::Loader::kind`] and `Gateway::kind`).
+    Custom(CustomSettings),
+}
+
+impl BackendKind {
+    /// The kind's name, as written in `kind = "..."`.
+    pub fn name(&self) -> &str {
+        match self {
+            BackendKind::Sqlite(_) => "sqlite",
+            BackendKind::Memory => "memory",
+            BackendKind::Postgres(_) => "postgres",
+            BackendKind::Redis(_) => "redis",
+            BackendKind::Custom(c) => &c.kind,
+        }
+    }
+}
+
+/// `kind = "sqlite"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqliteSettings {
+    /// Database file, created with its folder on first start.
+    #[serde(default = "default_sqlite_path")]
+    pub path: PathBuf,
+    /// How long a statement waits for a lock held by another connection.
+    #[serde(with = "humantime_serde", default = "five_seconds")]
+    pub busy_timeout: Duration,
+}
+
+/// `kind = "memory"`: no keys of its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemorySettings {}
+
+/// `kind = "postgres"`
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSettings {
+    /// Server URL, e.g. `postgres://postgres@127.0.0.1:5432/test`.
+    pub url: String,
+    /// Schema of the table, created if missing.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// Table name.
+    #[serde(default = "default_table")]
+    pub table: String,
+    /// Connections kept open even when idle (at most `pool_size`).
+    #[serde(default = "default_min_connections")]
+    pub min_connections: u32,
+    /// Longest wait for a pooled connection.
+    #[serde(with = "humantime_serde", default = "five_seconds")]
+    pub acquire_timeout: Duration,
+    /// An idle connection above `min_connections` is closed after this long.
+    #[serde(with = "humantime_serde", default = "default_pg_idle_timeout")]
+    pub idle_timeout: Duration,
+    /// A connection is replaced after this long.
+    #[serde(with = "humantime_serde", default = "default_max_lifetime")]
+    pub max_lifetime: Duration,
+    /// Server-side bound of any statement, on top of each request's own
+    /// deadline.
+    #[serde(with = "humantime_serde", default)]
+    pub statement_timeout: Option<Duration>,
+}
+
+/// `kind = "redis"`
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// Server URL, e.g. `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// Prefix of every Redis key Prism writes.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// Longest wait for a pooled connection.
+    #[serde(with = "humantime_serde", default = "five_seconds")]
+    pub acquire_timeout: Duration,
+    /// Longest wait to open a connection.
+    #[serde(with = "humantime_serde", default = "five_seconds")]
+    pub connect_timeout: Duration,
+    /// Longest wait for any command's reply, on top of each request's own
+    /// deadline.
+    #[serde(with = "humantime_serde", default = "five_seconds")]
+    pub command_timeout: Duration,
+}
+
+/// A backend of a kind registered by the embedding program: its kind name
+/// and its own keys, which the program's connector factory reads with
+/// [`CustomSettings::options`].
+#[derive(Debug, Clone)]
+pub struct CustomSettings {
+    /// The registered kind.
+    pub kind: String,
+    key: String,
+    table: config::Map<String, Value>,
+    root: Value,
+}
+
+impl CustomSettings {
+    /// The kind's own keys (all but the shared pool keys) as `T`; an error
+    /// names the offending key and its file.
+    pub fn options<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        Value::new(None, ValueKind::Table(self.table.clone()))
+            .try_deserialize()
+            .map_err(|e| from_config(e, Some(&self.root)).under(&self.key, &self.root))
+    }
+}
+
+impl fmt::Debug for PostgresSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresSettings")
+            .field("url", &"(redacted: may hold a password)")
+            .field("schema", &self.schema)
+            .field("table", &self.table)
+            .field("min_connections", &self.min_connections)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &"(redacted: may hold a password)")
+            .field("key_prefix", &self.key_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_sqlite_path() -> PathBuf {
+    PathBuf::from("./data/prism.db")
+}
+fn five_seconds() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_schema() -> String {
+    "public".into()
+}
+fn default_table() -> String {
+    "prism_kv".into()
+}
+fn default_min_connections() -> u32 {
+    5
+}
+fn default_pg_idle_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_max_lifetime() -> Duration {
+    Duration::from_secs(1800)
+}
+fn default_key_prefix() -> String {
+    "prism".into()
+}
+
+/// The shared keys as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    #[serde(default)]
+    pool_size: Option<u32>,
+    #[serde(default = "default_mailbox")]
+    mailbox: usize,
+    #[serde(with = "humantime_serde", default = "default_purge_interval")]
+    purge_interval: Duration,
+    #[serde(with = "humantime_serde", default = "five_seconds")]
+    health_interval: Duration,
+    #[serde(default = "default_breaker_failures")]
+    breaker_failures: u32,
+    #[serde(with = "humantime_serde", default = "default_breaker_cooldown")]
+    breaker_cooldown: Duration,
+}
+
+fn default_mailbox() -> usize {
+    1024
+}
+fn default_purge_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_cooldown() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// The built-in kinds, as `kind` values. Only its variant list is used.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Kind {
+    Sqlite,
+    Memory,
+    Postgres,
+    Redis,
+}
+
+impl Kind {
+    /// The kind's own keys.
+    fn fields(name: &str) -> &'static [&'static str] {
+        match name {
+            "sqlite" => fields_of::<SqliteSettings>(),
+            "memory" => fields_of::<MemorySettings>(),
+            "postgres" => fields_of::<PostgresSettings>(),
+            "redis" => fields_of::<RedisSettings>(),
+            _ => &[],
+        }
+    }
+
+    /// The built-in kind names.
+    fn names() -> &'static [&'static str] {
+        variants_of::<Kind>()
+    }
+}
+
+/// Parses the section at `key` (`backends.<name>`) of the loaded tree.
+pub(super) fn parse_backend(
+    key: &str,
+    section: Option<&Value>,
+    root: &Value,
+    custom_kinds: &[String],
+) -> Result<BackendSettings, Error> {
+    let mut table = match section.map(|v| &v.kind) {
+        Some(ValueKind::Table(t)) => t.clone(),
+        _ => {
+            return Err(Error::bad_value(
+                key,
+                "must be a table, e.g. [backends.embedded] kind = \"sqlite\"",
+            ))
+        }
+    };
+    let kind_key = format!("{key}.kind");
+    let kind = match table.remove("kind").map(|v| v.kind) {
+        None => return Err(Error::Missing { key: kind_key }),
+        Some(ValueKind::String(s)) => s,
+        Some(_) => return Err(Error::bad_value(&kind_key, "must be a string")),
+    };
+    let builtin = Kind::names().contains(&kind.as_str());
+    if !builtin && !custom_kinds.iter().any(|k| *k == kind) {
+        let mut all: Vec<&str> = Kind::names().to_vec();
+        all.extend(custom_kinds.iter().map(String::as_str));
+        return Err(Error::bad_value(
+            &kind_key,
+            format!(
+                "unknown backend kind {kind:?}; expected one of: {}",
+                all.join(", ")
+            ),
+        ));
+    }
+    // Split the section into the shared keys and the kind's own.
+    let shared = fields_of::<RawPool>();
+    let (pool_table, own_table): (config::Map<_, _>, config::Map<_, _>) =
+        table.into_iter().partition(|(k, _)| shared.contains(&k.as_str()));
+    if builtin {
+        let own = Kind::fields(&kind);
+        for field in own_table.keys().filter(|f| !own.contains(&f.as_str())) {
+            let owners: Vec<String> = Kind::names()
+                .iter()
+                .filter(|k| Kind::fields(k).contains(&field.as_str()))
+                .map(|k| format!("{k:?}"))
+                .collect();
+            let field_key = format!("{key}.{field}");
+            if owners.is_empty() {
+                let mut expected: Vec<String> = ["kind"]
+                    .iter()
+                    .chain(shared)
+                    .chain(own)
+                    .map(|s| (*s).to_owned())
+                    .collect();
+                expected.sort();
+                return Err(Error::UnknownKey {
+                    origin: own_table.get(field).and_then(origin_of),
+                    key: field_key,
+                    expected,
+                });
+            }
+            return Err(Error::invalid(
+                field_key,
+                format!(
+                    "applies only to kind {}, and this backend is kind {kind:?}",
+                    owners.join(" or ")
+                ),
+            ));
+        }
+    }
+    let pool: RawPool = deserialize(key, pool_table, root)?;
+    let pool_size = pool.pool_size.unwrap_or(match kind.as_str() {
+        "postgres" => 20,
+        "redis" => 16,
+        _ => 8,
+    });
+    let pool = PoolSettings {
+        pool_size: number(&format!("{key}.pool_size"), pool_size, 1, bound::POOL)?,
+        mailbox: number(&format!("{key}.mailbox"), pool.mailbox, 1, bound::QUEUE)?,
+        purge_interval: duration(
+            &format!("{key}.purge_interval"),
+            pool.purge_interval,
+            bound::PERIOD,
+        )?,
+        health_interval: duration(
+            &format!("{key}.health_interval"),
+            pool.health_interval,
+            bound::TIMEOUT,
+        )?,
+        breaker_failures: number(
+            &format!("{key}.breaker_failures"),
+            pool.breaker_failures,
+            1,
+            bound::COUNT,
+        )?,
+        breaker_cooldown: duration(
+            &format!("{key}.breaker_cooldown"),
+            pool.breaker_cooldown,
+            bound::BACKOFF,
+        )?,
+    };
+    let k = |field: &str| format!("{key}.{field}");
+    let kind = match kind.as_str() {
+        "sqlite" => {
+            let s: SqliteSettings = deserialize(key, own_table, root)?;
+            if s.path.as_os_str().is_empty() {
+                return Err(Error::invalid(k("path"), "must not be empty"));
+            }
+            duration(&k("busy_timeout"), s.busy_timeout, bound::TIMEOUT)?;
+            BackendKind::Sqlite(s)
+        }
+        "memory" => {
+            let _: MemorySettings = deserialize(key, own_table, root)?;
+            BackendKind::Memory
+        }
+        "postgres" => {
+            let mut s: PostgresSettings = deserialize(key, own_table, root)?;
+            s.min_connections = s.min_connections.min(pool.pool_size);
+            duration(&k("acquire_timeout"), s.acquire_timeout, bound::TIMEOUT)?;
+            duration(&k("idle_timeout"), s.idle_timeout, bound::PERIOD)?;
+            duration(&k("max_lifetime"), s.max_lifetime, bound::PERIOD)?;
+            if let Some(t) = s.statement_timeout {
+                duration(&k("statement_timeout"), t, bound::TIMEOUT)?;
+            }
+            let kind = BackendKind::Postgres(s);
+            check_connector(key, &pool, &kind)?;
+            kind
+        }
+        "redis" => {
+            let s: RedisSettings = deserialize(key, own_table, root)?;
+            duration(&k("acquire_timeout"), s.acquire_timeout, bound::TIMEOUT)?;
+            duration(&k("connect_timeout"), s.connect_timeout, bound::TIMEOUT)?;
+            duration(&k("command_timeout"), s.command_timeout, bound::TIMEOUT)?;
+            let kind = BackendKind::Redis(s);
+            check_connector(key, &pool, &kind)?;
+            kind
+        }
+        _ => BackendKind::Custom(CustomSettings {
+            kind,
+            key: key.to_owned(),
+            table: own_table,
+            root: root.clone(),
+        }),
+    };
+    Ok(BackendSettings { pool, kind })
+}
+
+/// Builds the kind's connector once, so that what only the connector
+/// checks (a URL, an identifier) is a settings error naming its key.
+fn check_connector(key: &str, pool: &PoolSettings, kind: &BackendKind) -> Result<(), Error> {
+    let checked = match kind {
+        BackendKind::Postgres(s) => PostgresConnector::new(s.config(pool)).map(drop),
+        BackendKind::Redis(s) => RedisConnector::new(s.config(pool)).map(drop),
+        _ => Ok(()),
+    };
+    checked.map_err(|e| {
+        let msg = e.to_string();
+        let field = ["schema", "table", "key prefix", "url"]
+            .into_iter()
+            .find(|f| msg.contains(f))
+            .map(|f| f.replace(' ', "_"))
+            .unwrap_or_else(|| "url".to_owned());
+        Error::invalid(format!("{key}.{field}"), msg)
+    })
+}
+
+impl PostgresSettings {
+    /// The connector's configuration.
+    pub fn config(&self, pool: &PoolSettings) -> PostgresConfig {
+        PostgresConfig {
+            url: self.url.clone(),
+            schema: self.schema.clone(),
+            table: self.table.clone(),
+            max_connections: pool.pool_size,
+            min_connections: self.min_connections,
+            acquire_timeout: self.acquire_timeout,
+            idle_timeout: Some(self.idle_timeout),
+            max_lifetime: Some(self.max_lifetime),
+            statement_timeout: self.statement_timeout,
+            application_name: PostgresConfig::default().application_name,
+        }
+    }
+}
+
+impl RedisSettings {
+    /// The connector's configuration.
+    pub fn config(&self, pool: &PoolSettings) -> RedisConfig {
+        RedisConfig {
+            url: self.url.clone(),
+            max_size: pool.pool_size as usize,
+            wait_timeout: self.acquire_timeout,
+            create_timeout: self.connect_timeout,
+            recycle_timeout: self.connect_timeout,
+            key_prefix: self.key_prefix.clone(),
+            command_timeout: self.command_timeout,
+        }
+    }
+}
+
+/// Deserializes part of a backend section, naming keys from the section.
+fn deserialize<T: DeserializeOwned>(
+    key: &str,
+    table: config::Map<String, Value>,
+    root: &Value,
+) -> Result<T, Error> {
+    Value::new(None, ValueKind::Table(table))
+        .try_deserialize()
+        .map_err(|e| from_config(e, None).under(key, root))
+}
+
+/// The field names of a struct, as serde sees them.
+fn fields_of<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    let mut names: &'static [&'static str] = &[];
+    let _ = T::deserialize(introspect::Names(&mut names));
+    names
+}
+
+/// The variant names of an enum, as serde sees them.
+fn variants_of<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    fields_of::<T>()
+}
+
+mod introspect {
+    //! A deserializer that produces nothing and records the field or
+    //! variant names serde passes to it.
+
+    use serde::de::{self, Visitor};
+
+    pub(super) struct Names<'a>(pub(super) &'a mut &'static [&'static str]);
+
+    impl<'de> de::Deserializer<'de> for Names<'_> {
+        type Error = de::value::Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("introspection only"))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(de::Error::custom("introspection only"))
+        }
+
+        fn deserialize_enum<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            variants: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = variants;
+            Err(de::Error::custom("introspection only"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map identifier ignored_any
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_and_their_keys_are_read_from_the_types() {
+        assert_eq!(Kind::names(), ["sqlite", "memory", "postgres", "redis"]);
+        assert!(Kind::fields("sqlite").contains(&"busy_timeout"));
+        assert!(Kind::fields("postgres").contains(&"statement_timeout"));
+        assert!(Kind::fields("memory").is_empty());
+        assert!(fields_of::<RawPool>().contains(&"breaker_cooldown"));
+    }
+}

@@ -1,0 +1,374 @@
+//! The settings as they are written (serde structs with every key optional
+//! where a default exists), and their one conversion into the validated
+//! types: defaults filled in, every number and duration checked against its
+//! bounds, names and references checked.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use config::Value;
+use serde::Deserialize;
+
+use super::backend::parse_backend;
+use super::error::Error;
+use super::{
+    is_valid_name, log_filter, LogFormat, LogSettings, NamespaceSettings, ServerSettings,
+    SessionSettings, Settings, SupervisorSettings, MAX_NAME_LEN, MAX_VALUE_SIZE_LIMIT,
+};
+
+/// Upper bounds shared by several keys. Generous, but finite: a deadline
+/// added to `Instant::now()` or a capacity handed to an allocator must
+/// never overflow.
+pub(super) mod bound {
+    use std::time::Duration;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    /// Request deadlines, backend timeouts, the drain's grace period.
+    pub const TIMEOUT: Duration = HOUR;
+    /// Periodic work (purges, health checks, idle expiry) and connection
+    /// lifetimes.
+    pub const PERIOD: Duration = DAY;
+    /// Restart backoffs and the breaker's cool-down.
+    pub const BACKOFF: Duration = Duration::from_secs(10 * 60);
+    /// The longest TTL: 100 years, as every backend stores it.
+    pub const TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    /// Mailboxes and queues, in messages.
+    pub const QUEUE: u64 = 1 << 20;
+    /// Connections or operations at once per backend.
+    pub const POOL: u64 = 10_000;
+    /// Counts of clients, requests in flight, rates.
+    pub const COUNT: u64 = 10_000_000;
+}
+
+/// `value` unless it is 0 or larger than `max`.
+pub(super) fn duration(key: &str, value: Duration, max: Duration) -> Result<Duration, Error> {
+    if value.is_zero() {
+        return Err(Error::invalid(key, "must be greater than 0"));
+    }
+    if value > max {
+        return Err(Error::invalid(
+            key,
+            format!(
+                "{} is too long: at most {}",
+                humantime::format_duration(value),
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(value)
+}
+
+/// `value` unless it is outside `min..=max`.
+pub(super) fn number<T>(key: &str, value: T, min: u64, max: u64) -> Result<T, Error>
+where
+    T: Copy + TryInto<u64> + std::fmt::Display,
+{
+    let n: u64 = value.try_into().unwrap_or(u64::MAX);
+    if n < min || n > max {
+        let rule = if min == 1 && n == 0 {
+            "must be at least 1".to_owned()
+        } else {
+            format!("{value} is out of range: must be between {min} and {max}")
+        };
+        return Err(Error::invalid(key, rule));
+    }
+    Ok(value)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSettings {
+    server: RawServer,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    sessions: RawSessions,
+    #[serde(default)]
+    supervisor: RawSupervisor,
+    /// Parsed from the value tree by [`parse_backend`], which needs the
+    /// `kind` before it knows the other keys.
+    #[serde(default)]
+    backends: BTreeMap<String, serde::de::IgnoredAny>,
+    #[serde(default)]
+    namespaces: BTreeMap<String, RawNamespace>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    grpc_addr: SocketAddr,
+    #[serde(default = "default_http_addr")]
+    http_addr: SocketAddr,
+    #[serde(with = "humantime_serde", default = "default_grace")]
+    shutdown_grace: Duration,
+}
+
+fn default_http_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8981))
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    level: String,
+    format: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSessions {
+    max_in_flight: u32,
+    rate_limit: u32,
+    rate_burst: u32,
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
+    max_sessions: u32,
+    mailbox: usize,
+}
+
+impl Default for RawSessions {
+    fn default() -> Self {
+        let d = SessionSettings::default();
+        RawSessions {
+            max_in_flight: d.max_in_flight,
+            rate_limit: d.rate_limit,
+            rate_burst: d.rate_burst,
+            idle_timeout: d.idle_timeout,
+            max_sessions: d.max_sessions,
+            mailbox: d.mailbox,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSupervisor {
+    max_restarts: u32,
+    #[serde(with = "humantime_serde")]
+    restart_window: Duration,
+    #[serde(with = "humantime_serde")]
+    backoff_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    backoff_max: Duration,
+}
+
+impl Default for RawSupervisor {
+    fn default() -> Self {
+        RawSupervisor {
+            max_restarts: 10,
+            restart_window: Duration::from_secs(10),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamespace {
+    backend: String,
+    #[serde(with = "humantime_serde", default = "default_timeout")]
+    timeout: Duration,
+    #[serde(with = "humantime_serde", default)]
+    default_ttl: Option<Duration>,
+    #[serde(default = "default_max_value_size")]
+    max_value_size: usize,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_max_value_size() -> usize {
+    1024 * 1024
+}
+
+/// A name as a segment of a dotted key: quoted, as TOML would, when it is
+/// not a plain name.
+pub(super) fn key_segment(name: &str) -> String {
+    if is_valid_name(name) {
+        name.to_owned()
+    } else {
+        format!("{name:?}")
+    }
+}
+
+fn check_name(key: &str, what: &str, name: &str) -> Result<(), Error> {
+    if is_valid_name(name) {
+        return Ok(());
+    }
+    let shown: String = name.chars().take(MAX_NAME_LEN + 1).collect();
+    Err(Error::invalid(
+        key,
+        format!(
+            "{what} name {shown:?} must be 1 to {MAX_NAME_LEN} letters, digits, `_` or `-`"
+        ),
+    ))
+}
+
+impl RawSettings {
+    /// The one conversion into [`Settings`]. Returns the first violation,
+    /// in file order (server, log, sessions, supervisor, backends,
+    /// namespaces). `root` is the loaded value tree, from which backend
+    /// sections are parsed; `custom_kinds` are the backend kinds registered
+    /// besides the built-in ones.
+    pub(super) fn validate(self, root: &Value, custom_kinds: &[String]) -> Result<Settings, Error> {
+        let server = ServerSettings {
+            grpc_addr: self.server.grpc_addr,
+            http_addr: self.server.http_addr,
+            shutdown_grace: duration(
+                "server.shutdown_grace",
+                self.server.shutdown_grace,
+                bound::TIMEOUT,
+            )?,
+        };
+        if server.grpc_addr == server.http_addr && server.grpc_addr.port() != 0 {
+            return Err(Error::invalid(
+                "server.http_addr",
+                format!(
+                    "{} is also server.grpc_addr; the two listeners need different addresses",
+                    server.http_addr
+                ),
+            ));
+        }
+        log_filter(&self.log.level).map_err(|e| Error::invalid("log.level", e))?;
+        let format = LogFormat::ALL
+            .into_iter()
+            .find(|f| f.as_str() == self.log.format)
+            .ok_or_else(|| {
+                let all: Vec<&str> = LogFormat::ALL.iter().map(|f| f.as_str()).collect();
+                Error::bad_value(
+                    "log.format",
+                    format!(
+                        "unknown value {:?}; expected one of: {}",
+                        self.log.format,
+                        all.join(", ")
+                    ),
+                )
+            })?;
+        let log = LogSettings {
+            level: self.log.level,
+            format,
+        };
+        let s = self.sessions;
+        let sessions = SessionSettings {
+            max_in_flight: number("sessions.max_in_flight", s.max_in_flight, 1, bound::COUNT)?,
+            rate_limit: number("sessions.rate_limit", s.rate_limit, 0, bound::COUNT)?,
+            rate_burst: number("sessions.rate_burst", s.rate_burst, 0, bound::COUNT)?,
+            idle_timeout: duration("sessions.idle_timeout", s.idle_timeout, bound::PERIOD)?,
+            max_sessions: number("sessions.max_sessions", s.max_sessions, 1, bound::COUNT)?,
+            mailbox: number("sessions.mailbox", s.mailbox, 1, bound::QUEUE)?,
+        };
+        let s = self.supervisor;
+        let supervisor = SupervisorSettings {
+            max_restarts: number("supervisor.max_restarts", s.max_restarts, 1, 1_000_000)?,
+            restart_window: duration("supervisor.restart_window", s.restart_window, bound::PERIOD)?,
+            backoff_initial: duration(
+                "supervisor.backoff_initial",
+                s.backoff_initial,
+                bound::BACKOFF,
+            )?,
+            backoff_max: duration("supervisor.backoff_max", s.backoff_max, bound::BACKOFF)?,
+        };
+        if supervisor.backoff_initial > supervisor.backoff_max {
+            return Err(Error::invalid(
+                "supervisor.backoff_initial",
+                format!(
+                    "{} is larger than supervisor.backoff_max ({})",
+                    humantime::format_duration(supervisor.backoff_initial),
+                    humantime::format_duration(supervisor.backoff_max)
+                ),
+            ));
+        }
+        let mut backends = BTreeMap::new();
+        for name in self.backends.keys() {
+            let key = format!("backends.{}", key_segment(name));
+            check_name(&key, "backend", name)?;
+            // Valid names hold no `.`, so the key is also the tree's path.
+            let table = super::load::lookup(root, &key);
+            backends.insert(
+                name.clone(),
+                parse_backend(&key, table, root, custom_kinds)?,
+            );
+        }
+        if self.namespaces.is_empty() {
+            return Err(Error::invalid(
+                "namespaces",
+                "no namespace is defined; add one, e.g. [namespaces.default] backend = \"embedded\"",
+            ));
+        }
+        let mut namespaces = BTreeMap::new();
+        for (name, ns) in self.namespaces {
+            let key = format!("namespaces.{}", key_segment(&name));
+            check_name(&key, "namespace", &name)?;
+            if !backends.contains_key(&ns.backend) {
+                let defined: Vec<&str> = backends.keys().map(String::as_str).collect();
+                let defined = if defined.is_empty() {
+                    "none is defined".to_owned()
+                } else {
+                    format!("defined: {}", defined.join(", "))
+                };
+                return Err(Error::invalid(
+                    format!("{key}.backend"),
+                    format!(
+                        "names backend {:?}, which is not under [backends] ({defined})",
+                        ns.backend
+                    ),
+                ));
+            }
+            let default_ttl = match ns.default_ttl {
+                Some(ttl) if ttl.is_zero() => {
+                    return Err(Error::invalid(
+                        format!("{key}.default_ttl"),
+                        "must be greater than 0; leave the key out for no expiry",
+                    ))
+                }
+                Some(ttl) => Some(duration(&format!("{key}.default_ttl"), ttl, bound::TTL)?),
+                None => None,
+            };
+            if ns.max_value_size == 0 || ns.max_value_size > MAX_VALUE_SIZE_LIMIT {
+                return Err(Error::invalid(
+                    format!("{key}.max_value_size"),
+                    format!(
+                        "{} is out of range: must be between 1 and {MAX_VALUE_SIZE_LIMIT} (64 MiB)",
+                        ns.max_value_size
+                    ),
+                ));
+            }
+            namespaces.insert(
+                name,
+                NamespaceSettings {
+                    timeout: duration(&format!("{key}.timeout"), ns.timeout, bound::TIMEOUT)?,
+                    backend: ns.backend,
+                    default_ttl,
+                    max_value_size: ns.max_value_size,
+                },
+            );
+        }
+        Ok(Settings {
+            server,
+            log,
+            sessions,
+            supervisor,
+            backends,
+            namespaces,
+            _validated: (),
+        })
+    }
+}
