@@ -37,7 +37,9 @@ pub async fn catch_panic<F: Future>(fut: F) -> Result<F::Output, String> {
 }
 
 /// Runs one incarnation to its end, inside a span with the actor's `actor`
-/// and `actor_id`, so every event its handlers emit carries them. The mailbox
+/// and `actor_id`, so every event its handlers emit carries them. The span is
+/// a root, not a child of the supervisor's: the tree is in the snapshot, and
+/// a span per level would make every log line of a deep tree long. The mailbox
 /// lease is dropped on return (or when the task is aborted), which parks the
 /// receiver back in `shared` for the next incarnation.
 pub(crate) fn run<A: Actor>(
@@ -45,7 +47,7 @@ pub(crate) fn run<A: Actor>(
     shared: Arc<Shared<A::Msg>>,
     lease: MailboxLease<A::Msg>,
 ) -> impl Future<Output = Exit> + Send {
-    let span = info_span!("actor", actor = %shared.name, actor_id = shared.id);
+    let span = info_span!(parent: None, "actor", actor = %shared.name, actor_id = shared.id);
     run_in_span(actor, shared, lease).instrument(span)
 }
 

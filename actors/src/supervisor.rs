@@ -316,7 +316,9 @@ impl Slot for SupervisorSlot {
         let home = self.core.clone();
         let shared = self.shared.clone();
         // Supervisors are actors too: their events carry `actor` and `actor_id`.
-        let span = info_span!("supervisor", actor = %shared.name, actor_id = shared.id);
+        // A root span, like an actor's: see `incarnation::run`.
+        let span =
+            info_span!(parent: None, "supervisor", actor = %shared.name, actor_id = shared.id);
         Some(
             set.spawn(
                 async move {
