@@ -163,6 +163,38 @@ impl<M: Send + 'static> Probe for Shared<M> {
     }
 }
 
+/// The part of [`Shared`] a supervisor drives, whatever the message type:
+/// lets one supervisor hold children of different actor types.
+pub(crate) trait Lifecycle: Send + Sync {
+    fn id(&self) -> u64;
+    fn name(&self) -> &Arc<str>;
+    fn request_stop(&self, mode: Control);
+    fn set_state(&self, state: ActorState);
+    fn add_restart(&self) -> u32;
+    fn close_mailbox(&self);
+}
+
+impl<M: Send + 'static> Lifecycle for Shared<M> {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+    fn request_stop(&self, mode: Control) {
+        Shared::request_stop(self, mode);
+    }
+    fn set_state(&self, state: ActorState) {
+        Shared::set_state(self, state);
+    }
+    fn add_restart(&self) -> u32 {
+        Shared::add_restart(self)
+    }
+    fn close_mailbox(&self) {
+        Shared::close_mailbox(self);
+    }
+}
+
 /// The receiving half of a mailbox while an incarnation runs.
 pub(crate) struct MailboxLease<M> {
     pub(crate) rx: Option<mpsc::Receiver<Envelope<M>>>,

@@ -31,11 +31,11 @@ pub use handle::{SupervisorHandle, SupervisorRef};
 pub use policy::{Backoff, Intensity, RestartPolicy, SupervisionStrategy};
 pub use spec::{Child, ChildSpec, DEFAULT_MAILBOX};
 
-use crate::addr::{Control, Reply, Shared};
+use crate::addr::{Lifecycle, Reply, Shared};
 use crate::exit::ExitReason;
 use crate::incarnation::catch_panic;
 use crate::shutdown::ActorReport;
-use crate::tree::{ActorState, Registry};
+use crate::tree::Registry;
 use run::{Core, SupervisorRun};
 use spec::{register_probe, Slot};
 
@@ -282,11 +282,8 @@ struct SupervisorSlot {
 }
 
 impl Slot for SupervisorSlot {
-    fn id(&self) -> u64 {
-        self.shared.id
-    }
-    fn name(&self) -> &Arc<str> {
-        &self.shared.name
+    fn lifecycle(&self) -> &dyn Lifecycle {
+        &*self.shared
     }
     fn register(&self, tree: &Arc<TreeCtx>, parent: Option<u64>) {
         let _ = self.tree.set(tree.clone());
@@ -334,15 +331,6 @@ impl Slot for SupervisorSlot {
                 .instrument(span),
             ),
         )
-    }
-    fn request_stop(&self, mode: Control) {
-        self.shared.request_stop(mode);
-    }
-    fn set_state(&self, state: ActorState) {
-        self.shared.set_state(state);
-    }
-    fn add_restart(&self) -> u32 {
-        self.shared.add_restart()
     }
     fn is_supervisor(&self) -> bool {
         true

@@ -8,7 +8,7 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use super::{RestartPolicy, SlotExit, TreeCtx};
 use crate::actor::Actor;
-use crate::addr::{Addr, Control, Shared};
+use crate::addr::{Addr, Control, Lifecycle, Shared};
 use crate::exit::{panic_message, ExitReason};
 use crate::incarnation::{self, Exit};
 use crate::tree::{ActorState, Probe};
@@ -18,17 +18,34 @@ pub const DEFAULT_MAILBOX: usize = 64;
 
 /// A child of any kind (actor or supervisor), seen by its supervisor.
 pub(super) trait Slot: Send {
-    fn id(&self) -> u64;
-    fn name(&self) -> &Arc<str>;
+    /// The child's mailbox and flags, which outlive its incarnations.
+    fn lifecycle(&self) -> &dyn Lifecycle;
     fn register(&self, tree: &Arc<TreeCtx>, parent: Option<u64>);
-    fn unregister(&self, tree: &TreeCtx);
     /// Spawns a fresh incarnation into `set`; `None` if the mailbox is gone.
     fn spawn(&self, set: &mut JoinSet<SlotExit>) -> Option<AbortHandle>;
-    fn request_stop(&self, mode: Control);
-    fn set_state(&self, state: ActorState);
-    fn add_restart(&self) -> u32;
+
+    fn id(&self) -> u64 {
+        self.lifecycle().id()
+    }
+    fn name(&self) -> &Arc<str> {
+        self.lifecycle().name()
+    }
+    fn unregister(&self, tree: &TreeCtx) {
+        tree.registry.remove(self.id());
+    }
+    fn request_stop(&self, mode: Control) {
+        self.lifecycle().request_stop(mode);
+    }
+    fn set_state(&self, state: ActorState) {
+        self.lifecycle().set_state(state);
+    }
+    fn add_restart(&self) -> u32 {
+        self.lifecycle().add_restart()
+    }
     /// Ends the child for good: closes its mailbox, failing every queued ask.
-    fn close(&self);
+    fn close(&self) {
+        self.lifecycle().close_mailbox();
+    }
     /// True for supervisors, which enforce the shutdown deadline themselves.
     fn is_supervisor(&self) -> bool {
         false
@@ -57,17 +74,11 @@ struct ActorSlot<A: Actor> {
 }
 
 impl<A: Actor> Slot for ActorSlot<A> {
-    fn id(&self) -> u64 {
-        self.shared.id
-    }
-    fn name(&self) -> &Arc<str> {
-        &self.shared.name
+    fn lifecycle(&self) -> &dyn Lifecycle {
+        &*self.shared
     }
     fn register(&self, tree: &Arc<TreeCtx>, parent: Option<u64>) {
         register_probe(tree, &self.shared, parent, false);
-    }
-    fn unregister(&self, tree: &TreeCtx) {
-        tree.registry.remove(self.shared.id);
     }
     fn spawn(&self, set: &mut JoinSet<SlotExit>) -> Option<AbortHandle> {
         let lease = self.shared.lease()?;
@@ -90,18 +101,6 @@ impl<A: Actor> Slot for ActorSlot<A> {
                 children: Vec::new(),
             }
         }))
-    }
-    fn request_stop(&self, mode: Control) {
-        self.shared.request_stop(mode);
-    }
-    fn set_state(&self, state: ActorState) {
-        self.shared.set_state(state);
-    }
-    fn add_restart(&self) -> u32 {
-        self.shared.add_restart()
-    }
-    fn close(&self) {
-        self.shared.close_mailbox();
     }
 }
 
