@@ -150,7 +150,7 @@ impl SupervisorHandle {
         let exit = match self.set.join_next().await {
             Some(Ok(exit)) => exit,
             Some(Err(e)) => SlotExit::new(ExitReason::from_join_error(e)),
-            // The root's task was taken by an earlier wait that was cancelled.
+            // No task left: nothing runs any more.
             None => SlotExit::new(ExitReason::Aborted),
         };
         let reason = exit.reason.clone();
