@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use prism_actors::{
-    Actor, AskError, Backoff, BoxError, ChildSpec, Context, Reply, Restart, Supervisor,
+    Actor, AskError, Backoff, BoxError, ChildSpec, Context, Reply, RestartPolicy, Supervisor,
 };
 
 /// A tally: it adds up the numbers it is told about. Its state lives
@@ -59,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The spec owns the mailbox, so its address exists before anything runs
     // and keeps working across restarts.
-    let spec = ChildSpec::new("tally", || Tally { total: 0 }).restart(Restart::Permanent);
+    let spec = ChildSpec::new("tally", || Tally { total: 0 }).restart(RestartPolicy::Permanent);
     let tally = spec.addr();
 
     let root = Supervisor::new("root")

@@ -1,10 +1,16 @@
-//! The [`Actor`] trait, its [`Context`] and the [`ExitReason`] an incarnation ends with.
+//! The [`Actor`] trait and its [`Context`].
 
-use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::addr::Addr;
+use tokio::task::AbortHandle;
+use tokio::time::MissedTickBehavior;
+use tracing::Instrument;
+
+use crate::addr::{Addr, Control};
+use crate::exit::ExitReason;
+use crate::SendError;
 
 /// The error type handlers and hooks return. Any error converts into it with `?`.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -73,68 +79,23 @@ pub trait Actor: Send + Sized + 'static {
     }
 }
 
-/// Why an actor incarnation ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExitReason {
-    /// The actor asked to stop ([`Context::stop`]) or was removed by its supervisor.
-    Normal,
-    /// The actor was stopped by a shutdown after draining its mailbox.
-    Shutdown,
-    /// The supervisor stopped it to restart it together with a failed sibling.
-    Restart,
-    /// A handler or hook returned an error; the text is the error with its sources.
-    Error(String),
-    /// A handler or hook panicked; the text is the panic message.
-    Panic(String),
-    /// A supervisor exceeded its restart intensity and gave up.
-    Escalated(String),
-    /// The shutdown grace period ran out while the actor was still running.
-    Aborted,
-}
-
-impl ExitReason {
-    /// True for the reasons a transient child is restarted for: errors, panics
-    /// and escalations.
-    pub fn is_failure(&self) -> bool {
-        matches!(
-            self,
-            ExitReason::Error(_) | ExitReason::Panic(_) | ExitReason::Escalated(_)
-        )
-    }
-
-    pub(crate) fn from_error(e: &(dyn std::error::Error + 'static)) -> Self {
-        let mut text = e.to_string();
-        let mut source = e.source();
-        while let Some(s) = source {
-            text.push_str(": ");
-            text.push_str(&s.to_string());
-            source = s.source();
-        }
-        ExitReason::Error(text)
-    }
-}
-
-impl fmt::Display for ExitReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ExitReason::Normal => f.write_str("normal"),
-            ExitReason::Shutdown => f.write_str("shutdown"),
-            ExitReason::Restart => f.write_str("restart"),
-            ExitReason::Error(e) => write!(f, "error: {e}"),
-            ExitReason::Panic(p) => write!(f, "panic: {p}"),
-            ExitReason::Escalated(e) => write!(f, "escalated: {e}"),
-            ExitReason::Aborted => f.write_str("aborted"),
-        }
-    }
-}
-
-/// What a running actor knows about itself.
+/// What a running actor knows about itself. One context lives as long as
+/// one incarnation: what it starts (tickers) ends with the incarnation.
 pub struct Context<A: Actor> {
     pub(crate) addr: Addr<A>,
     pub(crate) stop: bool,
+    tickers: Vec<AbortHandle>,
 }
 
 impl<A: Actor> Context<A> {
+    pub(crate) fn new(addr: Addr<A>) -> Self {
+        Context {
+            addr,
+            stop: false,
+            tickers: Vec::new(),
+        }
+    }
+
     /// The actor's own address (stable across restarts).
     pub fn addr(&self) -> Addr<A> {
         self.addr.clone()
@@ -160,6 +121,71 @@ impl<A: Actor> Context<A> {
 
     /// True once a shutdown of this actor has begun: it is draining its mailbox.
     pub fn is_draining(&self) -> bool {
-        self.addr.shared.control() == crate::addr::CONTROL_DRAIN
+        self.addr.shared.control() == Control::Drain
+    }
+
+    /// Sends `make_msg()` to this actor every `every` (first after one
+    /// period), e.g. `ctx.send_interval(Duration::from_secs(1), || Msg::Tick)`,
+    /// usually from `started`.
+    ///
+    /// A tick is skipped when the mailbox is full: a busy actor has work
+    /// already, and a ticker must not add backpressure of its own. Ticks the
+    /// ticker itself missed (a stalled runtime) are skipped too, not sent in a
+    /// burst. The ticker ends when the actor stops accepting messages
+    /// (draining or closed), and is cancelled when this incarnation ends, so
+    /// a restarted actor starts its tickers afresh instead of doubling them.
+    /// A zero period is taken as one millisecond.
+    pub fn send_interval<F>(&mut self, every: Duration, make_msg: F) -> Ticker
+    where
+        F: Fn() -> A::Msg + Send + 'static,
+    {
+        let every = every.max(Duration::from_millis(1));
+        let addr = self.addr.clone();
+        let task = tokio::spawn(
+            async move {
+                let mut interval =
+                    tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
+                loop {
+                    interval.tick().await;
+                    match addr.try_tell(make_msg()) {
+                        Ok(()) | Err(SendError::Full(_)) => {}
+                        Err(SendError::Stopping(_) | SendError::Closed(_)) => break,
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        let abort = task.abort_handle();
+        self.tickers.retain(|t| !t.is_finished());
+        self.tickers.push(abort.clone());
+        Ticker(abort)
+    }
+}
+
+impl<A: Actor> Drop for Context<A> {
+    fn drop(&mut self) {
+        // The context is dropped when the incarnation ends, also when its task
+        // is aborted: no ticker outlives the state it was meant for.
+        for t in &self.tickers {
+            t.abort();
+        }
+    }
+}
+
+/// A ticker started by [`Context::send_interval`]. Dropping it does not stop
+/// the ticker; the end of the incarnation does.
+#[derive(Debug, Clone)]
+pub struct Ticker(AbortHandle);
+
+impl Ticker {
+    /// Stops the ticker now: no further message is sent.
+    pub fn cancel(&self) {
+        self.0.abort();
+    }
+
+    /// True once the ticker has ended (cancelled, incarnation over, actor stopping).
+    pub fn is_finished(&self) -> bool {
+        self.0.is_finished()
     }
 }

@@ -20,11 +20,29 @@ pub(crate) enum Envelope<M> {
     Wake,
 }
 
-pub(crate) const CONTROL_RUN: u8 = 0;
-/// Stop after the current message, keep the mailbox (restart of a sibling, self-stop).
-pub(crate) const CONTROL_YIELD: u8 = 1;
-/// Close the mailbox, handle what is queued, then stop (shutdown, removal).
-pub(crate) const CONTROL_DRAIN: u8 = 2;
+/// What a supervisor asks of the running incarnation. The variants are
+/// ordered by strength: a stronger request replaces a weaker one, never the
+/// reverse, so a drain requested during a sibling restart is not lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub(crate) enum Control {
+    /// Keep handling messages.
+    Run = 0,
+    /// Stop after the current message, keep the mailbox (restart of a sibling).
+    Yield = 1,
+    /// Close the mailbox, handle what is queued, then stop (shutdown, removal).
+    Drain = 2,
+}
+
+impl Control {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Control::Run,
+            1 => Control::Yield,
+            _ => Control::Drain,
+        }
+    }
+}
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -44,7 +62,9 @@ pub(crate) struct Shared<M> {
     /// even when the incarnation's task is aborted.
     mailbox: Mutex<Option<mpsc::Receiver<Envelope<M>>>>,
     capacity: usize,
+    /// A [`Control`]; an atomic so senders and the incarnation read it without a lock.
     control: AtomicU8,
+    /// An [`ActorState`], read by snapshots without messaging the actor.
     state: AtomicU8,
     restarts: AtomicU32,
 }
@@ -59,7 +79,7 @@ impl<M: Send + 'static> Shared<M> {
             tx,
             mailbox: Mutex::new(Some(rx)),
             capacity,
-            control: AtomicU8::new(CONTROL_RUN),
+            control: AtomicU8::new(Control::Run as u8),
             state: AtomicU8::new(ActorState::Starting as u8),
             restarts: AtomicU32::new(0),
         })
@@ -79,14 +99,22 @@ impl<M: Send + 'static> Shared<M> {
         })
     }
 
-    pub(crate) fn control(&self) -> u8 {
-        self.control.load(Ordering::Acquire)
+    #[inline]
+    pub(crate) fn control(&self) -> Control {
+        Control::from_u8(self.control.load(Ordering::Acquire))
     }
 
-    /// Asks the running incarnation to stop (`CONTROL_YIELD` or `CONTROL_DRAIN`)
-    /// and wakes it if it is idle.
-    pub(crate) fn request_stop(&self, mode: u8) {
-        let prev = self.control.fetch_max(mode, Ordering::AcqRel);
+    /// True once a drain has begun: the check on every send, kept to one load
+    /// and one compare.
+    #[inline]
+    pub(crate) fn is_draining(&self) -> bool {
+        self.control.load(Ordering::Acquire) == Control::Drain as u8
+    }
+
+    /// Asks the running incarnation to stop ([`Control::Yield`] or
+    /// [`Control::Drain`]) and wakes it if it is idle.
+    pub(crate) fn request_stop(&self, mode: Control) {
+        let prev = Control::from_u8(self.control.fetch_max(mode as u8, Ordering::AcqRel));
         if prev < mode {
             // A full mailbox means the actor is busy and will see the flag after
             // its current message, so a failed nudge is fine.
@@ -95,7 +123,7 @@ impl<M: Send + 'static> Shared<M> {
     }
 
     pub(crate) fn reset_control(&self) {
-        self.control.store(CONTROL_RUN, Ordering::Release);
+        self.control.store(Control::Run as u8, Ordering::Release);
     }
 
     pub(crate) fn set_state(&self, s: ActorState) {
@@ -132,6 +160,38 @@ impl<M: Send + 'static> Probe for Shared<M> {
     }
     fn mailbox_capacity(&self) -> usize {
         self.capacity
+    }
+}
+
+/// The part of [`Shared`] a supervisor drives, whatever the message type:
+/// lets one supervisor hold children of different actor types.
+pub(crate) trait Lifecycle: Send + Sync {
+    fn id(&self) -> u64;
+    fn name(&self) -> &Arc<str>;
+    fn request_stop(&self, mode: Control);
+    fn set_state(&self, state: ActorState);
+    fn add_restart(&self) -> u32;
+    fn close_mailbox(&self);
+}
+
+impl<M: Send + 'static> Lifecycle for Shared<M> {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+    fn request_stop(&self, mode: Control) {
+        Shared::request_stop(self, mode);
+    }
+    fn set_state(&self, state: ActorState) {
+        Shared::set_state(self, state);
+    }
+    fn add_restart(&self) -> u32 {
+        Shared::add_restart(self)
+    }
+    fn close_mailbox(&self) {
+        Shared::close_mailbox(self);
     }
 }
 
@@ -269,7 +329,7 @@ impl<A: Actor> Addr<A> {
 
     #[inline]
     fn rejected(&self, msg: A::Msg) -> SendError<A::Msg> {
-        if self.shared.control() == CONTROL_DRAIN {
+        if self.shared.is_draining() {
             SendError::Stopping(msg)
         } else {
             SendError::Closed(msg)
@@ -279,7 +339,7 @@ impl<A: Actor> Addr<A> {
     /// Sends a message, waiting for mailbox space.
     #[inline]
     pub async fn tell(&self, msg: A::Msg) -> Result<(), SendError<A::Msg>> {
-        if self.shared.control() == CONTROL_DRAIN {
+        if self.shared.is_draining() {
             return Err(SendError::Stopping(msg));
         }
         match self.shared.tx.send(Envelope::Msg(msg)).await {
@@ -292,7 +352,7 @@ impl<A: Actor> Addr<A> {
     /// [`SendError::Full`]: the backpressure signal.
     #[inline]
     pub fn try_tell(&self, msg: A::Msg) -> Result<(), SendError<A::Msg>> {
-        if self.shared.control() == CONTROL_DRAIN {
+        if self.shared.is_draining() {
             return Err(SendError::Stopping(msg));
         }
         match self.shared.tx.try_send(Envelope::Msg(msg)) {

@@ -1,17 +1,17 @@
 //! One incarnation of an actor: the task that runs its hooks and handles its
 //! mailbox until it stops, fails or is told to drain.
 
-use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::Poll;
 
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::actor::{Actor, BoxError, Context, ExitReason};
-use crate::addr::{Addr, Envelope, MailboxLease, Shared, CONTROL_DRAIN, CONTROL_YIELD};
+use crate::actor::{Actor, Context};
+use crate::addr::{Addr, Control, Envelope, MailboxLease, Shared};
+use crate::exit::{panic_message, ExitReason};
 use crate::tree::ActorState;
 
 /// How an incarnation ended.
@@ -36,47 +36,38 @@ pub async fn catch_panic<F: Future>(fut: F) -> Result<F::Output, String> {
     .await
 }
 
-pub(crate) fn panic_message(payload: Box<dyn Any + Send>) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".to_owned()
-    }
+/// Runs one incarnation to its end, inside a span with the actor's `actor`
+/// and `actor_id`, so every event its handlers emit carries them. The span is
+/// a root, not a child of the supervisor's: the tree is in the snapshot, and
+/// a span per level would make every log line of a deep tree long. The mailbox
+/// lease is dropped on return (or when the task is aborted), which parks the
+/// receiver back in `shared` for the next incarnation.
+pub(crate) fn run<A: Actor>(
+    actor: A,
+    shared: Arc<Shared<A::Msg>>,
+    lease: MailboxLease<A::Msg>,
+) -> impl Future<Output = Exit> + Send {
+    let span = info_span!(parent: None, "actor", actor = %shared.name, actor_id = shared.id);
+    run_in_span(actor, shared, lease).instrument(span)
 }
 
-fn failure(res: Result<Result<(), BoxError>, String>) -> Option<ExitReason> {
-    match res {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(ExitReason::from_error(e.as_ref())),
-        Err(p) => Some(ExitReason::Panic(p)),
-    }
-}
-
-/// Runs one incarnation to its end. The mailbox lease is dropped on return
-/// (or when the task is aborted), which parks the receiver back in `shared`
-/// for the next incarnation.
-pub(crate) async fn run<A: Actor>(
+async fn run_in_span<A: Actor>(
     mut actor: A,
     shared: Arc<Shared<A::Msg>>,
     mut lease: MailboxLease<A::Msg>,
 ) -> Exit {
     let name = shared.name.clone();
     let id = shared.id;
-    let mut ctx = Context {
-        addr: Addr {
-            shared: shared.clone(),
-        },
-        stop: false,
-    };
-    if let Some(reason) = failure(catch_panic(actor.started(&mut ctx)).await) {
-        warn!(actor = %name, actor_id = id, error = %reason, "actor failed to start");
+    let mut ctx = Context::new(Addr {
+        shared: shared.clone(),
+    });
+    if let Some(reason) = ExitReason::from_outcome(catch_panic(actor.started(&mut ctx)).await) {
+        warn!(actor = %name, actor_id = id, error = %reason.chain(), "actor failed to start");
         return Exit { reason, drained: 0 };
     }
     // A drain requested while the incarnation was starting is honoured below;
     // only a fresh start may flip the state to running.
-    if shared.control() < CONTROL_DRAIN {
+    if shared.control() < Control::Drain {
         shared.set_state(ActorState::Running);
     }
     info!(actor = %name, actor_id = id, "actor started");
@@ -86,8 +77,8 @@ pub(crate) async fn run<A: Actor>(
     let mut reason = loop {
         // Control before data: a pending stop request wins over queued messages.
         match shared.control() {
-            CONTROL_YIELD => break ExitReason::Restart,
-            CONTROL_DRAIN => {
+            Control::Yield => break ExitReason::Restart,
+            Control::Drain => {
                 shared.set_state(ActorState::Stopping);
                 rx.close();
                 info!(actor = %name, actor_id = id, queued = rx.len(), "actor draining");
@@ -95,7 +86,9 @@ pub(crate) async fn run<A: Actor>(
                 while let Some(env) = rx.recv().await {
                     let Envelope::Msg(msg) = env else { continue };
                     drained += 1;
-                    if let Some(r) = failure(catch_panic(actor.handle(msg, &mut ctx)).await) {
+                    if let Some(r) =
+                        ExitReason::from_outcome(catch_panic(actor.handle(msg, &mut ctx)).await)
+                    {
                         reason = r;
                         break;
                     }
@@ -107,11 +100,13 @@ pub(crate) async fn run<A: Actor>(
                 info!(actor = %name, actor_id = id, handled = drained, "actor drained");
                 break reason;
             }
-            _ => {}
+            Control::Run => {}
         }
         match rx.recv().await {
             Some(Envelope::Msg(msg)) => {
-                if let Some(r) = failure(catch_panic(actor.handle(msg, &mut ctx)).await) {
+                if let Some(r) =
+                    ExitReason::from_outcome(catch_panic(actor.handle(msg, &mut ctx)).await)
+                {
                     break r;
                 }
                 if ctx.stop {
@@ -125,11 +120,13 @@ pub(crate) async fn run<A: Actor>(
     };
 
     if reason.is_failure() {
-        warn!(actor = %name, actor_id = id, error = %reason, "actor failed");
+        warn!(actor = %name, actor_id = id, error = %reason.chain(), "actor failed");
     }
     shared.set_state(ActorState::Stopping);
-    if let Some(hook_failure) = failure(catch_panic(actor.stopped(&reason, &mut ctx)).await) {
-        warn!(actor = %name, actor_id = id, error = %hook_failure, "actor stop hook failed");
+    if let Some(hook_failure) =
+        ExitReason::from_outcome(catch_panic(actor.stopped(&reason, &mut ctx)).await)
+    {
+        warn!(actor = %name, actor_id = id, error = %hook_failure.chain(), "actor stop hook failed");
         if !reason.is_failure() {
             reason = hook_failure;
         }
@@ -155,7 +152,7 @@ impl<A: Actor> ActorHandle<A> {
     /// [`crate::SendError::Stopping`], queued ones are handled, then the stop
     /// hook runs. Await [`ActorHandle::join`] for the end.
     pub fn stop(&self) {
-        self.addr.shared.request_stop(CONTROL_DRAIN);
+        self.addr.shared.request_stop(Control::Drain);
     }
 
     /// Waits for the actor to end and returns why. An unsupervised actor is
@@ -163,8 +160,7 @@ impl<A: Actor> ActorHandle<A> {
     pub async fn join(self) -> ExitReason {
         let reason = match self.join.await {
             Ok(exit) => exit.reason,
-            Err(e) if e.is_panic() => ExitReason::Panic(panic_message(e.into_panic())),
-            Err(_) => ExitReason::Aborted,
+            Err(e) => ExitReason::from_join_error(e),
         };
         self.addr.shared.close_mailbox();
         reason

@@ -6,10 +6,11 @@
 //!   [`Addr::ask`] and [`Addr::ask_timeout`].
 //! - A panic or an `Err` in a handler or hook ends the incarnation with a
 //!   typed [`ExitReason`]; it never takes down a runtime thread.
-//! - A [`Supervisor`] restarts its children by [`Strategy`] (one-for-one,
-//!   one-for-all, rest-for-one) and [`Restart`] policy (permanent, transient,
-//!   temporary), with exponential [`Backoff`] and an [`Intensity`] limit past
-//!   which it stops its children and fails towards its own parent.
+//! - A [`Supervisor`] restarts its children by [`SupervisionStrategy`]
+//!   (one-for-one, one-for-all, rest-for-one) and [`RestartPolicy`]
+//!   (permanent, transient, temporary), with exponential [`Backoff`] and an
+//!   [`Intensity`] limit past which it stops its children and fails towards
+//!   its own parent.
 //! - Addresses survive restarts: the mailbox belongs to the child, not to the
 //!   incarnation, so messages queued during a restart and its backoff are
 //!   handled by the next incarnation. The caller whose message was being
@@ -19,8 +20,33 @@
 //!   hook; supervisors stop children in reverse start order; nothing restarts;
 //!   a grace period bounds it all and the [`ShutdownReport`] says who drained
 //!   and who was aborted.
-//! - Every lifecycle event is a `tracing` event with `actor` and `actor_id`
-//!   fields; [`SupervisorRef::snapshot`] returns the live tree.
+//! - Every incarnation runs in a `tracing` span with `actor` and `actor_id`
+//!   fields, so every event of its handlers carries them; lifecycle events
+//!   carry them as fields too. [`SupervisorRef::snapshot`] returns the live
+//!   tree.
+//! - [`Context::send_interval`] gives an actor a ticker that lives as long as
+//!   the incarnation.
+//!
+//! `use prism_actors::prelude::*;` brings the common items into scope.
+//!
+//! # When a child is restarted
+//!
+//! A child that ends by itself is restarted by its [`RestartPolicy`] and its
+//! [`ExitReason`] ([`RestartPolicy::restarts_after`]):
+//!
+//! | policy \ exit reason | `Normal` | `Shutdown` | `Restart` | `Error` | `Panic` | `Escalated` | `Aborted` |
+//! |---|---|---|---|---|---|---|---|
+//! | `Permanent` | restarted | restarted | restarted | restarted | restarted | restarted | restarted |
+//! | `Transient` | — | — | — | restarted | restarted | restarted | — |
+//! | `Temporary` | — | — | — | — | — | — | — |
+//!
+//! Above this table: once a shutdown has begun nothing restarts, a child
+//! removed with [`SupervisorRef::remove_child`] never restarts, and a child
+//! stopped because a sibling failed (`Restart`, under one-for-all or
+//! rest-for-one) is started again with the group whatever its policy, except
+//! a temporary one, which leaves the tree. `Escalated` is how a child
+//! supervisor ends when its restart intensity was exceeded; `Aborted`, a task
+//! that was cut off.
 //!
 //! # Example
 //!
@@ -66,20 +92,32 @@
 //! # }
 //! ```
 #![warn(missing_docs)]
+#![warn(clippy::mod_module_files)]
 
 mod actor;
 mod addr;
+mod exit;
 mod incarnation;
 mod shutdown;
 mod supervisor;
 mod tree;
 
-pub use actor::{Actor, BoxError, Context, ExitReason};
+pub use actor::{Actor, BoxError, Context, Ticker};
 pub use addr::{Addr, AskError, Reply, SendError};
+pub use exit::{Chain, ExitReason, SharedError};
 pub use incarnation::{catch_panic, spawn, ActorHandle};
 pub use shutdown::{ActorReport, ShutdownReport, StopOutcome};
 pub use supervisor::{
-    Backoff, Child, ChildSpec, Intensity, Restart, Strategy, Supervisor, SupervisorError,
-    SupervisorHandle, SupervisorRef, DEFAULT_MAILBOX,
+    Backoff, Child, ChildSpec, Intensity, RestartPolicy, SupervisionStrategy, Supervisor,
+    SupervisorError, SupervisorHandle, SupervisorRef, DEFAULT_MAILBOX,
 };
 pub use tree::{ActorInfo, ActorState};
+
+/// The items most actors and supervision trees need:
+/// `use prism_actors::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        Actor, Addr, AskError, Backoff, BoxError, ChildSpec, Context, ExitReason, Reply,
+        RestartPolicy, SendError, SupervisionStrategy, Supervisor, SupervisorHandle, SupervisorRef,
+    };
+}

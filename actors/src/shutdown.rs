@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::actor::ExitReason;
+use crate::exit::ExitReason;
 
 /// How one actor ended during a shutdown or a removal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,20 @@ pub enum StopOutcome {
     Failed(ExitReason),
     /// It was not running (waiting for a restart); queued asks failed.
     NotRunning,
+}
+
+impl StopOutcome {
+    /// How an actor that was asked to drain ended, from its exit reason.
+    /// Only [`ExitReason::Shutdown`] means the whole queue was handled: an
+    /// actor that stopped itself mid-drain ([`ExitReason::Normal`]), failed,
+    /// or was stopped for a restart left messages behind, and those asks fail.
+    pub(crate) fn of(reason: ExitReason) -> Self {
+        match reason {
+            ExitReason::Shutdown => StopOutcome::Drained,
+            ExitReason::Aborted => StopOutcome::Aborted,
+            other => StopOutcome::Failed(other),
+        }
+    }
 }
 
 /// One actor's line in a shutdown report.
@@ -74,5 +88,25 @@ impl ShutdownReport {
     /// The report of the first actor named `name`, depth first.
     pub fn find(&self, name: &str) -> Option<&ActorReport> {
         self.root.iter().into_iter().find(|r| r.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_full_drain_counts_as_drained() {
+        assert_eq!(StopOutcome::of(ExitReason::Shutdown), StopOutcome::Drained);
+        assert_eq!(StopOutcome::of(ExitReason::Aborted), StopOutcome::Aborted);
+        for reason in [
+            ExitReason::Normal,
+            ExitReason::Restart,
+            ExitReason::error("bad"),
+            ExitReason::Panic("oops".into()),
+            ExitReason::Escalated("too many".into()),
+        ] {
+            assert_eq!(StopOutcome::of(reason.clone()), StopOutcome::Failed(reason));
+        }
     }
 }

@@ -156,8 +156,8 @@ async fn queued_asks_fail_when_an_unsupervised_actor_fails() {
 #[tokio::test]
 async fn address_is_the_same_actor_across_restarts() {
     let opts = Opts::default();
-    let spec =
-        ChildSpec::new("stable", opts.factory("stable")).restart(prism_actors::Restart::Permanent);
+    let spec = ChildSpec::new("stable", opts.factory("stable"))
+        .restart(prism_actors::RestartPolicy::Permanent);
     let addr = spec.addr();
     let copy = addr.clone();
     let root = Supervisor::new("root")

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use common::{block, eventually, incarnation, total, within, Opts, WorkerMsg};
 use prism_actors::{
-    ActorState, AskError, Backoff, ChildSpec, ExitReason, Restart, SendError, Strategy, Supervisor,
+    ActorState, AskError, Backoff, ChildSpec, ExitReason, RestartPolicy, SendError,
+    SupervisionStrategy, Supervisor,
 };
 use tokio::time::Instant;
 
@@ -159,7 +160,7 @@ async fn in_flight_ask_at_a_panic_gets_no_reply_while_queued_asks_are_answered()
 
 /// Three workers a, b, c under `strategy`; b fails once. Returns how many times
 /// each was built once everything runs again.
-async fn builds_after_middle_child_fails(strategy: Strategy) -> [u32; 3] {
+async fn builds_after_middle_child_fails(strategy: SupervisionStrategy) -> [u32; 3] {
     let (a, b, c) = (Opts::default(), Opts::default(), Opts::default());
     let sa = ChildSpec::new("a", a.factory("a"));
     let sb = ChildSpec::new("b", b.factory("b"));
@@ -180,7 +181,7 @@ async fn builds_after_middle_child_fails(strategy: Strategy) -> [u32; 3] {
     // b restarts last among the group members before it, so once b runs again
     // every earlier restart has happened; c's restart (if any) comes right after.
     assert_eq!(incarnation(&ab).await, 2);
-    let expect_c = if strategy == Strategy::OneForOne {
+    let expect_c = if strategy == SupervisionStrategy::OneForOne {
         1
     } else {
         2
@@ -207,7 +208,7 @@ async fn builds_after_middle_child_fails(strategy: Strategy) -> [u32; 3] {
 #[tokio::test]
 async fn one_for_one_restarts_only_the_failed_child() {
     assert_eq!(
-        builds_after_middle_child_fails(Strategy::OneForOne).await,
+        builds_after_middle_child_fails(SupervisionStrategy::OneForOne).await,
         [1, 2, 1]
     );
 }
@@ -215,7 +216,7 @@ async fn one_for_one_restarts_only_the_failed_child() {
 #[tokio::test]
 async fn one_for_all_restarts_every_child() {
     assert_eq!(
-        builds_after_middle_child_fails(Strategy::OneForAll).await,
+        builds_after_middle_child_fails(SupervisionStrategy::OneForAll).await,
         [2, 2, 2]
     );
 }
@@ -223,7 +224,7 @@ async fn one_for_all_restarts_every_child() {
 #[tokio::test]
 async fn rest_for_one_restarts_the_failed_child_and_later_siblings() {
     assert_eq!(
-        builds_after_middle_child_fails(Strategy::RestForOne).await,
+        builds_after_middle_child_fails(SupervisionStrategy::RestForOne).await,
         [1, 2, 2]
     );
 }
@@ -241,7 +242,7 @@ async fn one_for_all_restarts_siblings_in_start_order() {
     let (sa, sb, sc) = (mk("a"), mk("b"), mk("c"));
     let (ab, ac) = (sb.addr(), sc.addr());
     let root = Supervisor::new("root")
-        .strategy(Strategy::OneForAll)
+        .strategy(SupervisionStrategy::OneForAll)
         .backoff(Backoff::NONE)
         .child(sa)
         .child(sb)
@@ -268,7 +269,7 @@ async fn one_for_all_restarts_siblings_in_start_order() {
 
 /// Adds one child with `restart` at run time, sends it `msg` and reports
 /// whether a new incarnation came up (`true`) or the address closed (`false`).
-async fn is_restarted_after(restart: Restart, msg: WorkerMsg) -> bool {
+async fn is_restarted_after(restart: RestartPolicy, msg: WorkerMsg) -> bool {
     let opts = Opts::default();
     let spec = ChildSpec::new("worker", opts.factory("worker")).restart(restart);
     let addr = spec.addr();
@@ -303,38 +304,38 @@ async fn is_restarted_after(restart: Restart, msg: WorkerMsg) -> bool {
 
 #[tokio::test]
 async fn permanent_child_is_restarted_after_a_normal_stop() {
-    assert!(is_restarted_after(Restart::Permanent, WorkerMsg::Stop).await);
+    assert!(is_restarted_after(RestartPolicy::Permanent, WorkerMsg::Stop).await);
 }
 
 #[tokio::test]
 async fn permanent_child_is_restarted_after_a_failure() {
-    assert!(is_restarted_after(Restart::Permanent, WorkerMsg::Fail).await);
+    assert!(is_restarted_after(RestartPolicy::Permanent, WorkerMsg::Fail).await);
 }
 
 #[tokio::test]
 async fn transient_child_is_restarted_after_a_failure() {
-    assert!(is_restarted_after(Restart::Transient, WorkerMsg::Panic).await);
+    assert!(is_restarted_after(RestartPolicy::Transient, WorkerMsg::Panic).await);
 }
 
 #[tokio::test]
 async fn transient_child_is_not_restarted_after_a_normal_stop() {
-    assert!(!is_restarted_after(Restart::Transient, WorkerMsg::Stop).await);
+    assert!(!is_restarted_after(RestartPolicy::Transient, WorkerMsg::Stop).await);
 }
 
 #[tokio::test]
 async fn temporary_child_is_not_restarted_after_a_failure() {
-    assert!(!is_restarted_after(Restart::Temporary, WorkerMsg::Fail).await);
+    assert!(!is_restarted_after(RestartPolicy::Temporary, WorkerMsg::Fail).await);
 }
 
 #[tokio::test]
 async fn temporary_child_is_not_restarted_after_a_normal_stop() {
-    assert!(!is_restarted_after(Restart::Temporary, WorkerMsg::Stop).await);
+    assert!(!is_restarted_after(RestartPolicy::Temporary, WorkerMsg::Stop).await);
 }
 
 #[tokio::test]
 async fn temporary_child_is_started_with_its_supervisor() {
     let opts = Opts::default();
-    let spec = ChildSpec::new("temp", opts.factory("temp")).restart(Restart::Temporary);
+    let spec = ChildSpec::new("temp", opts.factory("temp")).restart(RestartPolicy::Temporary);
     let addr = spec.addr();
     let root = Supervisor::new("root").child(spec).spawn();
 
@@ -351,7 +352,7 @@ async fn temporary_child_is_started_with_its_supervisor() {
 #[tokio::test]
 async fn temporary_child_that_ends_fails_every_queued_ask() {
     let opts = Opts::default();
-    let spec = ChildSpec::new("temp", opts.factory("temp")).restart(Restart::Temporary);
+    let spec = ChildSpec::new("temp", opts.factory("temp")).restart(RestartPolicy::Temporary);
     let addr = spec.addr();
     let root = Supervisor::new("root").backoff(Backoff::NONE).spawn();
     within("add_child", root.supervisor_ref().add_child(spec))
