@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use prism_actors::{
-    Backoff, Child, ChildSpec, ExitReason, Restart as RestartPolicy, Supervisor, SupervisorHandle,
+    Backoff, Child, ChildSpec, ExitReason, RestartPolicy, Supervisor, SupervisorHandle,
 };
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};

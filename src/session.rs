@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prism_actors::{
-    Actor, Addr, BoxError, ChildSpec, Context, ExitReason, Reply, Restart, SendError, SupervisorRef,
+    Actor, Addr, BoxError, ChildSpec, Context, ExitReason, Reply, RestartPolicy, SendError, SupervisorRef,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
@@ -290,7 +290,7 @@ impl Sessions {
                     settings: settings.clone(),
                 }
             })
-            .restart(Restart::Temporary);
+            .restart(RestartPolicy::Temporary);
             map.insert(client, spec.addr());
             spec
         };
