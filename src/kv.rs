@@ -244,7 +244,13 @@ impl Core {
         op: &'static str,
         e: ApiError,
     ) -> ApiError {
-        self.finish::<()>(caller, namespace, op, std::time::Instant::now(), &Err(e.clone()));
+        self.finish::<()>(
+            caller,
+            namespace,
+            op,
+            std::time::Instant::now(),
+            &Err(e.clone()),
+        );
         e
     }
 
@@ -299,7 +305,11 @@ impl Core {
             }
         };
         // A namespace that is not configured is counted under one label.
-        let known = self.inner.namespaces.get(namespace).map(|ns| ns.name.clone());
+        let known = self
+            .inner
+            .namespaces
+            .get(namespace)
+            .map(|ns| ns.name.clone());
         self.inner
             .metrics
             .request(known, op, code, started.elapsed());

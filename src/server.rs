@@ -11,14 +11,14 @@ use prism_actors::{
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
-use crate::grpc::KvService;
-use crate::http::{AdminServer, AdminState};
-use crate::kv::{Core, Draining, Namespace};
 use crate::backend::memory::MemoryConnector;
 use crate::backend::postgres::PostgresConnector;
 use crate::backend::redis::RedisConnector;
 use crate::backend::sqlite::SqliteConnector;
 use crate::backend::Connector;
+use crate::grpc::KvService;
+use crate::http::{AdminServer, AdminState};
+use crate::kv::{Core, Draining, Namespace};
 use crate::pool::{BackendHandle, BackendHealth, BreakerConfig, PoolActor, PoolConfig};
 use crate::proto::key_value_server::KeyValueServer;
 use crate::session::Sessions;
@@ -190,6 +190,9 @@ impl Gateway {
                 health_interval: b.pool.health_interval,
             };
             let backend_name: Arc<str> = name.as_str().into();
+            // The connector's kind: a test or program may replace the one
+            // the settings describe.
+            let kind = connector.kind().to_owned();
             let factory_health = health.clone();
             let spec = ChildSpec::with_mailbox(format!("pool:{name}"), b.pool.mailbox, move || {
                 PoolActor::new(
@@ -203,7 +206,7 @@ impl Gateway {
             pools.insert(name.clone(), (spec.addr(), health.clone()));
             handles.push(BackendHandle {
                 name: name.clone(),
-                kind: b.kind_name().to_owned(),
+                kind,
                 health,
             });
             backends = backends.child(spec);

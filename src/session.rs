@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prism_actors::{
-    Actor, Addr, BoxError, ChildSpec, Context, ExitReason, Reply, RestartPolicy, SendError, SupervisorRef,
+    Actor, Addr, BoxError, ChildSpec, Context, ExitReason, Reply, RestartPolicy, SendError,
+    SupervisorRef,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
@@ -317,7 +318,11 @@ impl Sessions {
                 }
                 Err(e) => {
                     let owner = format!("the session of client '{client}'");
-                    return Err(ApiError::rejected(&e, &owner, "its mailbox (sessions.mailbox)"));
+                    return Err(ApiError::rejected(
+                        &e,
+                        &owner,
+                        "its mailbox (sessions.mailbox)",
+                    ));
                 }
             }
         }

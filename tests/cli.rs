@@ -176,7 +176,7 @@ fn serve_with_bad_settings_exits_64_before_binding() {
     let held = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = held.local_addr().expect("addr").port();
     let text = MEMORY_SETTINGS
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+        .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1)
         .replace("backend = \"mem\"", "backend = \"missing\"");
     let dir = settings_dir(&text);
     let mut child = prism()
@@ -198,7 +198,8 @@ fn serve_with_bad_settings_exits_64_before_binding() {
 fn serve_exits_69_naming_the_key_when_the_address_is_taken() {
     let held = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = held.local_addr().expect("addr").port();
-    let dir = settings_dir(&MEMORY_SETTINGS.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")));
+    let dir =
+        settings_dir(&MEMORY_SETTINGS.replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1));
     let mut child = prism()
         .args(["serve", "--settings"])
         .arg(dir.path())

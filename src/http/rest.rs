@@ -57,7 +57,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 fn caller(req: &HttpRequest) -> Caller {
     let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
-    Caller::new(Api::Rest, header(CLIENT_ID), req.peer_addr(), header(TIMEOUT))
+    Caller::new(
+        Api::Rest,
+        header(CLIENT_ID),
+        req.peer_addr(),
+        header(TIMEOUT),
+    )
 }
 
 /// The namespace and key of a `/v1/kv/{namespace}[/{key}]` request, each
@@ -108,26 +113,36 @@ where
 }
 
 async fn get(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
-    with_key(&req, &state, "get", |core, caller, namespace, key| async move {
-        match core.get(&caller, &namespace, key.clone()).await? {
-            Some(r) => Ok(HttpResponse::Ok()
-                .content_type("application/octet-stream")
-                .insert_header((TTL_HEADER, HeaderValue::from(ttl_ms(r.ttl))))
-                .body(r.value)),
-            None => Err(ApiError::KeyNotFound { namespace, key }),
-        }
-    })
+    with_key(
+        &req,
+        &state,
+        "get",
+        |core, caller, namespace, key| async move {
+            match core.get(&caller, &namespace, key.clone()).await? {
+                Some(r) => Ok(HttpResponse::Ok()
+                    .content_type("application/octet-stream")
+                    .insert_header((TTL_HEADER, HeaderValue::from(ttl_ms(r.ttl))))
+                    .body(r.value)),
+                None => Err(ApiError::KeyNotFound { namespace, key }),
+            }
+        },
+    )
     .await
 }
 
 async fn exists(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
-    with_key(&req, &state, "exists", |core, caller, namespace, key| async move {
-        Ok(if core.exists(&caller, &namespace, key).await? {
-            HttpResponse::Ok().finish()
-        } else {
-            HttpResponse::NotFound().finish()
-        })
-    })
+    with_key(
+        &req,
+        &state,
+        "exists",
+        |core, caller, namespace, key| async move {
+            Ok(if core.exists(&caller, &namespace, key).await? {
+                HttpResponse::Ok().finish()
+            } else {
+                HttpResponse::NotFound().finish()
+            })
+        },
+    )
     .await
 }
 
@@ -144,19 +159,24 @@ async fn put(
     state: web::Data<AdminState>,
 ) -> HttpResponse {
     let request = req.clone();
-    with_key(&req, &state, "put", |core, caller, namespace, key| async move {
-        let query = web::Query::<PutQuery>::from_query(request.query_string())
-            .map_err(|e| ApiError::InvalidArgument(format!("ttl_ms: {e}")));
-        let query = match query {
-            Ok(q) => q,
-            Err(e) => return Err(core.refuse(&caller, &namespace, "put", e)),
-        };
-        core.put(&caller, &namespace, key, query.ttl_ms, |limit| {
-            read_value(&request, payload, limit)
-        })
-        .await?;
-        Ok(HttpResponse::NoContent().finish())
-    })
+    with_key(
+        &req,
+        &state,
+        "put",
+        |core, caller, namespace, key| async move {
+            let query = web::Query::<PutQuery>::from_query(request.query_string())
+                .map_err(|e| ApiError::InvalidArgument(format!("ttl_ms: {e}")));
+            let query = match query {
+                Ok(q) => q,
+                Err(e) => return Err(core.refuse(&caller, &namespace, "put", e)),
+            };
+            core.put(&caller, &namespace, key, query.ttl_ms, |limit| {
+                read_value(&request, payload, limit)
+            })
+            .await?;
+            Ok(HttpResponse::NoContent().finish())
+        },
+    )
     .await
 }
 
@@ -191,10 +211,15 @@ async fn read_value(
 }
 
 async fn delete(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
-    with_key(&req, &state, "delete", |core, caller, namespace, key| async move {
-        let existed = core.delete(&caller, &namespace, key).await?;
-        Ok(HttpResponse::Ok().json(serde_json::json!({ "existed": existed })))
-    })
+    with_key(
+        &req,
+        &state,
+        "delete",
+        |core, caller, namespace, key| async move {
+            let existed = core.delete(&caller, &namespace, key).await?;
+            Ok(HttpResponse::Ok().json(serde_json::json!({ "existed": existed })))
+        },
+    )
     .await
 }
 

@@ -13,10 +13,10 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::error::Error;
-use crate::backend::postgres::{PostgresConfig, PostgresConnector};
-use crate::backend::redis::{RedisConfig, RedisConnector};
 use super::load::{from_config, origin_of};
 use super::raw::{bound, duration, number};
+use crate::backend::postgres::{PostgresConfig, PostgresConnector};
+use crate::backend::redis::{RedisConfig, RedisConnector};
 
 /// One configured backend.
 #[derive(Debug, Clone)]
@@ -313,8 +313,9 @@ pub(super) fn parse_backend(
     }
     // Split the section into the shared keys and the kind's own.
     let shared = fields_of::<RawPool>();
-    let (pool_table, own_table): (config::Map<_, _>, config::Map<_, _>) =
-        table.into_iter().partition(|(k, _)| shared.contains(&k.as_str()));
+    let (pool_table, own_table): (config::Map<_, _>, config::Map<_, _>) = table
+        .into_iter()
+        .partition(|(k, _)| shared.contains(&k.as_str()));
     if builtin {
         let own = Kind::fields(&kind);
         for field in own_table.keys().filter(|f| !own.contains(&f.as_str())) {

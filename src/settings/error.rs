@@ -178,4 +178,3 @@ pub fn env_var_name(key: &str) -> String {
     }
     name
 }
-

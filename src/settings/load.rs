@@ -311,4 +311,3 @@ fn from_message(message: &str, key: String, origin: Option<String>, root: Option
         message,
     }
 }
-

@@ -216,9 +216,7 @@ fn check_name(key: &str, what: &str, name: &str) -> Result<(), Error> {
     let shown: String = name.chars().take(MAX_NAME_LEN + 1).collect();
     Err(Error::invalid(
         key,
-        format!(
-            "{what} name {shown:?} must be 1 to {MAX_NAME_LEN} letters, digits, `_` or `-`"
-        ),
+        format!("{what} name {shown:?} must be 1 to {MAX_NAME_LEN} letters, digits, `_` or `-`"),
     ))
 }
 
