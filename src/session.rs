@@ -12,7 +12,6 @@ use prism_actors::{
     SupervisorRef,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -74,7 +73,6 @@ pub struct Session {
     in_flight: Arc<Semaphore>,
     bucket: Option<Bucket>,
     last_active: Instant,
-    ticker: Option<AbortHandle>,
     registry: Sessions,
 }
 
@@ -150,23 +148,8 @@ impl Actor for Session {
     type Msg = SessionMsg;
 
     async fn started(&mut self, ctx: &mut Context<Self>) -> Result<(), BoxError> {
-        let addr = ctx.addr();
         let every = (self.settings.idle_timeout / 4).max(Duration::from_millis(10));
-        self.ticker = Some(
-            tokio::spawn(async move {
-                let mut interval = tokio::time::interval(every);
-                interval.tick().await;
-                loop {
-                    interval.tick().await;
-                    if let Err(SendError::Closed(_) | SendError::Stopping(_)) =
-                        addr.try_tell(SessionMsg::Tick)
-                    {
-                        break;
-                    }
-                }
-            })
-            .abort_handle(),
-        );
+        ctx.send_interval(every, || SessionMsg::Tick);
         debug!(client = %self.client, "session started");
         Ok(())
     }
@@ -195,9 +178,6 @@ impl Actor for Session {
         _reason: &ExitReason,
         ctx: &mut Context<Self>,
     ) -> Result<(), BoxError> {
-        if let Some(t) = self.ticker.take() {
-            t.abort();
-        }
         self.registry.forget(&self.client, ctx.id());
         Ok(())
     }
@@ -286,7 +266,6 @@ impl Sessions {
                     in_flight: Arc::new(Semaphore::new(settings.max_in_flight as usize)),
                     bucket,
                     last_active: Instant::now(),
-                    ticker: None,
                     registry: registry.clone(),
                     settings: settings.clone(),
                 }
