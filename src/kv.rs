@@ -15,13 +15,13 @@ pub mod validate;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use prism_actors::Addr;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tracing::{debug, error, Instrument};
 
@@ -56,20 +56,81 @@ pub struct Page {
     pub next_cursor: String,
 }
 
-/// Set once the gateway stops admitting requests: readiness answers 503
-/// and new requests on every transport get UNAVAILABLE.
+/// The drain as the request core and the probes see it, and the count of
+/// requests in flight on every transport, which the drain waits for.
+///
+/// A drain has two steps: first it is *announced* (health and readiness say
+/// NOT_SERVING while requests are still served, so load balancers stop
+/// sending), then new requests are *refused* with UNAVAILABLE while those
+/// in flight finish.
 #[derive(Debug, Clone, Default)]
-pub struct Draining(Arc<AtomicBool>);
+pub struct Draining(Arc<DrainState>);
+
+#[derive(Debug, Default)]
+struct DrainState {
+    announced: AtomicBool,
+    refusing: AtomicBool,
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
 
 impl Draining {
-    /// Marks the drain as begun.
-    pub fn begin(&self) {
-        self.0.store(true, Ordering::Release);
+    /// Announces the drain: readiness and health turn NOT_SERVING.
+    pub fn announce(&self) {
+        self.0.announced.store(true, Ordering::Release);
     }
 
-    /// True once the drain has begun.
+    /// From now on new requests are refused.
+    pub fn refuse(&self) {
+        self.announce();
+        self.0.refusing.store(true, Ordering::Release);
+    }
+
+    /// True once the drain has been announced.
     pub fn is_draining(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.announced.load(Ordering::Acquire)
+    }
+
+    /// True once new requests are refused.
+    pub fn is_refusing(&self) -> bool {
+        self.0.refusing.load(Ordering::Acquire)
+    }
+
+    /// Requests in flight now, on every transport.
+    pub fn in_flight(&self) -> usize {
+        self.0.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no request is in flight.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.0.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the count is read, so a request that ends
+            // in between still wakes this waiter.
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn enter(&self) -> InFlight<'_> {
+        self.0.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(&self.0)
+    }
+}
+
+/// One request in flight; counted until dropped (also when the caller goes
+/// away and its future is dropped).
+struct InFlight<'a>(&'a DrainState);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
@@ -268,9 +329,10 @@ impl Core {
         Fut: Future<Output = Result<Op, ApiError>>,
     {
         let started = std::time::Instant::now();
+        let _in_flight = self.inner.draining.enter();
         let span = tracing::info_span!("request", namespace = %namespace, op, session = %caller.client, api = caller.api.as_str());
         let res = async {
-            if self.inner.draining.is_draining() {
+            if self.inner.draining.is_refusing() {
                 return Err(ApiError::Unavailable("server is draining".into()));
             }
             let ns = self

@@ -5,27 +5,22 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use prism_actors::{
-    Backoff, Child, ChildSpec, ExitReason, RestartPolicy, Supervisor, SupervisorHandle,
-};
+use prism_actors::{Child, ExitReason};
 use tokio::net::TcpListener;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::backend::memory::MemoryConnector;
-use crate::backend::postgres::PostgresConnector;
-use crate::backend::redis::RedisConnector;
-use crate::backend::sqlite::SqliteConnector;
 use crate::backend::Connector;
-use crate::grpc::KvService;
 use crate::http::{AdminServer, AdminState};
-use crate::kv::{Core, Draining, Namespace};
-use crate::pool::{BackendHandle, BackendHealth, BreakerConfig, PoolActor, PoolConfig};
-use crate::proto::key_value_server::KeyValueServer;
-use crate::session::Sessions;
-use crate::settings::{BackendKind, BackendSettings, CustomSettings, Settings, SupervisorSettings};
+use crate::kv::Draining;
+use crate::settings::{CustomSettings, Settings};
 
-/// Room above the largest value for the rest of a request or response.
-const MESSAGE_OVERHEAD: usize = 64 * 1024;
+mod listener;
+mod tree;
+
+/// How long the gRPC server may still hold connections after the last
+/// request finished: time to flush the last responses. Streams still open
+/// then (health watch, reflection) are cut.
+const STREAM_LINGER: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// How often recorded latencies are folded into the metrics' histograms.
 const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
@@ -79,14 +74,6 @@ pub async fn run(
     Gateway::new(settings).serve(listeners, shutdown).await
 }
 
-fn backoff(s: &SupervisorSettings) -> Backoff {
-    Backoff {
-        initial: s.backoff_initial,
-        max: s.backoff_max,
-        jitter: 0.2,
-    }
-}
-
 impl Gateway {
     /// A gateway with the backends its settings describe.
     pub fn new(settings: Settings) -> Self {
@@ -130,161 +117,49 @@ impl Gateway {
         self
     }
 
-    fn connector_for(&self, name: &str, b: &BackendSettings) -> Result<Arc<dyn Connector>, Error> {
-        if let Some(c) = self.connectors.get(name) {
-            return Ok(c.clone());
-        }
-        let invalid = |e: crate::backend::Error| Error::Start(format!("backends.{name}: {e}"));
-        Ok(match &b.kind {
-            BackendKind::Sqlite(s) => Arc::new(SqliteConnector::new(
-                s.path.clone(),
-                s.busy_timeout,
-                b.pool.pool_size,
-            )),
-            BackendKind::Memory => Arc::new(MemoryConnector::new()),
-            BackendKind::Postgres(s) => {
-                Arc::new(PostgresConnector::new(s.config(&b.pool)).map_err(invalid)?)
-            }
-            BackendKind::Redis(s) => {
-                Arc::new(RedisConnector::new(s.config(&b.pool)).map_err(invalid)?)
-            }
-            BackendKind::Custom(c) => {
-                let factory = self.kinds.get(&c.kind).ok_or_else(|| {
-                    Error::Start(format!(
-                        "backends.{name}.kind: no connector is registered for kind {:?} (Gateway::kind)",
-                        c.kind
-                    ))
-                })?;
-                factory(name, c).map_err(|e| Error::Start(e.to_string()))?
-            }
-        })
-    }
-
-    /// Builds the supervision tree: root → backends (one pool actor each),
-    /// sessions (dynamic, one per client), then the program's own children.
-    /// Backends start first, so they stop last.
-    fn tree(
-        &mut self,
-        draining: Draining,
-    ) -> Result<(SupervisorHandle, Core, Vec<BackendHandle>), Error> {
-        let s = &self.settings;
-        let sup = &s.supervisor;
-        let mut backends = Supervisor::new("backends")
-            .intensity(sup.max_restarts, sup.restart_window)
-            .backoff(backoff(sup));
-        let mut pools = BTreeMap::new();
-        let mut handles = Vec::new();
-        for (name, b) in &s.backends {
-            let connector = self.connector_for(name, b)?;
-            let health = Arc::new(BackendHealth::new(
-                name.as_str().into(),
-                BreakerConfig {
-                    failures: b.pool.breaker_failures,
-                    cooldown: b.pool.breaker_cooldown,
-                },
-            ));
-            let config = PoolConfig {
-                pool_size: b.pool.pool_size,
-                queue: b.pool.mailbox,
-                purge_interval: b.pool.purge_interval,
-                health_interval: b.pool.health_interval,
-            };
-            let backend_name: Arc<str> = name.as_str().into();
-            // The connector's kind: a test or program may replace the one
-            // the settings describe.
-            let kind = connector.kind().to_owned();
-            let factory_health = health.clone();
-            let spec = ChildSpec::with_mailbox(format!("pool:{name}"), b.pool.mailbox, move || {
-                PoolActor::new(
-                    backend_name.clone(),
-                    connector.clone(),
-                    config.clone(),
-                    factory_health.clone(),
-                )
-            })
-            .shutdown_timeout(s.server.shutdown_grace);
-            pools.insert(name.clone(), (spec.addr(), health.clone()));
-            handles.push(BackendHandle {
-                name: name.clone(),
-                kind,
-                health,
-            });
-            backends = backends.child(spec);
-        }
-        let sessions_sup = Supervisor::new("sessions")
-            .intensity(sup.max_restarts, sup.restart_window)
-            .backoff(backoff(sup));
-        let sessions = Sessions::new(sessions_sup.supervisor_ref(), s.sessions.clone());
-        let mut namespaces = Vec::new();
-        for (name, ns) in &s.namespaces {
-            // Settings only validate when every namespace names a configured
-            // backend, and every configured backend has a pool here.
-            let Some((pool, health)) = pools.get(&ns.backend) else {
-                return Err(Error::Start(format!(
-                    "namespaces.{name}.backend: backend '{}' has no pool",
-                    ns.backend
-                )));
-            };
-            namespaces.push(Namespace {
-                name: name.as_str().into(),
-                settings: ns.clone(),
-                pool: pool.clone(),
-                health: health.clone(),
-            });
-        }
-        let mut root = Supervisor::new("prism")
-            .intensity(sup.max_restarts, sup.restart_window)
-            .backoff(backoff(sup))
-            .child(backends.restart(RestartPolicy::Permanent))
-            .child(sessions_sup.restart(RestartPolicy::Permanent));
-        for child in self.children.drain(..) {
-            root = root.child(child);
-        }
-        let core = Core::new(namespaces, sessions, draining);
-        Ok((root.spawn(), core, handles))
-    }
-
     /// Serves until `shutdown` resolves (or the supervision tree gives up),
-    /// then drains: health turns NOT_SERVING, no new RPC is accepted, accepted
-    /// ones complete, sessions then pool actors drain their mailboxes and the
-    /// pools close, all within `server.shutdown_grace`.
+    /// then drains, all within `server.shutdown_grace`:
+    ///
+    /// 1. health (`""` and `prism.kv.v1.KeyValue`) turns NOT_SERVING and
+    ///    readiness 503, while both listeners keep serving for
+    ///    `server.drain_delay`, so that load balancers stop sending;
+    /// 2. new requests are refused and the gRPC listener closes; requests in
+    ///    flight on either transport (an upload being received included)
+    ///    finish; long-lived streams (health watch, reflection) are cut, so
+    ///    they cannot hold the drain;
+    /// 3. the session actors, then the pool actors drain their mailboxes and
+    ///    the pools close;
+    /// 4. the admin plane stops.
+    ///
+    /// The last log line, `prism stopped`, says whether anything was cut.
     pub async fn serve(
         mut self,
         listeners: Listeners,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
-        let grace = self.settings.server.shutdown_grace;
-        let max_message = self.settings.max_value_size() + MESSAGE_OVERHEAD;
+        let server_settings = self.settings.server.clone();
+        let grace = server_settings.shutdown_grace;
         let draining = Draining::default();
         let (mut root, core, backends) = self.tree(draining.clone())?;
-
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<KeyValueServer<KvService>>().await;
-        // Both reflection versions: grpcurl and older tools still ask v1alpha.
-        let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        let (router, health) = match listener::router(
+            core.clone(),
+            &server_settings.grpc,
+            self.settings.max_value_size(),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                root.shutdown(grace).await;
+                return Err(e);
+            }
         };
-        let reflection_v1 = reflection()
-            .build_v1()
-            .map_err(|e| Error::Start(format!("grpc reflection: {e}")))?;
-        let reflection_v1alpha = reflection()
-            .build_v1alpha()
-            .map_err(|e| Error::Start(format!("grpc reflection: {e}")))?;
-        let kv = KeyValueServer::new(KvService::new(core.clone()))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message);
 
         let addr = listeners
             .grpc
             .local_addr()
             .map_err(|e| Error::Start(format!("server.grpc_addr: {e}")))?;
-        info!(
-            grpc_addr = %addr,
-            backends = backends.len(),
-            "prism serving"
-        );
+        info!(grpc_addr = %addr, backends = backends.len(), "prism serving");
         let upkeep = core.metrics().spawn_upkeep(METRICS_UPKEEP);
         let admin = match listeners.http {
             Some(l) => {
@@ -301,61 +176,68 @@ impl Gateway {
             None => None,
         };
 
-        // The drain begins on the shutdown signal: health first, so that load
-        // balancers stop sending before the listener closes.
-        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-        let signal_health = health.clone();
-        let (signalled_tx, mut signalled_rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = signalled_tx.send(());
-        });
-        // The builder's own nodelay setting only applies to listeners it
-        // binds itself; this one is bound by the caller.
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-        let server = tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(kv)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = drain_rx.await;
-            });
+        let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = router.serve_with_incoming_shutdown(
+            listener::Incoming::new(listeners.grpc),
+            async move {
+                let _ = close_rx.await;
+            },
+        );
         let mut server = std::pin::pin!(server);
+        let mut shutdown = std::pin::pin!(shutdown);
 
-        let mut drain_tx = Some(drain_tx);
         let mut failure = None;
         let mut served = None;
         tokio::select! {
             res = &mut server => served = Some(res),
-            _ = &mut signalled_rx => {
-                info!(grace_ms = grace.as_millis() as u64, "shutdown signal received, draining");
+            _ = &mut shutdown => {
+                info!(grace_ms = grace.as_millis() as u64, drain_delay_ms = server_settings.drain_delay.as_millis() as u64, "shutdown signal received, draining");
             }
             reason = root.wait() => {
-                error!(reason = %reason, "supervision tree failed, stopping");
+                error!(reason = %reason.chain(), "supervision tree failed, stopping");
                 failure = Some(reason);
             }
         }
         let started = tokio::time::Instant::now();
-        draining.begin();
-        signal_health
-            .set_not_serving::<KeyValueServer<KvService>>()
-            .await;
-        if let Some(tx) = drain_tx.take() {
-            let _ = tx.send(());
-        }
-        if served.is_none() {
-            match tokio::time::timeout(grace, &mut server).await {
-                Ok(res) => served = Some(res),
-                Err(_) => warn!(
-                    grace_ms = grace.as_millis() as u64,
-                    "grace period over with requests still running"
-                ),
+        let deadline = started + grace;
+        draining.announce();
+        listener::set_not_serving(&health).await;
+        if served.is_none() && failure.is_none() && !server_settings.drain_delay.is_zero() {
+            // Still serving: load balancers see NOT_SERVING and move away.
+            tokio::select! {
+                res = &mut server => served = Some(res),
+                _ = tokio::time::sleep(server_settings.drain_delay) => {}
             }
         }
-        let left = grace.saturating_sub(started.elapsed());
-        let report = root.shutdown(left).await;
+        draining.refuse();
+        let _ = close_tx.send(());
+        // Requests in flight on both transports finish; what the gRPC server
+        // still holds after them is streams and idle connections.
+        let finished = tokio::time::timeout_at(deadline, draining.idle())
+            .await
+            .is_ok();
+        if served.is_none() {
+            match tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + STREAM_LINGER),
+                &mut server,
+            )
+            .await
+            {
+                Ok(res) => served = Some(res),
+                Err(_) => debug!("grpc streams still open after the requests finished, closed"),
+            }
+        }
+        let cut = draining.in_flight();
+        if !finished {
+            warn!(
+                grace_ms = grace.as_millis() as u64,
+                requests = cut,
+                "grace period over with requests still running"
+            );
+        }
+        let report = root
+            .shutdown(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await;
         for r in report.aborted() {
             warn!(actor = %r.name, actor_id = r.id, "actor aborted at the end of the grace period");
         }
@@ -366,13 +248,15 @@ impl Gateway {
         upkeep.abort();
         info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
-            clean = report.is_clean(),
+            clean = report.is_clean() && cut == 0,
+            requests_cut = cut,
+            actors_aborted = report.aborted().len(),
             "prism stopped"
         );
         if let Some(reason) = failure {
             return Err(Error::Supervision(match reason {
                 ExitReason::Escalated(e) => e,
-                other => other.to_string(),
+                other => other.chain().to_string(),
             }));
         }
         match served {

@@ -79,6 +79,39 @@ pub struct ServerSettings {
     pub http_addr: SocketAddr,
     /// How long a shutdown may take before what still runs is aborted.
     pub shutdown_grace: Duration,
+    /// How long, after a shutdown signal, both listeners keep serving while
+    /// health and readiness already say NOT_SERVING, so that load balancers
+    /// stop sending before the listeners close.
+    pub drain_delay: Duration,
+    /// Limits of the gRPC listener's connections.
+    pub grpc: GrpcLimits,
+}
+
+/// Limits of the gRPC listener: what one client connection may hold, and
+/// how long it lives. Keys `server.grpc_*`.
+#[derive(Debug, Clone)]
+pub struct GrpcLimits {
+    /// Concurrent streams (calls) one connection may open
+    /// (`server.grpc_max_concurrent_streams`).
+    pub max_concurrent_streams: u32,
+    /// Streams a client may open and reset before the server has accepted
+    /// them, a defence against rapid-reset floods
+    /// (`server.grpc_max_pending_reset_streams`).
+    pub max_pending_reset_streams: usize,
+    /// Streams the server may reset on one connection because of the
+    /// client's protocol errors before it closes the connection
+    /// (`server.grpc_max_local_reset_streams`).
+    pub max_local_reset_streams: usize,
+    /// HTTP/2 PING interval on idle connections
+    /// (`server.grpc_keepalive_interval`).
+    pub keepalive_interval: Duration,
+    /// A connection whose PING is not answered within this is closed
+    /// (`server.grpc_keepalive_timeout`).
+    pub keepalive_timeout: Duration,
+    /// A connection is asked to go away (GOAWAY, calls in flight finish)
+    /// after this long, so no connection, idle or busy, lives forever and
+    /// clients rebalance (`server.grpc_max_connection_age`).
+    pub max_connection_age: Duration,
 }
 
 /// `[log]`

@@ -13,8 +13,9 @@ use serde::Deserialize;
 use super::backend::parse_backend;
 use super::error::Error;
 use super::{
-    is_valid_name, log_filter, LogFormat, LogSettings, NamespaceSettings, ServerSettings,
-    SessionSettings, Settings, SupervisorSettings, MAX_NAME_LEN, MAX_VALUE_SIZE_LIMIT,
+    is_valid_name, log_filter, GrpcLimits, LogFormat, LogSettings, NamespaceSettings,
+    ServerSettings, SessionSettings, Settings, SupervisorSettings, MAX_NAME_LEN,
+    MAX_VALUE_SIZE_LIMIT,
 };
 
 /// Upper bounds shared by several keys. Generous, but finite: a deadline
@@ -104,6 +105,42 @@ struct RawServer {
     http_addr: SocketAddr,
     #[serde(with = "humantime_serde", default = "default_grace")]
     shutdown_grace: Duration,
+    #[serde(with = "humantime_serde", default = "default_drain_delay")]
+    drain_delay: Duration,
+    #[serde(default = "default_max_concurrent_streams")]
+    grpc_max_concurrent_streams: u32,
+    #[serde(default = "default_max_pending_reset_streams")]
+    grpc_max_pending_reset_streams: usize,
+    #[serde(default = "default_max_local_reset_streams")]
+    grpc_max_local_reset_streams: usize,
+    #[serde(with = "humantime_serde", default = "default_keepalive_interval")]
+    grpc_keepalive_interval: Duration,
+    #[serde(with = "humantime_serde", default = "default_keepalive_timeout")]
+    grpc_keepalive_timeout: Duration,
+    #[serde(with = "humantime_serde", default = "default_max_connection_age")]
+    grpc_max_connection_age: Duration,
+}
+
+fn default_drain_delay() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_concurrent_streams() -> u32 {
+    1024
+}
+fn default_max_pending_reset_streams() -> usize {
+    20
+}
+fn default_max_local_reset_streams() -> usize {
+    1024
+}
+fn default_keepalive_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_keepalive_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_connection_age() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_http_addr() -> SocketAddr {
@@ -227,15 +264,62 @@ impl RawSettings {
     /// sections are parsed; `custom_kinds` are the backend kinds registered
     /// besides the built-in ones.
     pub(super) fn validate(self, root: &Value, custom_kinds: &[String]) -> Result<Settings, Error> {
+        let v = &self.server;
         let server = ServerSettings {
-            grpc_addr: self.server.grpc_addr,
-            http_addr: self.server.http_addr,
-            shutdown_grace: duration(
-                "server.shutdown_grace",
-                self.server.shutdown_grace,
-                bound::TIMEOUT,
-            )?,
+            grpc_addr: v.grpc_addr,
+            http_addr: v.http_addr,
+            shutdown_grace: duration("server.shutdown_grace", v.shutdown_grace, bound::TIMEOUT)?,
+            drain_delay: if v.drain_delay.is_zero() {
+                v.drain_delay
+            } else {
+                duration("server.drain_delay", v.drain_delay, bound::BACKOFF)?
+            },
+            grpc: GrpcLimits {
+                max_concurrent_streams: number(
+                    "server.grpc_max_concurrent_streams",
+                    v.grpc_max_concurrent_streams,
+                    1,
+                    bound::QUEUE,
+                )?,
+                max_pending_reset_streams: number(
+                    "server.grpc_max_pending_reset_streams",
+                    v.grpc_max_pending_reset_streams,
+                    1,
+                    bound::QUEUE,
+                )?,
+                max_local_reset_streams: number(
+                    "server.grpc_max_local_reset_streams",
+                    v.grpc_max_local_reset_streams,
+                    1,
+                    bound::QUEUE,
+                )?,
+                keepalive_interval: duration(
+                    "server.grpc_keepalive_interval",
+                    v.grpc_keepalive_interval,
+                    bound::TIMEOUT,
+                )?,
+                keepalive_timeout: duration(
+                    "server.grpc_keepalive_timeout",
+                    v.grpc_keepalive_timeout,
+                    bound::TIMEOUT,
+                )?,
+                max_connection_age: duration(
+                    "server.grpc_max_connection_age",
+                    v.grpc_max_connection_age,
+                    bound::PERIOD,
+                )?,
+            },
         };
+        if server.drain_delay >= server.shutdown_grace {
+            return Err(Error::invalid(
+                "server.drain_delay",
+                format!(
+                    "{} is not shorter than server.shutdown_grace ({})",
+                    humantime::format_duration(server.drain_delay),
+                    humantime::format_duration(server.shutdown_grace)
+                ),
+            ));
+        }
         if server.grpc_addr == server.http_addr && server.grpc_addr.port() != 0 {
             return Err(Error::invalid(
                 "server.http_addr",
