@@ -15,7 +15,7 @@ use std::time::Duration;
 use base64::Engine;
 use bytes::Bytes;
 use common::binary::{serve_command, Prism, Signal};
-use common::faulty::{FaultyConnector, Probe};
+use common::faulty::{reaches, FaultyConnector, Probe};
 use common::http::{assert_error, json_of, named, Admin};
 use common::requests::{get, put};
 use common::{as_client, eventually, settings_dir, TestServer};
@@ -348,12 +348,7 @@ async fn readiness_is_503_while_draining_and_probes_answer_until_the_drain_ends(
     let mut h = Harness::start("").await;
     // A request that holds the drain open until the test lets it finish.
     let held = tokio::spawn(h.http.put(h.kv("faulty", "hold/1")).body("v").send());
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            h.probe.started.load(Ordering::SeqCst) >= 1
-        })
-        .await
-    );
+    assert!(reaches(&h.probe.started, 1, Duration::from_secs(5)).await);
     h.server.begin_stop();
     assert!(
         h.becomes_unready(Duration::from_secs(5)).await,
@@ -366,7 +361,7 @@ async fn readiness_is_503_while_draining_and_probes_answer_until_the_drain_ends(
     // Liveness and metrics still answer during the drain; new REST work does not.
     assert_eq!(h.status("/healthz").await, Some(StatusCode::OK));
     assert_eq!(h.status("/metrics").await, Some(StatusCode::OK));
-    let r = h.http.get(h.kv("cache", "k")).send().await.unwrap();
+    let r = h.get_kv("cache", "k").await;
     let message = assert_error(r, StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE").await;
     assert!(message.contains("draining"), "{message}");
     // The request in flight completes, and then the admin plane stops too.
@@ -420,12 +415,7 @@ async fn readiness_is_503_while_a_circuit_breaker_is_open() {
     let mut seen = None;
     for attempt in 0..5 {
         for i in 0..3 {
-            let r = h
-                .http
-                .get(h.kv("faulty", &format!("fail/{attempt}/{i}")))
-                .send()
-                .await
-                .unwrap();
+            let r = h.get_kv("faulty", &format!("fail/{attempt}/{i}")).await;
             assert_error(r, StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE").await;
         }
         let (status, body) = h.get_json("/readyz").await;
@@ -443,7 +433,7 @@ async fn readiness_is_503_while_a_circuit_breaker_is_open() {
     assert_eq!(faulty["circuit"], "open", "{faulty}");
     assert_eq!(faulty["up"], true, "{faulty}");
     // While open, requests are refused at once.
-    let r = h.http.get(h.kv("faulty", "k")).send().await.unwrap();
+    let r = h.get_kv("faulty", "k").await;
     assert_error(r, StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE").await;
     assert!(
         h.becomes_ready(Duration::from_secs(5)).await,
@@ -551,19 +541,13 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic_and_restarts() {
             .await
             .unwrap();
     }
-    let r = h.http.get(h.kv("cache", "k")).send().await.unwrap();
+    let r = h.get_kv("cache", "k").await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let e = c.get(get("nope", "k")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
-    let r = h.http.get(h.kv("nope", "k")).send().await.unwrap();
+    let r = h.get_kv("nope", "k").await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let r = h
-        .http
-        .put(h.kv("small", "k"))
-        .body(vec![0u8; 17])
-        .send()
-        .await
-        .unwrap();
+    let r = h.put_kv("small", "k", vec![0u8; 17]).await;
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
 
     let after = h.scrape().await;
@@ -649,16 +633,10 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic_and_restarts() {
 async fn rest_put_get_head_delete_round_trip() {
     let h = Harness::start("").await;
     let value: Vec<u8> = (0..=255u8).collect();
-    let r = h
-        .http
-        .put(h.kv("default", "user/1"))
-        .body(value.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = h.put_kv("default", "user/1", value.clone()).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
 
-    let r = h.http.get(h.kv("default", "user/1")).send().await.unwrap();
+    let r = h.get_kv("default", "user/1").await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["x-prism-ttl-ms"], "-1");
     assert_eq!(r.bytes().await.unwrap(), Bytes::from(value));
@@ -672,20 +650,15 @@ async fn rest_put_get_head_delete_round_trip() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    let r = h.http.get(h.kv("default", "ttl")).send().await.unwrap();
+    let r = h.get_kv("default", "ttl").await;
     let ttl: i64 = r.headers()["x-prism-ttl-ms"]
         .to_str()
         .unwrap()
         .parse()
         .unwrap();
     assert!((1..=60_000).contains(&ttl), "{ttl}");
-    h.http
-        .put(h.kv("cache", "defaulted"))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
-    let r = h.http.get(h.kv("cache", "defaulted")).send().await.unwrap();
+    h.put_kv("cache", "defaulted", "x").await;
+    let r = h.get_kv("cache", "defaulted").await;
     let ttl: i64 = r.headers()["x-prism-ttl-ms"]
         .to_str()
         .unwrap()
@@ -713,7 +686,7 @@ async fn rest_put_get_head_delete_round_trip() {
     assert_eq!(json_of(r).await.1["existed"], false);
     let r = h.http.head(h.kv("default", "user/1")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let r = h.http.get(h.kv("default", "user/1")).send().await.unwrap();
+    let r = h.get_kv("default", "user/1").await;
     let message = assert_error(r, StatusCode::NOT_FOUND, "NOT_FOUND").await;
     assert!(message.contains("user/1"), "{message}");
     h.server.stop().await.unwrap();
@@ -723,7 +696,7 @@ async fn rest_put_get_head_delete_round_trip() {
 async fn rest_errors_have_the_grpc_validation_and_http_statuses() {
     let h = Harness::start("").await;
     // 404: unknown namespace.
-    let r = h.http.get(h.kv("nope", "k")).send().await.unwrap();
+    let r = h.get_kv("nope", "k").await;
     let message = assert_error(r, StatusCode::NOT_FOUND, "NOT_FOUND").await;
     assert!(message.contains("unknown namespace 'nope'"), "{message}");
     let r = h.get("/v1/kv/nope").await;
@@ -731,20 +704,9 @@ async fn rest_errors_have_the_grpc_validation_and_http_statuses() {
     // 400: empty key, long key, NUL, bad TTL, bad cursor, bad limit.
     let r = h.get("/v1/kv/cache/").await;
     assert_error(r, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT").await;
-    let r = h
-        .http
-        .get(h.kv("cache", &"k".repeat(1025)))
-        .send()
-        .await
-        .unwrap();
+    let r = h.get_kv("cache", &"k".repeat(1025)).await;
     assert_error(r, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT").await;
-    let r = h
-        .http
-        .put(h.kv("cache", "a\0b"))
-        .body("v")
-        .send()
-        .await
-        .unwrap();
+    let r = h.put_kv("cache", "a\0b", "v").await;
     assert_error(r, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT").await;
     let r = h
         .http
@@ -759,45 +721,21 @@ async fn rest_errors_have_the_grpc_validation_and_http_statuses() {
     let r = h.get("/v1/kv/cache?limit=-1").await;
     assert_error(r, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT").await;
     // 413: one byte over the namespace limit, with and without a length.
-    let r = h
-        .http
-        .put(h.kv("small", "k"))
-        .body(vec![1u8; 17])
-        .send()
-        .await
-        .unwrap();
+    let r = h.put_kv("small", "k", vec![1u8; 17]).await;
     let message = assert_error(r, StatusCode::PAYLOAD_TOO_LARGE, "INVALID_ARGUMENT").await;
     assert!(message.contains("max_value_size"), "{message}");
     let (status, body) = chunked_put(&h, "/v1/kv/small/k", &[&[1u8; 10], &[2u8; 10]]).await;
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("INVALID_ARGUMENT"), "{body}");
-    let r = h
-        .http
-        .put(h.kv("small", "k"))
-        .body(vec![1u8; 16])
-        .send()
-        .await
-        .unwrap();
+    let r = h.put_kv("small", "k", vec![1u8; 16]).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     // Past the default 1 MiB limit, and past actix's own payload limit.
-    let r = h
-        .http
-        .put(h.kv("cache", "big"))
-        .body(vec![1u8; 1_048_577])
-        .send()
-        .await
-        .unwrap();
+    let r = h.put_kv("cache", "big", vec![1u8; 1_048_577]).await;
     assert_error(r, StatusCode::PAYLOAD_TOO_LARGE, "INVALID_ARGUMENT").await;
-    let r = h
-        .http
-        .put(h.kv("cache", "big"))
-        .body(vec![1u8; 1_048_576])
-        .send()
-        .await
-        .unwrap();
+    let r = h.put_kv("cache", "big", vec![1u8; 1_048_576]).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     // 503: the backend is unavailable.
-    let r = h.http.get(h.kv("faulty", "fail/x")).send().await.unwrap();
+    let r = h.get_kv("faulty", "fail/x").await;
     assert_error(r, StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE").await;
     // 504: the client's deadline passes first.
     let r = h
@@ -850,12 +788,7 @@ async fn rest_answers_429_when_a_client_has_too_many_requests_in_flight() {
             .header("x-client-id", "greedy")
             .send(),
     );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            h.probe.started.load(Ordering::SeqCst) >= 1
-        })
-        .await
-    );
+    assert!(reaches(&h.probe.started, 1, Duration::from_secs(5)).await);
     let r = h
         .http
         .get(h.kv("cache", "k"))
@@ -897,19 +830,13 @@ async fn keys_with_reserved_characters_work_percent_encoded() {
     ];
     for (i, key) in keys.iter().enumerate() {
         let value = format!("v{i}");
-        let r = h
-            .http
-            .put(h.kv("cache", key))
-            .body(value.clone())
-            .send()
-            .await
-            .unwrap();
+        let r = h.put_kv("cache", key, value.clone()).await;
         assert_eq!(r.status(), StatusCode::NO_CONTENT, "{key:?}");
         // gRPC sees exactly this key.
         let got = c.get(get("cache", key)).await.unwrap().into_inner();
         assert!(got.found, "{key:?} not found over gRPC");
         assert_eq!(got.value, Bytes::from(value.clone()), "{key:?}");
-        let r = h.http.get(h.kv("cache", key)).send().await.unwrap();
+        let r = h.get_kv("cache", key).await;
         assert_eq!(r.status(), StatusCode::OK, "{key:?}");
         assert_eq!(r.text().await.unwrap(), value, "{key:?}");
     }
@@ -928,19 +855,10 @@ async fn keys_with_reserved_characters_work_percent_encoded() {
 async fn rest_scan_pages_with_cursors_and_keys_only() {
     let h = Harness::start("").await;
     for i in 0..5 {
-        h.http
-            .put(h.kv("default", &format!("scan/{i}")))
-            .body(format!("value-{i}"))
-            .send()
-            .await
-            .unwrap();
+        h.put_kv("default", &format!("scan/{i}"), format!("value-{i}"))
+            .await;
     }
-    h.http
-        .put(h.kv("default", "other"))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    h.put_kv("default", "other", "x").await;
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut keys = Vec::new();
     let mut cursor = String::new();
@@ -1000,12 +918,7 @@ async fn rest_and_grpc_see_each_others_writes() {
     c.put(put("default", "shared/grpc", b"from grpc", 0))
         .await
         .unwrap();
-    let r = h
-        .http
-        .get(h.kv("default", "shared/grpc"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.get_kv("default", "shared/grpc").await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.text().await.unwrap(), "from grpc");
     let r = h

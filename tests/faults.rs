@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::faulty::{FaultyConnector, Probe};
+use common::faulty::{reaches, FaultyConnector, Probe};
 use common::http::Admin;
 use common::requests::{get, put, with_timeout};
 use common::{as_client, base_settings, eventually, TestServer};
@@ -53,12 +53,7 @@ async fn a_slow_backend_answers_deadline_exceeded_within_the_client_deadline() {
     assert_eq!(e.code(), Code::DeadlineExceeded);
     assert!(started.elapsed() < Duration::from_secs(4));
     // The backend work was dropped at the deadline.
-    assert!(
-        eventually(Duration::from_secs(2), || async {
-            probe.cancelled.load(Ordering::SeqCst) >= 2
-        })
-        .await
-    );
+    assert!(reaches(&probe.cancelled, 2, Duration::from_secs(2)).await);
     server.stop().await.unwrap();
 }
 
@@ -68,18 +63,12 @@ async fn a_client_that_goes_away_cancels_its_running_backend_call() {
     let mut c = server.client().await.unwrap();
     let call = tokio::spawn(async move { c.get(get("faulty", "block/1")).await });
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            probe.started.load(Ordering::SeqCst) >= 1
-        })
-        .await,
+        reaches(&probe.started, 1, Duration::from_secs(5)).await,
         "backend call never started"
     );
     call.abort();
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            probe.cancelled.load(Ordering::SeqCst) >= 1
-        })
-        .await,
+        reaches(&probe.cancelled, 1, Duration::from_secs(5)).await,
         "backend future was not dropped after the client went away"
     );
     server.stop().await.unwrap();
@@ -103,12 +92,7 @@ max_in_flight = 2
                 .await
         }));
     }
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            probe.started.load(Ordering::SeqCst) >= 2
-        })
-        .await
-    );
+    assert!(reaches(&probe.started, 2, Duration::from_secs(5)).await);
     let mut c2 = c.clone();
     let e = c2
         .get(as_client("greedy", get("cache", "x")))
@@ -167,10 +151,7 @@ async fn a_pool_actor_panic_restarts_it_and_later_requests_succeed() {
     assert_eq!(e.code(), Code::Internal);
     // The pool actor is restarted (it connects again) ...
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            probe.connects.load(Ordering::SeqCst) >= 2
-        })
-        .await,
+        reaches(&probe.connects, 2, Duration::from_secs(5)).await,
         "pool actor was not restarted"
     );
     // ... and serves again, with the data of the memory store intact.

@@ -16,6 +16,8 @@ use prism::backend::memory::MemoryConnector;
 use prism::backend::{Backend, BoxFuture, Connector, Error, Op, Outcome};
 use tokio::sync::Notify;
 
+use super::eventually;
+
 /// Counters the test reads.
 #[derive(Default)]
 pub struct Probe {
@@ -27,6 +29,11 @@ pub struct Probe {
     pub connects: AtomicU64,
     /// Holds `hold/` operations until opened.
     pub gate: Gate,
+}
+
+/// Waits until `counter` (of a [`Probe`]) reaches `n`, for up to `within`.
+pub async fn reaches(counter: &AtomicU64, n: u64, within: Duration) -> bool {
+    eventually(within, || async { counter.load(Ordering::SeqCst) >= n }).await
 }
 
 /// A gate that stays open once opened.

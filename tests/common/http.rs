@@ -45,6 +45,30 @@ impl Admin {
             .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
+    /// GET of `key` in `ns` over REST; panics when no answer comes.
+    pub async fn get_kv(&self, ns: &str, key: &str) -> reqwest::Response {
+        self.http
+            .get(self.kv(ns, key))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {ns}/{key}: {e}"))
+    }
+
+    /// PUT of `body` as `key` in `ns` over REST; panics when no answer comes.
+    pub async fn put_kv(
+        &self,
+        ns: &str,
+        key: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        self.http
+            .put(self.kv(ns, key))
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("PUT {ns}/{key}: {e}"))
+    }
+
     /// The status of GET `path`, None when there is no answer.
     pub async fn status(&self, path: &str) -> Option<StatusCode> {
         self.http
