@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::binary::{Prism, Signal, STARTUP};
+use common::binary::{Prism, Signal};
 use common::db::{gateway_waits_for_a_lock, postgres_url, unique_name, DropTable, RowLock};
 use common::http::Admin;
 use common::requests::{connect, get, put, with_timeout};
@@ -154,7 +154,7 @@ timeout = "60s"
 
     // The first signal begins a drain that waits for the request ...
     prism.signal(Signal::Term);
-    prism.wait_for(DRAINING, STARTUP).await;
+    prism.wait_for(DRAINING, Duration::from_secs(10)).await;
     assert!(
         admin.becomes_unready(Duration::from_secs(5)).await,
         "readiness never turned 503 during the drain"

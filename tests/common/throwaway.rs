@@ -22,7 +22,7 @@ pub trait Throwaway {
 
 /// Runs a blocking command to its end; fails with its output unless it
 /// succeeded.
-async fn run(mut cmd: Command) -> anyhow::Result<()> {
+async fn run_checked(mut cmd: Command) -> anyhow::Result<()> {
     let what = format!("{cmd:?}");
     let out = tokio::task::spawn_blocking(move || cmd.stdin(Stdio::null()).output())
         .await
@@ -79,7 +79,7 @@ impl ThrowawayPostgres {
             "-E",
             "UTF8",
         ]);
-        run(initdb).await?;
+        run_checked(initdb).await?;
         pg.pg_ctl_start().await?;
         Ok(pg)
     }
@@ -132,7 +132,7 @@ impl ThrowawayPostgres {
                 self.port,
                 self.home().display()
             ));
-        run(cmd).await
+        run_checked(cmd).await
     }
 }
 
@@ -155,7 +155,7 @@ impl ThrowawayPostgres {
         let signal = |sig: &str, pids: &[String]| {
             let mut kill = Command::new("kill");
             kill.arg(sig).args(pids);
-            run(kill)
+            run_checked(kill)
         };
         let _ = signal("-STOP", &children).await;
         signal("-KILL", std::slice::from_ref(&postmaster)).await?;
@@ -172,7 +172,7 @@ impl ThrowawayPostgres {
 
 impl Throwaway for ThrowawayPostgres {
     async fn stop(&mut self) -> anyhow::Result<()> {
-        run(self.stop_command()).await
+        run_checked(self.stop_command()).await
     }
 
     async fn start_again(&mut self) -> anyhow::Result<()> {
