@@ -6,21 +6,22 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
+use std::ops::Deref;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
-use common::faulty::{FaultyConnector, Probe};
-use common::{as_client, eventually, TestServer};
+use common::binary::{serve_command, Prism, Signal};
+use common::faulty::{reaches, FaultyConnector, Probe};
+use common::http::{assert_error, json_of, named, Admin};
+use common::requests::{get, put};
+use common::{as_client, eventually, settings_dir, TestServer};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use prism::backend::memory::MemoryConnector;
 use prism::backend::{Backend, BoxFuture, Connector, Error, Op, Outcome, PoolStats};
-use prism::proto::{GetRequest, PutRequest};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -141,22 +142,21 @@ impl Backend for Switched {
     }
 }
 
+/// A gateway in-process with the test backends, and its admin plane.
 struct Harness {
     server: TestServer,
-    http: reqwest::Client,
+    admin: Admin,
     probe: Arc<Probe>,
     flaky: Arc<AtomicBool>,
     _dir: tempfile::TempDir,
 }
 
-/// The element of a JSON array whose `name` is `name`.
-fn named<'a>(array: &'a Value, name: &str) -> &'a Value {
-    array
-        .as_array()
-        .expect("a JSON array")
-        .iter()
-        .find(|e| e["name"] == name)
-        .unwrap_or_else(|| panic!("no {name} in {array}"))
+impl Deref for Harness {
+    type Target = Admin;
+
+    fn deref(&self) -> &Admin {
+        &self.admin
+    }
 }
 
 impl Harness {
@@ -178,8 +178,8 @@ impl Harness {
         .await
         .expect("server starts");
         let h = Harness {
+            admin: Admin::new(server.http_url()),
             server,
-            http: reqwest::Client::new(),
             probe,
             flaky,
             _dir: dir,
@@ -192,67 +192,13 @@ impl Harness {
         h
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.server.http_url())
-    }
-
-    /// Polls `/readyz` until it answers 200 or `within` passes.
-    async fn becomes_ready(&self, within: Duration) -> bool {
-        eventually(within, || async {
-            self.status("/readyz").await == Some(StatusCode::OK)
-        })
-        .await
-    }
-
-    fn kv(&self, ns: &str, key: &str) -> String {
-        self.url(&format!(
-            "/v1/kv/{ns}/{}",
-            utf8_percent_encode(key, NON_ALPHANUMERIC)
-        ))
-    }
-
-    async fn status(&self, path: &str) -> Option<StatusCode> {
-        self.http
-            .get(self.url(path))
-            .send()
-            .await
-            .ok()
-            .map(|r| r.status())
-    }
-
-    async fn get_json(&self, path: &str) -> (StatusCode, Value) {
-        json_of(self.http.get(self.url(path)).send().await.expect("request")).await
-    }
-
     async fn scrape(&self) -> Metrics {
-        let r = self
-            .http
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("scrape");
+        let r = self.get("/metrics").await;
         assert_eq!(r.status(), StatusCode::OK);
         let content_type = r.headers()["content-type"].to_str().unwrap().to_owned();
         assert!(content_type.starts_with("text/plain"), "{content_type}");
         Metrics::parse(&r.text().await.expect("body"))
     }
-}
-
-async fn json_of(r: reqwest::Response) -> (StatusCode, Value) {
-    let status = r.status();
-    let text = r.text().await.expect("body");
-    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
-    (status, v)
-}
-
-/// Asserts an error response: its status and its `{"code", "message"}` body.
-async fn assert_error(r: reqwest::Response, status: StatusCode, code: &str) -> String {
-    let (got, body) = json_of(r).await;
-    assert_eq!(got, status, "{body}");
-    assert_eq!(body["code"], code, "{body}");
-    let message = body["message"].as_str().expect("message").to_owned();
-    assert!(!message.is_empty());
-    message
 }
 
 // ---- a small Prometheus text-format parser ----
@@ -390,7 +336,7 @@ async fn healthz_and_readyz_answer_200_when_serving_with_healthy_backends() {
 #[tokio::test]
 async fn unknown_paths_and_methods_get_json_errors() {
     let h = Harness::start("").await;
-    let r = h.http.get(h.url("/nope")).send().await.unwrap();
+    let r = h.get("/nope").await;
     assert_error(r, StatusCode::NOT_FOUND, "NOT_FOUND").await;
     let r = h.http.post(h.kv("cache", "k")).send().await.unwrap();
     assert_error(r, StatusCode::METHOD_NOT_ALLOWED, "UNIMPLEMENTED").await;
@@ -400,25 +346,12 @@ async fn unknown_paths_and_methods_get_json_errors() {
 #[tokio::test]
 async fn readiness_is_503_while_draining_and_probes_answer_until_the_drain_ends() {
     let mut h = Harness::start("").await;
-    // A request that holds the drain open for a while.
-    let slow = tokio::spawn(
-        h.http
-            .put(h.kv("faulty", "slow/1500/held"))
-            .body("v")
-            .send(),
-    );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            h.probe.started.load(Ordering::SeqCst) >= 1
-        })
-        .await
-    );
+    // A request that holds the drain open until the test lets it finish.
+    let held = tokio::spawn(h.http.put(h.kv("faulty", "hold/1")).body("v").send());
+    assert!(reaches(&h.probe.started, 1, Duration::from_secs(5)).await);
     h.server.begin_stop();
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            h.status("/readyz").await == Some(StatusCode::SERVICE_UNAVAILABLE)
-        })
-        .await,
+        h.becomes_unready(Duration::from_secs(5)).await,
         "readiness never turned 503 during the drain"
     );
     let (_, body) = h.get_json("/readyz").await;
@@ -428,16 +361,20 @@ async fn readiness_is_503_while_draining_and_probes_answer_until_the_drain_ends(
     // Liveness and metrics still answer during the drain; new REST work does not.
     assert_eq!(h.status("/healthz").await, Some(StatusCode::OK));
     assert_eq!(h.status("/metrics").await, Some(StatusCode::OK));
-    let r = h.http.get(h.kv("cache", "k")).send().await.unwrap();
+    let r = h.get_kv("cache", "k").await;
     let message = assert_error(r, StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE").await;
     assert!(message.contains("draining"), "{message}");
     // The request in flight completes, and then the admin plane stops too.
-    let r = slow.await.unwrap().expect("in-flight request answered");
+    h.probe.gate.open();
+    let r = held.await.unwrap().expect("in-flight request answered");
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    let Harness { server, http, .. } = h;
-    let url = server.http_url();
+    let Harness { server, admin, .. } = h;
     server.join().await.unwrap();
-    assert!(http.get(format!("{url}/healthz")).send().await.is_err());
+    assert_eq!(
+        admin.status("/healthz").await,
+        None,
+        "the admin plane still answers"
+    );
 }
 
 #[tokio::test]
@@ -445,10 +382,7 @@ async fn readiness_is_503_while_a_backend_is_down_and_200_after_recovery() {
     let h = Harness::start("").await;
     h.flaky.store(false, Ordering::SeqCst);
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            h.status("/readyz").await == Some(StatusCode::SERVICE_UNAVAILABLE)
-        })
-        .await,
+        h.becomes_unready(Duration::from_secs(5)).await,
         "readiness never turned 503 with the backend down"
     );
     let (_, body) = h.get_json("/readyz").await;
@@ -481,12 +415,7 @@ async fn readiness_is_503_while_a_circuit_breaker_is_open() {
     let mut seen = None;
     for attempt in 0..5 {
         for i in 0..3 {
-            let r = h
-                .http
-                .get(h.kv("faulty", &format!("fail/{attempt}/{i}")))
-                .send()
-                .await
-                .unwrap();
+            let r = h.get_kv("faulty", &format!("fail/{attempt}/{i}")).await;
             assert_error(r, StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE").await;
         }
         let (status, body) = h.get_json("/readyz").await;
@@ -504,7 +433,7 @@ async fn readiness_is_503_while_a_circuit_breaker_is_open() {
     assert_eq!(faulty["circuit"], "open", "{faulty}");
     assert_eq!(faulty["up"], true, "{faulty}");
     // While open, requests are refused at once.
-    let r = h.http.get(h.kv("faulty", "k")).send().await.unwrap();
+    let r = h.get_kv("faulty", "k").await;
     assert_error(r, StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE").await;
     assert!(
         h.becomes_ready(Duration::from_secs(5)).await,
@@ -608,35 +537,17 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic_and_restarts() {
     // unknown namespace, and a REST put over the value limit.
     let mut c = h.server.client().await.unwrap();
     for _ in 0..2 {
-        c.get(as_client(
-            "metrics",
-            GetRequest {
-                namespace: "cache".into(),
-                key: "k".into(),
-            },
-        ))
-        .await
-        .unwrap();
+        c.get(as_client("metrics", get("cache", "k")))
+            .await
+            .unwrap();
     }
-    let r = h.http.get(h.kv("cache", "k")).send().await.unwrap();
+    let r = h.get_kv("cache", "k").await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let e = c
-        .get(GetRequest {
-            namespace: "nope".into(),
-            key: "k".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = c.get(get("nope", "k")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
-    let r = h.http.get(h.kv("nope", "k")).send().await.unwrap();
+    let r = h.get_kv("nope", "k").await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let r = h
-        .http
-        .put(h.kv("small", "k"))
-        .body(vec![0u8; 17])
-        .send()
-        .await
-        .unwrap();
+    let r = h.put_kv("small", "k", vec![0u8; 17]).await;
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
 
     let after = h.scrape().await;
@@ -697,13 +608,7 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic_and_restarts() {
     assert!(after.get("prism_sessions_active", &[]).unwrap() >= 1.0);
 
     // A panic in the faulty backend restarts its pool actor.
-    let e = c
-        .get(GetRequest {
-            namespace: "faulty".into(),
-            key: "panic".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = c.get(get("faulty", "panic")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Internal);
     let restarts = std::sync::Mutex::new(None);
     assert!(
@@ -728,16 +633,10 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic_and_restarts() {
 async fn rest_put_get_head_delete_round_trip() {
     let h = Harness::start("").await;
     let value: Vec<u8> = (0..=255u8).collect();
-    let r = h
-        .http
-        .put(h.kv("default", "user/1"))
-        .body(value.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = h.put_kv("default", "user/1", value.clone()).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
 
-    let r = h.http.get(h.kv("default", "user/1")).send().await.unwrap();
+    let r = h.get_kv("default", "user/1").await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["x-prism-ttl-ms"], "-1");
     assert_eq!(r.bytes().await.unwrap(), Bytes::from(value));
@@ -751,20 +650,15 @@ async fn rest_put_get_head_delete_round_trip() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    let r = h.http.get(h.kv("default", "ttl")).send().await.unwrap();
+    let r = h.get_kv("default", "ttl").await;
     let ttl: i64 = r.headers()["x-prism-ttl-ms"]
         .to_str()
         .unwrap()
         .parse()
         .unwrap();
     assert!((1..=60_000).contains(&ttl), "{ttl}");
-    h.http
-        .put(h.kv("cache", "defaulted"))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
-    let r = h.http.get(h.kv("cache", "defaulted")).send().await.unwrap();
+    h.put_kv("cache", "defaulted", "x").await;
+    let r = h.get_kv("cache", "defaulted").await;
     let ttl: i64 = r.headers()["x-prism-ttl-ms"]
         .to_str()
         .unwrap()
@@ -792,7 +686,7 @@ async fn rest_put_get_head_delete_round_trip() {
     assert_eq!(json_of(r).await.1["existed"], false);
     let r = h.http.head(h.kv("default", "user/1")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let r = h.http.get(h.kv("default", "user/1")).send().await.unwrap();
+    let r = h.get_kv("default", "user/1").await;
     let message = assert_error(r, StatusCode::NOT_FOUND, "NOT_FOUND").await;
     assert!(message.contains("user/1"), "{message}");
     h.server.stop().await.unwrap();
@@ -802,28 +696,17 @@ async fn rest_put_get_head_delete_round_trip() {
 async fn rest_errors_have_the_grpc_validation_and_http_statuses() {
     let h = Harness::start("").await;
     // 404: unknown namespace.
-    let r = h.http.get(h.kv("nope", "k")).send().await.unwrap();
+    let r = h.get_kv("nope", "k").await;
     let message = assert_error(r, StatusCode::NOT_FOUND, "NOT_FOUND").await;
     assert!(message.contains("unknown namespace 'nope'"), "{message}");
-    let r = h.http.get(h.url("/v1/kv/nope")).send().await.unwrap();
+    let r = h.get("/v1/kv/nope").await;
     assert_error(r, StatusCode::NOT_FOUND, "NOT_FOUND").await;
     // 400: empty key, long key, NUL, bad TTL, bad cursor, bad limit.
-    let r = h.http.get(h.url("/v1/kv/cache/")).send().await.unwrap();
+    let r = h.get("/v1/kv/cache/").await;
     assert_error(r, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT").await;
-    let r = h
-        .http
-        .get(h.kv("cache", &"k".repeat(1025)))
-        .send()
-        .await
-        .unwrap();
+    let r = h.get_kv("cache", &"k".repeat(1025)).await;
     assert_error(r, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT").await;
-    let r = h
-        .http
-        .put(h.kv("cache", "a\0b"))
-        .body("v")
-        .send()
-        .await
-        .unwrap();
+    let r = h.put_kv("cache", "a\0b", "v").await;
     assert_error(r, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT").await;
     let r = h
         .http
@@ -833,60 +716,26 @@ async fn rest_errors_have_the_grpc_validation_and_http_statuses() {
         .await
         .unwrap();
     assert_error(r, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT").await;
-    let r = h
-        .http
-        .get(h.url("/v1/kv/cache?cursor=!!"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.get("/v1/kv/cache?cursor=!!").await;
     assert_error(r, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT").await;
-    let r = h
-        .http
-        .get(h.url("/v1/kv/cache?limit=-1"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.get("/v1/kv/cache?limit=-1").await;
     assert_error(r, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT").await;
     // 413: one byte over the namespace limit, with and without a length.
-    let r = h
-        .http
-        .put(h.kv("small", "k"))
-        .body(vec![1u8; 17])
-        .send()
-        .await
-        .unwrap();
+    let r = h.put_kv("small", "k", vec![1u8; 17]).await;
     let message = assert_error(r, StatusCode::PAYLOAD_TOO_LARGE, "INVALID_ARGUMENT").await;
     assert!(message.contains("max_value_size"), "{message}");
     let (status, body) = chunked_put(&h, "/v1/kv/small/k", &[&[1u8; 10], &[2u8; 10]]).await;
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("INVALID_ARGUMENT"), "{body}");
-    let r = h
-        .http
-        .put(h.kv("small", "k"))
-        .body(vec![1u8; 16])
-        .send()
-        .await
-        .unwrap();
+    let r = h.put_kv("small", "k", vec![1u8; 16]).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     // Past the default 1 MiB limit, and past actix's own payload limit.
-    let r = h
-        .http
-        .put(h.kv("cache", "big"))
-        .body(vec![1u8; 1_048_577])
-        .send()
-        .await
-        .unwrap();
+    let r = h.put_kv("cache", "big", vec![1u8; 1_048_577]).await;
     assert_error(r, StatusCode::PAYLOAD_TOO_LARGE, "INVALID_ARGUMENT").await;
-    let r = h
-        .http
-        .put(h.kv("cache", "big"))
-        .body(vec![1u8; 1_048_576])
-        .send()
-        .await
-        .unwrap();
+    let r = h.put_kv("cache", "big", vec![1u8; 1_048_576]).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     // 503: the backend is unavailable.
-    let r = h.http.get(h.kv("faulty", "fail/x")).send().await.unwrap();
+    let r = h.get_kv("faulty", "fail/x").await;
     assert_error(r, StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE").await;
     // 504: the client's deadline passes first.
     let r = h
@@ -939,12 +788,7 @@ async fn rest_answers_429_when_a_client_has_too_many_requests_in_flight() {
             .header("x-client-id", "greedy")
             .send(),
     );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            h.probe.started.load(Ordering::SeqCst) >= 1
-        })
-        .await
-    );
+    assert!(reaches(&h.probe.started, 1, Duration::from_secs(5)).await);
     let r = h
         .http
         .get(h.kv("cache", "k"))
@@ -986,51 +830,23 @@ async fn keys_with_reserved_characters_work_percent_encoded() {
     ];
     for (i, key) in keys.iter().enumerate() {
         let value = format!("v{i}");
-        let r = h
-            .http
-            .put(h.kv("cache", key))
-            .body(value.clone())
-            .send()
-            .await
-            .unwrap();
+        let r = h.put_kv("cache", key, value.clone()).await;
         assert_eq!(r.status(), StatusCode::NO_CONTENT, "{key:?}");
         // gRPC sees exactly this key.
-        let got = c
-            .get(GetRequest {
-                namespace: "cache".into(),
-                key: (*key).into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let got = c.get(get("cache", key)).await.unwrap().into_inner();
         assert!(got.found, "{key:?} not found over gRPC");
         assert_eq!(got.value, Bytes::from(value.clone()), "{key:?}");
-        let r = h.http.get(h.kv("cache", key)).send().await.unwrap();
+        let r = h.get_kv("cache", key).await;
         assert_eq!(r.status(), StatusCode::OK, "{key:?}");
         assert_eq!(r.text().await.unwrap(), value, "{key:?}");
     }
     // A literal `/` in the path is part of the key, same as `%2F`.
-    let r = h
-        .http
-        .get(h.url("/v1/kv/cache/a/b/c"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.get("/v1/kv/cache/a/b/c").await;
     assert_eq!(r.text().await.unwrap(), "v0");
-    let r = h
-        .http
-        .get(h.url("/v1/kv/cache/a%2fb%2Fc"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.get("/v1/kv/cache/a%2fb%2Fc").await;
     assert_eq!(r.text().await.unwrap(), "v0");
     // Bytes that are not UTF-8 are a bad key, not some other key.
-    let r = h
-        .http
-        .get(h.url("/v1/kv/cache/%FF%FE"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.get("/v1/kv/cache/%FF%FE").await;
     assert_error(r, StatusCode::BAD_REQUEST, "INVALID_ARGUMENT").await;
     h.server.stop().await.unwrap();
 }
@@ -1039,19 +855,10 @@ async fn keys_with_reserved_characters_work_percent_encoded() {
 async fn rest_scan_pages_with_cursors_and_keys_only() {
     let h = Harness::start("").await;
     for i in 0..5 {
-        h.http
-            .put(h.kv("default", &format!("scan/{i}")))
-            .body(format!("value-{i}"))
-            .send()
-            .await
-            .unwrap();
+        h.put_kv("default", &format!("scan/{i}"), format!("value-{i}"))
+            .await;
     }
-    h.http
-        .put(h.kv("default", "other"))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    h.put_kv("default", "other", "x").await;
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut keys = Vec::new();
     let mut cursor = String::new();
@@ -1100,10 +907,7 @@ async fn rest_and_grpc_see_each_others_writes() {
         .await
         .unwrap();
     let got = c
-        .get(GetRequest {
-            namespace: "default".into(),
-            key: "shared/rest".into(),
-        })
+        .get(get("default", "shared/rest"))
         .await
         .unwrap()
         .into_inner();
@@ -1111,20 +915,10 @@ async fn rest_and_grpc_see_each_others_writes() {
     assert_eq!(got.value, Bytes::from_static(b"from rest"));
     assert!(got.ttl_ms > 0 && got.ttl_ms <= 30_000, "{}", got.ttl_ms);
     // gRPC write, REST read, REST delete, gRPC read.
-    c.put(PutRequest {
-        namespace: "default".into(),
-        key: "shared/grpc".into(),
-        value: Bytes::from_static(b"from grpc"),
-        ttl_ms: 0,
-    })
-    .await
-    .unwrap();
-    let r = h
-        .http
-        .get(h.kv("default", "shared/grpc"))
-        .send()
+    c.put(put("default", "shared/grpc", b"from grpc", 0))
         .await
         .unwrap();
+    let r = h.get_kv("default", "shared/grpc").await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.text().await.unwrap(), "from grpc");
     let r = h
@@ -1135,10 +929,7 @@ async fn rest_and_grpc_see_each_others_writes() {
         .unwrap();
     assert_eq!(json_of(r).await.1["existed"], true);
     let got = c
-        .get(GetRequest {
-            namespace: "default".into(),
-            key: "shared/grpc".into(),
-        })
+        .get(get("default", "shared/grpc"))
         .await
         .unwrap()
         .into_inner();
@@ -1148,10 +939,7 @@ async fn rest_and_grpc_see_each_others_writes() {
 
 // ---- logs of the real binary ----
 
-fn write_binary_settings(dir: &Path) {
-    std::fs::write(
-        dir.join("default.toml"),
-        r#"
+const BINARY_SETTINGS: &str = r#"
 [server]
 grpc_addr = "127.0.0.1:0"
 http_addr = "127.0.0.1:0"
@@ -1178,63 +966,36 @@ backend = "memory"
 
 [namespaces.broken]
 backend = "broken"
-"#,
-    )
-    .expect("write settings");
+"#;
+
+/// Asserts that every line of the log so far is a JSON event.
+fn assert_json_lines(prism: &Prism) {
+    for line in prism.log() {
+        let v = line
+            .json()
+            .unwrap_or_else(|| panic!("log line is not JSON: {:?}", line.text));
+        assert!(v["timestamp"].is_string(), "{v}");
+        assert!(v["level"].is_string(), "{v}");
+        assert!(v["message"].is_string(), "{v}");
+    }
 }
 
 #[tokio::test]
 async fn json_logs_parse_and_a_restart_logs_actor_attempt_backoff_and_cause() {
-    let dir = tempfile::tempdir().unwrap();
-    write_binary_settings(dir.path());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_prism"))
-        .arg("--settings")
-        .arg(dir.path())
-        .arg("serve")
-        .env("PRISM__LOG__FORMAT", "json")
-        .env_remove("RUST_LOG")
-        .env_remove("PRISM_ENV")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn prism");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut lines: Vec<Value> = Vec::new();
-    let mut http_addr = None;
-    let mut restart = None;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while http_addr.is_none() || restart.is_none() {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = match rx.recv_timeout(left) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("no admin address or restart line within 20 s; got: {lines:#?}");
-            }
-        };
-        let v: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line:?}"));
-        assert!(v["timestamp"].is_string(), "{v}");
-        assert!(v["level"].is_string(), "{v}");
-        assert!(v["message"].is_string(), "{v}");
-        if v["message"] == "admin plane serving" {
-            http_addr = v["http_addr"].as_str().map(str::to_owned);
-        }
-        if v["message"] == "actor restarting" && v["actor"] == "pool:broken" {
-            restart = Some(v.clone());
-        }
-        lines.push(v);
-    }
-    let restart = restart.unwrap();
+    let dir = settings_dir(BINARY_SETTINGS);
+    let mut cmd = serve_command(dir.path());
+    cmd.env("PRISM__LOG__FORMAT", "json");
+    let mut prism = Prism::spawn(cmd);
+    let restart = prism
+        .wait_for_line(
+            |l| l.is("actor restarting") && l.field("actor").as_deref() == Some("pool:broken"),
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap_or_else(|log| panic!("no restart line within 20 s; got:\n{log}"));
+    let restart = restart.json().expect("a JSON event").clone();
+    let http_addr = prism.http_addr().await;
+    assert_json_lines(&prism);
     assert_eq!(restart["level"], "WARN", "{restart}");
     assert!(restart["attempt"].as_u64().unwrap() >= 1, "{restart}");
     assert!(restart["backoff_ms"].is_u64(), "{restart}");
@@ -1244,40 +1005,19 @@ async fn json_logs_parse_and_a_restart_logs_actor_attempt_backoff_and_cause() {
     assert!(cause.contains("/dev/null"), "{restart}");
 
     // The binary serves the admin plane, and readiness names the broken backend.
-    let url = format!("http://{}", http_addr.unwrap());
-    let http = reqwest::Client::new();
-    let r = http.get(format!("{url}/healthz")).send().await.unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let (status, body) = json_of(http.get(format!("{url}/readyz")).send().await.unwrap()).await;
+    let admin = Admin::new(format!("http://{http_addr}"));
+    assert_eq!(admin.status("/healthz").await, Some(StatusCode::OK));
+    let (status, body) = admin.get_json("/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(
         body["reasons"][0].as_str().unwrap().contains("'broken'"),
         "{body}"
     );
-    drop(http);
+    drop(admin);
 
-    let ok = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("prism did not exit after SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    prism.signal(Signal::Term);
+    let status = prism.wait_exit(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0));
     // Every line up to the exit is JSON too.
-    for line in rx.try_iter() {
-        serde_json::from_str::<Value>(&line)
-            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line:?}"));
-    }
+    assert_json_lines(&prism);
 }

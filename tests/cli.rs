@@ -1,12 +1,15 @@
 //! The `prism` binary's command line: `check-config`, `serve`'s startup
 //! errors and signal handling, `kv` and `bench` against a real gateway.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+mod common;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::binary::{output, prism, run, stderr, stdout, Prism, Signal};
+use common::{free_port, repo_settings, settings, settings_dir, TestServer};
 
 const MEMORY_SETTINGS: &str = r#"
 [server]
@@ -20,55 +23,6 @@ kind = "memory"
 [namespaces.default]
 backend = "mem"
 "#;
-
-/// The binary with an environment free of the caller's Prism variables.
-fn prism() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_prism"));
-    for (name, _) in std::env::vars_os() {
-        let upper = name.to_string_lossy().to_ascii_uppercase();
-        if upper.starts_with("PRISM") || upper == "RUST_LOG" {
-            cmd.env_remove(&name);
-        }
-    }
-    cmd.stdin(Stdio::null());
-    cmd
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("run prism")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn repo_settings() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("settings")
-}
-
-fn settings_dir(default_toml: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("default.toml"), default_toml).expect("write default.toml");
-    dir
-}
-
-fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for prism") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("prism did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn check_config_accepts_the_repository_settings() {
@@ -169,8 +123,8 @@ fn check_config_names_the_environment_variable_of_a_bad_override() {
     );
 }
 
-#[test]
-fn serve_with_bad_settings_exits_64_before_binding() {
+#[tokio::test]
+async fn serve_with_bad_settings_exits_64_before_binding() {
     // Hold the port the settings name: had prism tried to bind first, it
     // would have failed with 69 instead.
     let held = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -179,89 +133,42 @@ fn serve_with_bad_settings_exits_64_before_binding() {
         .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1)
         .replace("backend = \"mem\"", "backend = \"missing\"");
     let dir = settings_dir(&text);
-    let mut child = prism()
-        .args(["serve", "--settings"])
-        .arg(dir.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn prism");
-    let status = wait_with_timeout(&mut child, Duration::from_secs(30));
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
-        .expect("read stderr");
+    let mut prism = Prism::serve(dir.path());
+    let status = prism.wait_exit(Duration::from_secs(30)).await;
+    let err = prism.log_text();
     assert_eq!(status.code(), Some(64), "stderr: {err}");
     assert!(err.contains("`namespaces.default.backend`"), "{err}");
     assert!(!err.contains("bind"), "{err}");
 }
 
-#[test]
-fn serve_exits_69_naming_the_key_when_the_address_is_taken() {
+#[tokio::test]
+async fn serve_exits_69_naming_the_key_when_the_address_is_taken() {
     let held = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = held.local_addr().expect("addr").port();
-    let dir =
-        settings_dir(&MEMORY_SETTINGS.replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1));
-    let mut child = prism()
-        .args(["serve", "--settings"])
-        .arg(dir.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn prism");
-    let status = wait_with_timeout(&mut child, Duration::from_secs(30));
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
-        .expect("read stderr");
+    let dir = settings_dir(&MEMORY_SETTINGS.replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1));
+    let mut prism = Prism::serve(dir.path());
+    let status = prism.wait_exit(Duration::from_secs(30)).await;
+    let err = prism.log_text();
     assert_eq!(status.code(), Some(69), "stderr: {err}");
     assert!(err.contains("server.grpc_addr"), "{err}");
 }
 
 #[cfg(unix)]
-#[test]
-fn serve_drains_and_exits_0_on_sigterm() {
+#[tokio::test]
+async fn serve_drains_and_exits_0_on_sigterm() {
     let dir = settings_dir(MEMORY_SETTINGS);
-    let mut child = prism()
-        .args(["serve", "--settings"])
-        .arg(dir.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn prism");
-    let (lines_tx, lines_rx) = mpsc::channel();
-    let stderr = child.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
+    let mut prism = Prism::serve(dir.path());
     // "prism starting" is logged once the signal handlers are installed.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut log = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines_rx.recv_timeout(left) {
-            Ok(line) => {
-                let started = line.contains("prism starting");
-                log.push(line);
-                if started {
-                    break;
-                }
-            }
-            Err(_) => {
-                let _ = child.kill();
-                panic!("prism did not start; log:\n{}", log.join("\n"));
-            }
-        }
-    }
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(killed.success());
-    let status = wait_with_timeout(&mut child, Duration::from_secs(30));
-    log.extend(lines_rx.try_iter());
-    assert_eq!(status.code(), Some(0), "log:\n{}", log.join("\n"));
+    prism
+        .wait_for("prism starting", Duration::from_secs(30))
+        .await;
+    prism.signal(Signal::Term);
+    let status = prism.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", prism.log_text());
     assert!(
-        log.iter().any(|l| l.contains("SIGTERM")),
+        prism.log().iter().any(|l| l.text.contains("SIGTERM")),
         "the signal is logged:\n{}",
-        log.join("\n")
+        prism.log_text()
     );
 }
 
@@ -289,66 +196,25 @@ fn help_documents_the_exit_codes() {
     }
 }
 
-/// A gateway served in-process on an ephemeral port, stopped on drop.
-struct Gateway {
-    addr: SocketAddr,
-    runtime: tokio::runtime::Runtime,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    served: Option<tokio::task::JoinHandle<Result<(), prism::Error>>>,
-    _dir: tempfile::TempDir,
+/// A gateway with the memory settings, served in this process.
+async fn gateway() -> TestServer {
+    TestServer::start(settings(MEMORY_SETTINGS))
+        .await
+        .expect("gateway starts")
 }
 
-impl Gateway {
-    fn start() -> Self {
-        let dir = settings_dir(MEMORY_SETTINGS);
-        let settings = prism::settings::load_with(dir.path(), None, Vec::new()).expect("settings");
-        let runtime = tokio::runtime::Runtime::new().expect("runtime");
-        let grpc = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let addr = grpc.local_addr().expect("addr");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let served = runtime.spawn(prism::run(
-            settings,
-            prism::Listeners { grpc, http: None },
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        Gateway {
-            addr,
-            runtime,
-            stop: Some(stop),
-            served: Some(served),
-            _dir: dir,
-        }
-    }
-
-    fn kv(&self, args: &[&str]) -> Output {
-        run(prism()
-            .args(["kv", "--addr", &self.addr.to_string()])
-            .args(args))
-    }
+/// `prism kv --addr <gateway> <args>`, run to its end.
+async fn kv(gw: &TestServer, args: &[&str]) -> std::process::Output {
+    let mut cmd = prism();
+    cmd.args(["kv", "--addr", &gw.addr.to_string()]).args(args);
+    output(cmd).await
 }
 
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(served) = self.served.take() {
-            let _ = self
-                .runtime
-                .block_on(async { tokio::time::timeout(Duration::from_secs(10), served).await });
-        }
-    }
-}
+#[tokio::test]
+async fn kv_commands_round_trip_against_a_running_gateway() {
+    let gw = gateway().await;
 
-#[test]
-fn kv_commands_round_trip_against_a_running_gateway() {
-    let gw = Gateway::start();
-
-    let out = gw.kv(&["put", "default", "greeting", "hello"]);
+    let out = kv(&gw, &["put", "default", "greeting", "hello"]).await;
     assert_eq!(out.status.code(), Some(0), "put: {}", stderr(&out));
 
     let mut child = prism()
@@ -372,7 +238,10 @@ fn kv_commands_round_trip_against_a_running_gateway() {
         .expect("stdin")
         .write_all(b"\x00\xffraw\n")
         .expect("write stdin");
-    let out = child.wait_with_output().expect("put from stdin");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("put task")
+        .expect("put from stdin");
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -380,35 +249,35 @@ fn kv_commands_round_trip_against_a_running_gateway() {
         stderr(&out)
     );
 
-    let out = gw.kv(&["get", "default", "greeting"]);
+    let out = kv(&gw, &["get", "default", "greeting"]).await;
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(out.stdout, b"hello", "raw value, no newline added");
 
-    let out = gw.kv(&["get", "default", "binary"]);
+    let out = kv(&gw, &["get", "default", "binary"]).await;
     assert_eq!(out.stdout, b"\x00\xffraw\n", "stdin is taken byte for byte");
 
-    let out = gw.kv(&["--json", "get", "default", "binary"]);
+    let out = kv(&gw, &["--json", "get", "default", "binary"]).await;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(json["found"], true);
     assert_eq!(json["value_base64"], "AP9yYXcK");
     let ttl = json["ttl_ms"].as_i64().expect("ttl_ms");
     assert!(ttl > 0 && ttl <= 3_600_000, "ttl_ms {ttl}");
 
-    let out = gw.kv(&["get", "default", "absent"]);
+    let out = kv(&gw, &["get", "default", "absent"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     assert!(stderr(&out).contains("absent"), "{}", stderr(&out));
 
-    let out = gw.kv(&["exists", "default", "greeting"]);
+    let out = kv(&gw, &["exists", "default", "greeting"]).await;
     assert_eq!((out.status.code(), stdout(&out).trim()), (Some(0), "true"));
-    let out = gw.kv(&["exists", "default", "absent"]);
+    let out = kv(&gw, &["exists", "default", "absent"]).await;
     assert_eq!((out.status.code(), stdout(&out).trim()), (Some(1), "false"));
 
-    let out = gw.kv(&["scan", "default"]);
+    let out = kv(&gw, &["scan", "default"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(out.stdout, b"binary\t\x00\xffraw\n\ngreeting\thello\n");
 
-    let out = gw.kv(&["scan", "default", "--limit", "1", "--keys-only"]);
+    let out = kv(&gw, &["scan", "default", "--limit", "1", "--keys-only"]).await;
     assert_eq!(stdout(&out), "binary\n", "one page only without --all");
     assert!(
         stderr(&out).contains("--cursor"),
@@ -416,15 +285,19 @@ fn kv_commands_round_trip_against_a_running_gateway() {
         stderr(&out)
     );
 
-    let out = gw.kv(&[
-        "scan",
-        "default",
-        "--limit",
-        "1",
-        "--all",
-        "--keys-only",
-        "--json",
-    ]);
+    let out = kv(
+        &gw,
+        &[
+            "scan",
+            "default",
+            "--limit",
+            "1",
+            "--all",
+            "--keys-only",
+            "--json",
+        ],
+    )
+    .await;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let keys: Vec<&str> = json["items"]
         .as_array()
@@ -435,16 +308,16 @@ fn kv_commands_round_trip_against_a_running_gateway() {
     assert_eq!(keys, ["binary", "greeting"], "--all follows the cursors");
     assert_eq!(json["next_cursor"], "");
 
-    let out = gw.kv(&["delete", "default", "greeting"]);
+    let out = kv(&gw, &["delete", "default", "greeting"]).await;
     assert_eq!((out.status.code(), stdout(&out).trim()), (Some(0), "true"));
-    let out = gw.kv(&["delete", "default", "greeting"]);
+    let out = kv(&gw, &["delete", "default", "greeting"]).await;
     assert_eq!(
         (out.status.code(), stdout(&out).trim()),
         (Some(0), "false"),
         "delete is idempotent"
     );
 
-    let out = gw.kv(&["get", "nowhere", "k"]);
+    let out = kv(&gw, &["get", "nowhere", "k"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).starts_with("error: NOT_FOUND: "),
@@ -452,23 +325,24 @@ fn kv_commands_round_trip_against_a_running_gateway() {
         stderr(&out)
     );
 
-    let out = gw.kv(&["--client-id", "tests", "exists", "default", "binary"]);
+    let out = kv(
+        &gw,
+        &["--client-id", "tests", "exists", "default", "binary"],
+    )
+    .await;
     assert_eq!(
         out.status.code(),
         Some(0),
         "a client id is accepted: {}",
         stderr(&out)
     );
+    gw.stop().await.expect("clean stop");
 }
 
 #[test]
 fn kv_against_an_unreachable_gateway_exits_2() {
-    // Bind and drop: nothing listens on the port afterwards.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    // Bound and dropped: nothing listens on the port afterwards.
+    let port = free_port();
     let out = run(prism().args([
         "kv",
         "--addr",
@@ -485,10 +359,11 @@ fn kv_against_an_unreachable_gateway_exits_2() {
     );
 }
 
-#[test]
-fn bench_reports_throughput_and_latency() {
-    let gw = Gateway::start();
-    let out = run(prism().args([
+#[tokio::test]
+async fn bench_reports_throughput_and_latency() {
+    let gw = gateway().await;
+    let mut cmd = prism();
+    cmd.args([
         "bench",
         "--addr",
         &gw.addr.to_string(),
@@ -503,11 +378,13 @@ fn bench_reports_throughput_and_latency() {
         "--warmup",
         "0s",
         "--json",
-    ]));
+    ]);
+    let out = output(cmd).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
     assert!(report["ops"].as_u64().expect("ops") > 0, "{report}");
     assert_eq!(report["errors"], serde_json::json!({}), "{report}");
     assert!(report["latency_ms"]["p99"].as_f64().expect("p99") > 0.0);
     assert!(report["machine"]["cores"].as_u64().expect("cores") >= 1);
+    gw.stop().await.expect("clean stop");
 }

@@ -7,28 +7,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use common::faulty::{FaultyConnector, Probe};
+use common::faulty::{reaches, FaultyConnector, Probe};
+use common::http::Admin;
+use common::requests::{get, put, with_timeout};
 use common::{as_client, base_settings, eventually, TestServer};
 use prism::backend::Connector;
-use prism::proto::{GetRequest, PutRequest};
 use tonic::Code;
-
-fn put(ns: &str, key: &str) -> PutRequest {
-    PutRequest {
-        namespace: ns.into(),
-        key: key.into(),
-        value: Bytes::from_static(b"v"),
-        ttl_ms: 0,
-    }
-}
-
-fn get(ns: &str, key: &str) -> GetRequest {
-    GetRequest {
-        namespace: ns.into(),
-        key: key.into(),
-    }
-}
 
 const FAULTY: &str = r#"
 [backends.faulty]
@@ -54,8 +38,7 @@ async fn server(extra: &str) -> (TestServer, Arc<Probe>, tempfile::TempDir) {
 async fn a_slow_backend_answers_deadline_exceeded_within_the_client_deadline() {
     let (server, probe, _dir) = server("").await;
     let mut c = server.client().await.unwrap();
-    let mut req = tonic::Request::new(get("faulty", "slow/3000/a"));
-    req.set_timeout(Duration::from_millis(300));
+    let req = with_timeout(get("faulty", "slow/3000/a"), Duration::from_millis(300));
     let started = std::time::Instant::now();
     let e = c.get(req).await.unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
@@ -70,12 +53,7 @@ async fn a_slow_backend_answers_deadline_exceeded_within_the_client_deadline() {
     assert_eq!(e.code(), Code::DeadlineExceeded);
     assert!(started.elapsed() < Duration::from_secs(4));
     // The backend work was dropped at the deadline.
-    assert!(
-        eventually(Duration::from_secs(2), || async {
-            probe.cancelled.load(Ordering::SeqCst) >= 2
-        })
-        .await
-    );
+    assert!(reaches(&probe.cancelled, 2, Duration::from_secs(2)).await);
     server.stop().await.unwrap();
 }
 
@@ -85,18 +63,12 @@ async fn a_client_that_goes_away_cancels_its_running_backend_call() {
     let mut c = server.client().await.unwrap();
     let call = tokio::spawn(async move { c.get(get("faulty", "block/1")).await });
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            probe.started.load(Ordering::SeqCst) >= 1
-        })
-        .await,
+        reaches(&probe.started, 1, Duration::from_secs(5)).await,
         "backend call never started"
     );
     call.abort();
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            probe.cancelled.load(Ordering::SeqCst) >= 1
-        })
-        .await,
+        reaches(&probe.cancelled, 1, Duration::from_secs(5)).await,
         "backend future was not dropped after the client went away"
     );
     server.stop().await.unwrap();
@@ -120,12 +92,7 @@ max_in_flight = 2
                 .await
         }));
     }
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            probe.started.load(Ordering::SeqCst) >= 2
-        })
-        .await
-    );
+    assert!(reaches(&probe.started, 2, Duration::from_secs(5)).await);
     let mut c2 = c.clone();
     let e = c2
         .get(as_client("greedy", get("cache", "x")))
@@ -178,16 +145,13 @@ rate_burst = 5
 async fn a_pool_actor_panic_restarts_it_and_later_requests_succeed() {
     let (server, probe, _dir) = server("").await;
     let mut c = server.client().await.unwrap();
-    c.put(put("faulty", "before")).await.unwrap();
+    c.put(put("faulty", "before", b"v", 0)).await.unwrap();
     assert_eq!(probe.connects.load(Ordering::SeqCst), 1);
     let e = c.get(get("faulty", "panic")).await.unwrap_err();
     assert_eq!(e.code(), Code::Internal);
     // The pool actor is restarted (it connects again) ...
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            probe.connects.load(Ordering::SeqCst) >= 2
-        })
-        .await,
+        reaches(&probe.connects, 2, Duration::from_secs(5)).await,
         "pool actor was not restarted"
     );
     // ... and serves again, with the data of the memory store intact.
@@ -198,7 +162,7 @@ async fn a_pool_actor_panic_restarts_it_and_later_requests_succeed() {
     .await;
     assert!(ok, "requests did not succeed after the restart");
     // Other namespaces never noticed.
-    c.put(put("cache", "k")).await.unwrap();
+    c.put(put("cache", "k", b"v", 0)).await.unwrap();
     server.stop().await.unwrap();
 }
 
@@ -270,12 +234,11 @@ idle_timeout = "200ms"
     )
     .await;
     let mut c = server.client().await.unwrap();
-    let http = reqwest::Client::new();
+    let admin = Admin::new(server.http_url());
     let tree_has = |name: &'static str| {
-        let http = http.clone();
-        let url = format!("{}/v1/actors", server.http_url());
+        let admin = admin.clone();
         async move {
-            let body = http.get(url).send().await.unwrap().text().await.unwrap();
+            let body = admin.get_text("/v1/actors").await;
             body.contains(&format!("\"{name}\""))
         }
     };

@@ -4,26 +4,10 @@
 
 mod common;
 
-use bytes::Bytes;
+use common::requests::{channel, delete, exists, get, put, scan};
 use common::{base_settings, TestServer};
-use prism::proto::{DeleteRequest, ExistsRequest, GetRequest, PutRequest, ScanRequest};
+use prism::proto::ScanRequest;
 use tonic::Code;
-
-fn put(ns: &str, key: &str, value: &[u8], ttl_ms: u64) -> PutRequest {
-    PutRequest {
-        namespace: ns.into(),
-        key: key.into(),
-        value: Bytes::copy_from_slice(value),
-        ttl_ms,
-    }
-}
-
-fn get(ns: &str, key: &str) -> GetRequest {
-    GetRequest {
-        namespace: ns.into(),
-        key: key.into(),
-    }
-}
 
 async fn server(extra: &str) -> (TestServer, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -58,13 +42,7 @@ async fn unknown_namespace_is_not_found_and_named() {
     assert!(e.message().contains("nope"), "{}", e.message());
     let e = c.put(put("nope", "a", b"x", 0)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e = c
-        .scan(ScanRequest {
-            namespace: "nope".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let e = c.scan(scan("nope")).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     server.stop().await.unwrap();
 }
@@ -84,21 +62,9 @@ async fn invalid_keys_are_rejected_with_the_reason() {
         assert!(e.message().contains(needle), "{}", e.message());
         let e = c.get(get("default", key)).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
-        let e = c
-            .delete(DeleteRequest {
-                namespace: "default".into(),
-                key: key.into(),
-            })
-            .await
-            .unwrap_err();
+        let e = c.delete(delete("default", key)).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
-        let e = c
-            .exists(ExistsRequest {
-                namespace: "default".into(),
-                key: key.into(),
-            })
-            .await
-            .unwrap_err();
+        let e = c.exists(exists("default", key)).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
     }
     // The longest valid key, multi-byte UTF-8 included, works.
@@ -114,9 +80,8 @@ async fn invalid_keys_are_rejected_with_the_reason() {
     );
     let e = c
         .scan(ScanRequest {
-            namespace: "default".into(),
             cursor: "%%%".into(),
-            ..Default::default()
+            ..scan("default")
         })
         .await
         .unwrap_err();
@@ -128,12 +93,8 @@ async fn invalid_keys_are_rejected_with_the_reason() {
 #[tokio::test]
 async fn health_and_reflection_are_served() {
     let (server, _dir) = server("").await;
-    let channel = tonic::transport::Channel::from_shared(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let ch = channel(server.addr).await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
     let r = health
         .check(tonic_health::pb::HealthCheckRequest {
             service: "prism.kv.v1.KeyValue".into(),
@@ -156,12 +117,8 @@ async fn reflection_lists_the_services_without_the_proto() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let (server, _dir) = server("").await;
-    let channel = tonic::transport::Channel::from_shared(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = ServerReflectionClient::new(channel);
+    let ch = channel(server.addr).await.unwrap();
+    let mut client = ServerReflectionClient::new(ch);
     let req = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),

@@ -13,20 +13,18 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context as _};
 use bytes::Bytes;
+use common::db::{gateway_waits_for_a_lock, RowLock};
+use common::requests::{get, put, with_timeout};
+use common::throwaway::{Throwaway, ThrowawayPostgres, ThrowawayRedis};
 use common::{eventually, settings, TestServer};
-use deadpool_redis::redis as redis_client;
 use prism::proto::key_value_client::KeyValueClient;
-use prism::proto::{GetRequest, PutRequest};
-use sqlx::Connection as _;
+use prism::proto::PutRequest;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -41,10 +39,11 @@ const DEADLINE: Duration = Duration::from_secs(1);
 /// How late past its deadline a request may be answered: scheduling on a
 /// busy two-core machine, not backend time.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(300);
-/// How long the load runs against a healthy server, and again after recovery.
-const HEALTHY: Duration = Duration::from_secs(1);
-/// How long the server stays down.
-const OUTAGE: Duration = Duration::from_secs(3);
+/// How long the load runs against a healthy server, and again after recovery
+/// (part of the scenario, not a wait for an event).
+const HEALTHY_LOAD_PERIOD: Duration = Duration::from_secs(1);
+/// How long the server stays down while the load runs.
+const OUTAGE_PERIOD: Duration = Duration::from_secs(3);
 /// The longest the namespace may take to recover once the server is started.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(5);
 /// The pause between two Puts of one writer: steady, not flat out, so that
@@ -108,28 +107,11 @@ acquire_timeout = "1s"
         .await
         .expect("gateway starts");
     let client = gateway.client().await.expect("client");
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            let mut c = client.clone();
-            async move { c.put(put_request(name, "locked")).await.is_ok() }
-        })
-        .await,
-        "namespace '{name}' never became ready"
-    );
+    wait_until_ready(&client, name, "locked").await;
 
     // A row lock taken behind the gateway's back keeps one of its queries
     // running until the server goes away.
-    let mut locker = sqlx::PgConnection::connect(&pg.url())
-        .await
-        .expect("connect");
-    sqlx::query("BEGIN")
-        .execute(&mut locker)
-        .await
-        .expect("begin");
-    sqlx::query("SELECT 1 FROM prism_kv WHERE namespace = $1 AND key = $2 FOR UPDATE")
-        .bind(name)
-        .bind("locked")
-        .execute(&mut locker)
+    let locker = RowLock::take(&pg.url(), "prism_kv", name, "locked")
         .await
         .expect("lock the row");
     let mut c = client.clone();
@@ -138,19 +120,11 @@ acquire_timeout = "1s"
         req.set_timeout(Duration::from_secs(10));
         c.put(req).await
     });
-    let watcher = sqlx::PgPool::connect(&pg.url()).await.expect("connect");
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
-            )
-            .fetch_one(&watcher)
-            .await
-            .is_ok_and(|n| n > 0)
-        })
-        .await,
+        gateway_waits_for_a_lock(&pg.url(), Duration::from_secs(5)).await,
         "the gateway's put never waited for the lock"
     );
+    let watcher = sqlx::PgPool::connect(&pg.url()).await.expect("connect");
     let processes: Vec<i32> =
         sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()")
             .fetch_all(&watcher)
@@ -235,14 +209,7 @@ async fn outage_under_load(
     let client = gateway.client().await.expect("client");
 
     // The pool actor connects in the background; load starts once it has.
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            let mut c = client.clone();
-            async move { c.put(put_request(name, "ready")).await.is_ok() }
-        })
-        .await,
-        "namespace '{name}' never became ready"
-    );
+    wait_until_ready(&client, name, "ready").await;
 
     let t0 = Instant::now();
     let load = Load::start(
@@ -253,12 +220,12 @@ async fn outage_under_load(
             ("default", OTHER_WRITERS),
         ],
     );
-    tokio::time::sleep(HEALTHY).await;
+    tokio::time::sleep(HEALTHY_LOAD_PERIOD).await;
 
     let stop_at = Instant::now();
     server.stop().await.expect("stop the server");
     let stopped_at = Instant::now();
-    tokio::time::sleep(OUTAGE).await;
+    tokio::time::sleep(OUTAGE_PERIOD).await;
 
     let restart_at = Instant::now();
     server.start_again().await.expect("start the server again");
@@ -267,7 +234,7 @@ async fn outage_under_load(
         load.last_ok(name).is_some_and(|t| t > ready_at)
     })
     .await;
-    tokio::time::sleep(HEALTHY).await;
+    tokio::time::sleep(HEALTHY_LOAD_PERIOD).await;
     let samples = load.stop().await;
 
     let timeline = Timeline {
@@ -491,19 +458,29 @@ timeout = "1s"
     )
 }
 
+/// Waits until a Put of `key` into `namespace` succeeds.
+async fn wait_until_ready(
+    client: &KeyValueClient<Channel>,
+    namespace: &'static str,
+    key: &'static str,
+) {
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let mut c = client.clone();
+            async move { c.put(put_request(namespace, key)).await.is_ok() }
+        })
+        .await,
+        "namespace '{namespace}' never became ready"
+    );
+}
+
 fn value_of(key: &str) -> Bytes {
     Bytes::from(format!("{key}/value"))
 }
 
+/// A Put of the load: the value names the key, the deadline is [`DEADLINE`].
 fn put_request(namespace: &str, key: &str) -> tonic::Request<PutRequest> {
-    let mut req = tonic::Request::new(PutRequest {
-        namespace: namespace.into(),
-        key: key.into(),
-        value: value_of(key),
-        ttl_ms: 0,
-    });
-    req.set_timeout(DEADLINE);
-    req
+    with_timeout(put(namespace, key, &value_of(key), 0), DEADLINE)
 }
 
 /// One Put of the load.
@@ -623,11 +600,7 @@ async fn read_back(client: &KeyValueClient<Channel>, samples: &[Sample]) -> Vec<
         readers.spawn(async move {
             let mut bad = Vec::new();
             for (namespace, key) in acked.iter().skip(r).step_by(READERS) {
-                let mut req = tonic::Request::new(GetRequest {
-                    namespace: (*namespace).into(),
-                    key: key.clone(),
-                });
-                req.set_timeout(Duration::from_secs(5));
+                let req = with_timeout(get(namespace, key), Duration::from_secs(5));
                 match client.get(req).await {
                     Ok(r) => {
                         let r = r.into_inner();
@@ -763,330 +736,6 @@ impl fmt::Display for Report {
                 "  server back {ready:?} after its start; first acknowledged put {after_ready:?} after that"
             ),
             None => write!(f, "  server back {ready:?} after its start; no put acknowledged since"),
-        }
-    }
-}
-
-/// A backend server the test may stop and start.
-trait Throwaway {
-    /// Stops the server hard: acknowledged writes must survive this.
-    async fn stop(&mut self) -> anyhow::Result<()>;
-    /// Starts the stopped server again on the same port and data.
-    async fn start_again(&mut self) -> anyhow::Result<()>;
-}
-
-/// A port that was free a moment ago.
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind a free port")?;
-    Ok(l.local_addr()?.port())
-}
-
-/// Runs a blocking command to its end; fails with its output unless it
-/// succeeded.
-async fn run(mut cmd: Command) -> anyhow::Result<()> {
-    let what = format!("{cmd:?}");
-    let out = tokio::task::spawn_blocking(move || cmd.stdin(Stdio::null()).output())
-        .await
-        .context("command task")?
-        .with_context(|| format!("run {what}"))?;
-    ensure!(
-        out.status.success(),
-        "{what} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// A PostgreSQL cluster of its own in a temp dir, on a free port. Stopped
-/// and removed on drop, also when the test fails.
-struct ThrowawayPostgres {
-    bin: PathBuf,
-    /// Holds everything; removed last.
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl ThrowawayPostgres {
-    async fn start() -> anyhow::Result<Self> {
-        let bin = postgres_bin()?;
-        let dir = tempfile::Builder::new()
-            .prefix("prism-outage-pg-")
-            .tempdir()
-            .context("tempdir")?;
-        // initdb and postgres refuse to run as root: as root, they run as
-        // `postgres`, which must be able to reach and own its directory.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
-        let home = dir.path().join("pg");
-        std::fs::create_dir(&home)?;
-        if is_root() {
-            let (uid, gid) = postgres_ids()?;
-            std::os::unix::fs::chown(&home, Some(uid), Some(gid)).context("chown")?;
-        }
-        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700))?;
-        let pg = ThrowawayPostgres {
-            bin,
-            dir,
-            port: free_port()?,
-        };
-        let mut initdb = pg.command("initdb");
-        initdb.arg("-D").arg(pg.data()).args([
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "--no-locale",
-            "-E",
-            "UTF8",
-        ]);
-        run(initdb).await?;
-        pg.pg_ctl_start().await?;
-        Ok(pg)
-    }
-
-    fn home(&self) -> PathBuf {
-        self.dir.path().join("pg")
-    }
-
-    fn data(&self) -> PathBuf {
-        self.home().join("data")
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    fn command(&self, tool: &str) -> Command {
-        let exe = self.bin.join(tool);
-        let mut cmd = if is_root() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(exe);
-            c
-        } else {
-            Command::new(exe)
-        };
-        // The test's own directory may be closed to `postgres`.
-        cmd.current_dir(self.dir.path());
-        cmd
-    }
-
-    fn stop_command(&self) -> Command {
-        let mut cmd = self.command("pg_ctl");
-        cmd.arg("stop")
-            .arg("-D")
-            .arg(self.data())
-            .args(["-m", "immediate", "-w"]);
-        cmd
-    }
-
-    async fn pg_ctl_start(&self) -> anyhow::Result<()> {
-        let mut cmd = self.command("pg_ctl");
-        cmd.arg("start")
-            .arg("-D")
-            .arg(self.data())
-            .arg("-l")
-            .arg(self.home().join("server.log"))
-            .args(["-w", "-t", "30", "-o"])
-            .arg(format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on",
-                self.port,
-                self.home().display()
-            ));
-        run(cmd).await
-    }
-}
-
-impl ThrowawayPostgres {
-    /// Kills the server (SIGKILL) so that its listening socket is gone
-    /// before any of its connections breaks: `processes` (its children) are
-    /// frozen first, then the postmaster dies, then they do.
-    async fn kill(&self, processes: &[i32]) -> anyhow::Result<()> {
-        let pid_file = self.data().join("postmaster.pid");
-        let pids = std::fs::read_to_string(&pid_file)
-            .with_context(|| format!("read {}", pid_file.display()))?;
-        let postmaster = pids
-            .lines()
-            .next()
-            .context("empty postmaster.pid")?
-            .trim()
-            .to_owned();
-        let children: Vec<String> = processes.iter().map(i32::to_string).collect();
-        // Some children may have ended already: kill's status is ignored.
-        let signal = |sig: &str, pids: &[String]| {
-            let mut kill = Command::new("kill");
-            kill.arg(sig).args(pids);
-            run(kill)
-        };
-        let _ = signal("-STOP", &children).await;
-        signal("-KILL", std::slice::from_ref(&postmaster)).await?;
-        let addr = format!("127.0.0.1:{}", self.port);
-        let gone = eventually(Duration::from_secs(5), || async {
-            tokio::net::TcpStream::connect(&addr).await.is_err()
-        })
-        .await;
-        ensure!(gone, "postmaster {postmaster} still accepts connections");
-        let _ = signal("-KILL", &children).await;
-        Ok(())
-    }
-}
-
-impl Throwaway for ThrowawayPostgres {
-    async fn stop(&mut self) -> anyhow::Result<()> {
-        run(self.stop_command()).await
-    }
-
-    async fn start_again(&mut self) -> anyhow::Result<()> {
-        self.pg_ctl_start().await
-    }
-}
-
-impl Drop for ThrowawayPostgres {
-    fn drop(&mut self) {
-        // Already stopped is fine; the temp dir goes when `dir` drops.
-        let _ = self
-            .stop_command()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// The newest PostgreSQL's binaries.
-fn postgres_bin() -> anyhow::Result<PathBuf> {
-    let root = Path::new("/usr/lib/postgresql");
-    let newest = std::fs::read_dir(root)
-        .with_context(|| format!("list {}", root.display()))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let version: u32 = e.file_name().to_str()?.parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("initdb").exists().then_some((version, bin))
-        })
-        .max_by_key(|(v, _)| *v);
-    match newest {
-        Some((_, bin)) => Ok(bin),
-        None => bail!("no PostgreSQL binaries under {}", root.display()),
-    }
-}
-
-fn is_root() -> bool {
-    // /proc/self belongs to the effective user.
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
-/// The uid and gid of the `postgres` user.
-fn postgres_ids() -> anyhow::Result<(u32, u32)> {
-    let passwd = std::fs::read_to_string("/etc/passwd").context("read /etc/passwd")?;
-    let line = passwd
-        .lines()
-        .find(|l| l.starts_with("postgres:"))
-        .context("no postgres user")?;
-    let fields: Vec<&str> = line.split(':').collect();
-    ensure!(fields.len() > 3, "bad passwd line {line}");
-    Ok((fields[2].parse()?, fields[3].parse()?))
-}
-
-/// A `redis-server` child of its own, with an append-only file synced on
-/// every write, on a free port. Killed on drop, also when the test fails.
-struct ThrowawayRedis {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl ThrowawayRedis {
-    async fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("prism-outage-redis-")
-            .tempdir()
-            .context("tempdir")?;
-        let mut redis = ThrowawayRedis {
-            dir,
-            port: free_port()?,
-            child: None,
-        };
-        redis.start_again().await?;
-        Ok(redis)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Answers PING: listening and done loading the append-only file.
-    async fn ready(&self) -> bool {
-        let ping = async {
-            let client = redis_client::Client::open(self.url())?;
-            let mut conn = client.get_multiplexed_async_connection().await?;
-            redis_client::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-        };
-        matches!(
-            tokio::time::timeout(Duration::from_secs(1), ping).await,
-            Ok(Ok(_))
-        )
-    }
-}
-
-impl Throwaway for ThrowawayRedis {
-    async fn stop(&mut self) -> anyhow::Result<()> {
-        let mut child = self.child.take().context("redis is not running")?;
-        tokio::task::spawn_blocking(move || {
-            // SIGKILL: no chance to flush anything it has not already synced.
-            child.kill()?;
-            child.wait()
-        })
-        .await
-        .context("kill task")?
-        .context("kill redis")?;
-        Ok(())
-    }
-
-    async fn start_again(&mut self) -> anyhow::Result<()> {
-        ensure!(self.child.is_none(), "redis is running");
-        let dir = self.dir.path();
-        let child = Command::new("redis-server")
-            .arg("--bind")
-            .arg("127.0.0.1")
-            .arg("--port")
-            .arg(self.port.to_string())
-            .arg("--dir")
-            .arg(dir)
-            .arg("--logfile")
-            .arg(dir.join("redis.log"))
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawn redis-server")?;
-        self.child = Some(child);
-        let up = eventually(Duration::from_secs(10), || self.ready()).await;
-        ensure!(
-            up,
-            "redis-server on port {} did not become ready; see {}",
-            self.port,
-            dir.join("redis.log").display()
-        );
-        Ok(())
-    }
-}
-
-impl Drop for ThrowawayRedis {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
         }
     }
 }

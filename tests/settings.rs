@@ -4,14 +4,13 @@
 //! Tests use `load_with`, never the process environment, so they can run in
 //! parallel.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::{repo_settings, settings_dir};
 use prism::settings::{self, BackendKind, Error, Settings};
-
-fn repo_settings() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("settings")
-}
 
 fn default_toml() -> String {
     std::fs::read_to_string(repo_settings().join("default.toml"))
@@ -23,13 +22,7 @@ fn default_toml() -> String {
 fn dir_with_edit(from: &str, to: &str) -> tempfile::TempDir {
     let text = default_toml();
     assert!(text.contains(from), "default.toml has no {from:?}");
-    dir_with(&text.replacen(from, to, 1))
-}
-
-fn dir_with(default: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("default.toml"), default).expect("write default.toml");
-    dir
+    settings_dir(&text.replacen(from, to, 1))
 }
 
 fn load(dir: &Path) -> Result<Settings, Error> {
@@ -99,7 +92,7 @@ fn environment_variables_override_single_keys() {
 
 #[test]
 fn environment_layer_overrides_default_file() {
-    let dir = dir_with(&default_toml());
+    let dir = settings_dir(&default_toml());
     std::fs::write(
         dir.path().join("staging.toml"),
         "[server]\ngrpc_addr = \"0.0.0.0:7000\"\n[namespaces.cache]\ntimeout = \"3s\"\n",
@@ -300,15 +293,17 @@ fn bad_names_are_rejected() {
 
 #[test]
 fn settings_without_namespaces_are_rejected() {
-    let dir = dir_with("[server]\ngrpc_addr = \"127.0.0.1:0\"\n[backends.m]\nkind = \"memory\"\n");
+    let dir =
+        settings_dir("[server]\ngrpc_addr = \"127.0.0.1:0\"\n[backends.m]\nkind = \"memory\"\n");
     let err = load(dir.path()).expect_err("no namespaces");
     assert_eq!(err.key(), Some("namespaces"));
 }
 
 #[test]
 fn missing_required_key_names_the_key() {
-    let dir =
-        dir_with("[server]\n[backends.m]\nkind = \"memory\"\n[namespaces.n]\nbackend = \"m\"\n");
+    let dir = settings_dir(
+        "[server]\n[backends.m]\nkind = \"memory\"\n[namespaces.n]\nbackend = \"m\"\n",
+    );
     let err = load(dir.path()).expect_err("no grpc_addr");
     assert_eq!(err.key(), Some("server.grpc_addr"), "{err}");
 }
@@ -334,7 +329,7 @@ fn bad_value_from_the_environment_names_the_variable() {
 
 #[test]
 fn invalid_toml_names_the_file_and_line() {
-    let dir = dir_with("[server\ngrpc_addr = 1\n");
+    let dir = settings_dir("[server\ngrpc_addr = 1\n");
     let err = load(dir.path()).expect_err("bad toml");
     let message = err.to_string();
     assert!(

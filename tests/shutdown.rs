@@ -1,29 +1,28 @@
-//! The real binary under SIGTERM: the drain keeps every acknowledged write.
+//! The real binary under SIGTERM and SIGINT: the drain keeps every
+//! acknowledged write, and a second signal ends a drain at once.
+
+mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use prism::proto::key_value_client::KeyValueClient;
-use prism::proto::{GetRequest, PutRequest};
-use tonic::transport::Channel;
+use common::binary::{Prism, Signal};
+use common::db::{gateway_waits_for_a_lock, postgres_url, unique_name, DropTable, RowLock};
+use common::http::Admin;
+use common::requests::{connect, get, put, with_timeout};
+use common::settings_dir;
+use reqwest::StatusCode;
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
+/// The first signal's drain, logged once it has begun.
+const DRAINING: &str = "shutdown signal received, draining";
 
-fn write_settings(dir: &Path, port: u16) {
-    let db = dir.join("data").join("prism.db");
-    std::fs::write(
-        dir.join("default.toml"),
-        format!(
-            r#"
+fn sqlite_settings(data: &Path) -> tempfile::TempDir {
+    settings_dir(&format!(
+        r#"
 [server]
-grpc_addr = "127.0.0.1:{port}"
+grpc_addr = "127.0.0.1:0"
 http_addr = "127.0.0.1:0"
 shutdown_grace = "20s"
 
@@ -34,79 +33,17 @@ path = "{}"
 [namespaces.default]
 backend = "embedded"
 "#,
-            db.display()
-        ),
-    )
-    .expect("write settings");
-}
-
-struct Prism(Child);
-
-impl Prism {
-    fn start(settings: &Path) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_prism"))
-            .arg("--settings")
-            .arg(settings)
-            .arg("serve")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn prism");
-        Prism(child)
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.0.id().to_string())
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill -{sig} failed");
-    }
-
-    async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "prism did not exit within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Prism {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn connect(port: u16) -> KeyValueClient<Channel> {
-    let url = format!("http://127.0.0.1:{port}");
-    for _ in 0..500 {
-        if let Ok(ch) = Channel::from_shared(url.clone()).unwrap().connect().await {
-            return KeyValueClient::new(ch);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("prism never accepted connections on {url}");
+        data.join("prism.db").display()
+    ))
 }
 
 #[tokio::test]
 async fn sigterm_drains_and_every_acknowledged_put_survives_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    write_settings(dir.path(), port);
+    let data = tempfile::tempdir().unwrap();
+    let dir = sqlite_settings(data.path());
 
-    let mut prism = Prism::start(dir.path());
-    let client = connect(port).await;
+    let mut prism = Prism::serve(dir.path());
+    let client = connect(prism.grpc_addr().await).await.unwrap();
 
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let (first_acks_tx, mut first_acks_rx) = tokio::sync::mpsc::channel::<()>(64);
@@ -118,13 +55,7 @@ async fn sigterm_drains_and_every_acknowledged_put_survives_a_restart() {
         writers.push(tokio::spawn(async move {
             for i in 0..100_000u32 {
                 let key = format!("w{w}/{i}");
-                let req = PutRequest {
-                    namespace: "default".into(),
-                    key: key.clone(),
-                    value: Bytes::from(key.clone().into_bytes()),
-                    ttl_ms: 0,
-                };
-                match c.put(req).await {
+                match c.put(put("default", &key, key.as_bytes(), 0)).await {
                     Ok(_) => {
                         acked.lock().unwrap().insert(key);
                         let _ = tx.try_send(());
@@ -141,9 +72,10 @@ async fn sigterm_drains_and_every_acknowledged_put_survives_a_restart() {
     for _ in 0..50 {
         first_acks_rx.recv().await.expect("writers acknowledged");
     }
-    prism.signal("TERM");
+    prism.signal(Signal::Term);
     let status = prism.wait_exit(Duration::from_secs(25)).await;
     assert_eq!(status.code(), Some(0), "prism exit status {status:?}");
+    assert!(prism.logged(DRAINING), "log:\n{}", prism.log_text());
     for w in writers {
         w.await.unwrap();
     }
@@ -155,18 +87,11 @@ async fn sigterm_drains_and_every_acknowledged_put_survives_a_restart() {
     );
 
     // Restart on the same file: every acknowledged write is there.
-    let mut prism = Prism::start(dir.path());
-    let mut c = connect(port).await;
+    let mut prism = Prism::serve(dir.path());
+    let mut c = connect(prism.grpc_addr().await).await.unwrap();
     let mut missing = Vec::new();
     for key in &acked {
-        let r = c
-            .get(GetRequest {
-                namespace: "default".into(),
-                key: key.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let r = c.get(get("default", key)).await.unwrap().into_inner();
         if !r.found || r.value != key.as_bytes() {
             missing.push(key.clone());
         }
@@ -178,53 +103,19 @@ async fn sigterm_drains_and_every_acknowledged_put_survives_a_restart() {
         acked.len(),
         &missing[..missing.len().min(10)]
     );
-    prism.signal("INT");
+    prism.signal(Signal::Int);
     let status = prism.wait_exit(Duration::from_secs(25)).await;
     assert_eq!(status.code(), Some(0));
 }
 
-fn postgres_url() -> String {
-    std::env::var("PRISM_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-/// Drops the test's table even when the test fails.
-struct DropTable(String);
-
-impl Drop for DropTable {
-    fn drop(&mut self) {
-        let table = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                if let Ok(pool) = sqlx::PgPool::connect(&postgres_url()).await {
-                    for t in [table.clone(), format!("{table}_schema_version")] {
-                        let _ = sqlx::query(&format!("DROP TABLE IF EXISTS \"{t}\""))
-                            .execute(&pool)
-                            .await;
-                    }
-                }
-            });
-        })
-        .join();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once_while_a_request_is_still_in_flight() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let table = format!("prism_sig_{}", std::process::id());
+    let table = unique_name("prism_sig");
     let _cleanup = DropTable(table.clone());
-    std::fs::write(
-        dir.path().join("default.toml"),
-        format!(
-            r#"
+    let dir = settings_dir(&format!(
+        r#"
 [server]
-grpc_addr = "127.0.0.1:{port}"
+grpc_addr = "127.0.0.1:0"
 http_addr = "127.0.0.1:0"
 shutdown_grace = "60s"
 
@@ -239,69 +130,66 @@ min_connections = 1
 backend = "pg"
 timeout = "60s"
 "#,
-            postgres_url()
-        ),
-    )
-    .unwrap();
-    let mut prism = Prism::start(dir.path());
-    let mut client = connect(port).await;
-    let put = |key: &str| PutRequest {
-        namespace: "pg".into(),
-        key: key.into(),
-        value: Bytes::from_static(b"v"),
-        ttl_ms: 0,
-    };
-    client.put(put("locked")).await.unwrap();
+        postgres_url()
+    ));
+    let mut prism = Prism::serve(dir.path());
+    let mut client = connect(prism.grpc_addr().await).await.unwrap();
+    let admin = Admin::new(format!("http://{}", prism.http_addr().await));
+    client.put(put("pg", "locked", b"v", 0)).await.unwrap();
 
     // Hold the row's lock in another transaction, so that an overwrite
     // through Prism stays in flight.
-    let pool = sqlx::PgPool::connect(&postgres_url()).await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query(&format!(
-        "SELECT 1 FROM \"{table}\" WHERE namespace = 'pg' AND key = 'locked' FOR UPDATE"
-    ))
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    let mut blocked_client = client.clone();
-    let blocked = tokio::spawn(async move {
-        let mut req = tonic::Request::new(put("locked"));
-        req.set_timeout(Duration::from_secs(60));
-        blocked_client.put(req).await
-    });
-    let mut waiting = false;
-    for _ in 0..500 {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = 'prism'",
-        )
-        .fetch_one(&pool)
+    let lock = RowLock::take(&postgres_url(), &table, "pg", "locked")
         .await
         .unwrap();
-        if n > 0 {
-            waiting = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(waiting, "the overwrite never waited for the lock");
+    let mut blocked_client = client.clone();
+    let blocked = tokio::spawn(async move {
+        let req = with_timeout(put("pg", "locked", b"v", 0), Duration::from_secs(60));
+        blocked_client.put(req).await
+    });
+    assert!(
+        gateway_waits_for_a_lock(&postgres_url(), Duration::from_secs(5)).await,
+        "the overwrite never waited for the lock"
+    );
 
     // The first signal begins a drain that waits for the request ...
-    prism.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    prism.signal(Signal::Term);
+    prism.wait_for(DRAINING, Duration::from_secs(10)).await;
     assert!(
-        prism.0.try_wait().unwrap().is_none(),
-        "prism exited although a request was in flight"
+        admin.becomes_unready(Duration::from_secs(5)).await,
+        "readiness never turned 503 during the drain"
+    );
+    let (status, body) = admin.get_json("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["draining"], true, "{body}");
+    assert!(
+        gateway_waits_for_a_lock(&postgres_url(), Duration::ZERO).await,
+        "the request is no longer in flight"
+    );
+    assert!(
+        !prism.has_exited(),
+        "prism exited although a request was in flight; log:\n{}",
+        prism.log_text()
     );
     // ... the second one ends the process at once.
     let started = std::time::Instant::now();
-    prism.signal("TERM");
+    prism.signal(Signal::Term);
     let status = prism.wait_exit(Duration::from_secs(5)).await;
     assert_eq!(status.code(), Some(130), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(
+        prism.logged("second signal; exiting without finishing the drain"),
+        "log:\n{}",
+        prism.log_text()
+    );
+    assert!(
+        !prism.logged("prism stopped"),
+        "the drain finished on its own; log:\n{}",
+        prism.log_text()
+    );
+    assert!(
         blocked.await.unwrap().is_err(),
         "the cut-off request cannot have succeeded"
     );
-    tx.rollback().await.unwrap();
-    pool.close().await;
+    lock.release().await;
 }

@@ -1,12 +1,22 @@
-//! A test-only backend that is slow, blocks or panics on purpose, chosen by
-//! the key, and otherwise stores in a real memory backend.
+//! A test-only backend that is slow, blocks, waits for the test, fails or
+//! panics on purpose, chosen by the key, and otherwise stores in a real
+//! memory backend:
+//!
+//! - `panic...`: the handler panics;
+//! - `slow/<ms>/...`: takes `<ms>` milliseconds (1000 without a number);
+//! - `block/...`: never finishes (until cancelled);
+//! - `hold/...`: waits until the test opens [`Probe::gate`];
+//! - `fail/...`: answers UNAVAILABLE.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use prism::backend::memory::MemoryConnector;
 use prism::backend::{Backend, BoxFuture, Connector, Error, Op, Outcome};
+use tokio::sync::Notify;
+
+use super::eventually;
 
 /// Counters the test reads.
 #[derive(Default)]
@@ -17,6 +27,41 @@ pub struct Probe {
     pub started: AtomicU64,
     /// connect() calls: one per pool actor incarnation.
     pub connects: AtomicU64,
+    /// Holds `hold/` operations until opened.
+    pub gate: Gate,
+}
+
+/// Waits until `counter` (of a [`Probe`]) reaches `n`, for up to `within`.
+pub async fn reaches(counter: &AtomicU64, n: u64, within: Duration) -> bool {
+    eventually(within, || async { counter.load(Ordering::SeqCst) >= n }).await
+}
+
+/// A gate that stays open once opened.
+#[derive(Default)]
+pub struct Gate {
+    open: AtomicBool,
+    opened: Notify,
+}
+
+impl Gate {
+    /// Lets every held operation, and every later one, through.
+    pub fn open(&self) {
+        self.open.store(true, Ordering::SeqCst);
+        self.opened.notify_waiters();
+    }
+
+    async fn pass(&self) {
+        loop {
+            // Registered before the check, so an open() in between is seen.
+            let opened = self.opened.notified();
+            tokio::pin!(opened);
+            opened.as_mut().enable();
+            if self.open.load(Ordering::SeqCst) {
+                return;
+            }
+            opened.await;
+        }
+    }
 }
 
 pub struct FaultyConnector {
@@ -95,6 +140,9 @@ impl Backend for Faulty {
             }
             if key.starts_with("block/") {
                 std::future::pending::<()>().await;
+            }
+            if key.starts_with("hold/") {
+                self.probe.gate.pass().await;
             }
             if key.starts_with("fail/") {
                 guard.1 = true;

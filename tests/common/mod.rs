@@ -1,11 +1,29 @@
-//! Shared helpers: start a real gateway in-process on 127.0.0.1:0 and talk to
-//! it over gRPC.
+//! The one harness every test file shares.
+//!
+//! - here: test settings, settings directories, the in-process gateway
+//!   ([`TestServer`]), [`eventually`] and [`free_port`];
+//! - [`requests`]: gRPC request builders and clients;
+//! - [`http`]: the admin plane over HTTP (reqwest);
+//! - [`binary`]: the real `prism` binary: run a command, or serve and
+//!   follow its log, signal it and wait for its exit;
+//! - [`db`]: the shared PostgreSQL and Redis (URLs, unique names, clean-up,
+//!   row locks);
+//! - [`throwaway`]: PostgreSQL and Redis servers of a test's own, to stop
+//!   and start;
+//! - [`faulty`]: a backend that is slow, blocks, fails or panics on purpose.
 #![allow(dead_code)]
 
+pub mod binary;
+pub mod db;
 pub mod faulty;
+pub mod http;
+pub mod requests;
+#[cfg(unix)]
+pub mod throwaway;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,14 +34,19 @@ use prism::{Gateway, Listeners, Settings};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
-/// Settings from a TOML text, parsed the way the settings files are.
+// Where the conformance suite finds it.
+#[allow(unused_imports)]
+pub use requests::as_client;
+
+/// Settings from a TOML text, parsed the way the settings files are. Every
+/// test builds its in-process settings here.
 pub fn settings(toml: &str) -> Settings {
     Settings::from_toml(toml).unwrap_or_else(|e| panic!("test settings: {e}"))
 }
 
 /// Settings with a memory namespace `cache`, an SQLite namespace `default`
 /// in `dir`, and `extra` appended.
-pub fn base_settings(dir: &std::path::Path, extra: &str) -> Settings {
+pub fn base_settings(dir: &Path, extra: &str) -> Settings {
     settings(&format!(
         r#"
 [server]
@@ -50,6 +73,26 @@ backend = "memory"
 "#,
         dir.join("prism.db").display()
     ))
+}
+
+/// The repository's `settings/` directory.
+pub fn repo_settings() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("settings")
+}
+
+/// A settings directory (for the binary or the loader) holding
+/// `default_toml` as its `default.toml`.
+pub fn settings_dir(default_toml: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("default.toml"), default_toml).expect("write default.toml");
+    dir
+}
+
+/// A loopback port that was free a moment ago (for servers that cannot be
+/// handed a bound listener).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").port()
 }
 
 /// A gateway running in this process.
@@ -109,13 +152,7 @@ impl TestServer {
     }
 
     pub async fn client(&self) -> anyhow::Result<KeyValueClient<Channel>> {
-        let channel = Channel::from_shared(self.url())?
-            .connect()
-            .await
-            .context("connect")?;
-        Ok(KeyValueClient::new(channel)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20))
+        requests::connect(self.addr).await
     }
 
     /// Signals the drain and waits for the gateway to return.
@@ -168,12 +205,4 @@ where
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-/// A request with `x-client-id` set.
-pub fn as_client<T>(client: &str, msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("x-client-id", client.parse().expect("ascii client id"));
-    r
 }
