@@ -36,6 +36,7 @@ fn settings(dir: &Path, extra: &str) -> prism::Settings {
 grpc_addr = "127.0.0.1:0"
 http_addr = "127.0.0.1:0"
 shutdown_grace = "10s"
+drain_delay = "0s"
 
 [supervisor]
 max_restarts = 1000

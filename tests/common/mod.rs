@@ -52,6 +52,7 @@ pub fn base_settings(dir: &Path, extra: &str) -> Settings {
 [server]
 grpc_addr = "127.0.0.1:0"
 shutdown_grace = "10s"
+drain_delay = "0s"
 
 [supervisor]
 backoff_initial = "10ms"
