@@ -949,21 +949,15 @@ impl BackendSettings {
                 format!("is required for kind {:?}", self.kind.as_str()),
             ));
         }
-        // The connectors check URLs and identifiers; their messages name the
-        // value, the key is found from which part they complain about.
+        // The connectors check URLs and identifiers; their errors name the
+        // field and the value.
         let checked = match self.kind {
             Postgres => PostgresConnector::new(self.postgres_config()).map(drop),
             Redis => RedisConnector::new(self.redis_config()).map(drop),
             _ => Ok(()),
         };
         if let Err(e) = checked {
-            let msg = e.to_string();
-            let field = ["schema", "table", "key prefix", "url"]
-                .into_iter()
-                .find(|f| msg.contains(f))
-                .map(|f| f.replace(' ', "_"))
-                .unwrap_or_else(|| "url".to_owned());
-            return Err(Error::invalid(format!("{key}.{field}"), msg));
+            return Err(Error::invalid(format!("{key}.{}", e.field), e.message));
         }
         if let Some(busy_timeout) = self.busy_timeout {
             positive(&format!("{key}.busy_timeout"), busy_timeout)?;
