@@ -2,8 +2,6 @@
 //! semantics (upsert, TTL, idempotent delete, ordered prefix scan with a
 //! cursor), so a namespace can move between them without its clients noticing.
 
-#[cfg(test)]
-pub(crate) mod conformance;
 pub mod memory;
 pub mod postgres;
 pub mod redis;
@@ -337,4 +335,32 @@ pub trait Connector: Send + Sync + 'static {
 
     /// Connects (and creates or migrates the schema).
     fn connect(&self) -> BoxFuture<'_, Result<Arc<dyn Backend>, Error>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{context, Error};
+
+    #[test]
+    fn an_error_keeps_its_causes_and_shows_them_in_its_chain() {
+        let e = Error::Unavailable(context(
+            "cannot reach the server",
+            std::io::Error::other("connection reset"),
+        ));
+        assert_eq!(e.to_string(), "backend unavailable");
+        assert!(std::error::Error::source(&e).is_some());
+        assert_eq!(
+            e.chain().to_string(),
+            "backend unavailable: cannot reach the server: connection reset"
+        );
+        // A driver error that repeats its cause in its message shows it once,
+        // and keeps its classification.
+        let e = Error::from(sqlx::Error::Io(std::io::Error::other("broken pipe")));
+        assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
+        let chain = e.chain().to_string();
+        assert!(chain.starts_with("backend unavailable: "), "{chain}");
+        assert_eq!(chain.matches("broken pipe").count(), 1, "{chain}");
+        let e = Error::from(sqlx::Error::RowNotFound);
+        assert!(matches!(e, Error::Internal(_)), "{e:?}");
+    }
 }

@@ -255,8 +255,6 @@ mod tests {
         (backend, ())
     }
 
-    crate::backend::conformance::conformance_tests!(fresh);
-
     async fn put(b: &dyn Backend, key: &str) {
         let op = Op::Put {
             key: key.into(),

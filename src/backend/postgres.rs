@@ -654,7 +654,6 @@ impl Backend for PostgresBackend {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use bytes::Bytes;
@@ -663,6 +662,7 @@ mod tests {
 
     use super::{PostgresBackend, PostgresConfig, PostgresConnector, MIGRATIONS};
     use crate::backend::{Backend, Connector, Error, Op, Outcome};
+    use crate::testing::Cleanup;
 
     /// The test database; `PRISM_TEST_POSTGRES_URL` overrides it. Tests fail
     /// (never skip) when it is not up.
@@ -673,7 +673,7 @@ mod tests {
     /// A table name no other test (or test run) uses: purge is table-wide,
     /// so unique namespaces would not isolate tests.
     fn unique_table() -> String {
-        format!("prism_kv_t{}", crate::backend::conformance::unique_suffix())
+        format!("prism_kv_t{}", crate::testing::unique_suffix())
     }
 
     fn config(table: &str) -> PostgresConfig {
@@ -689,46 +689,38 @@ mod tests {
     /// Drops a test's tables when the test ends, passed or failed.
     struct DropTables {
         table: String,
+        _cleanup: Cleanup,
     }
 
-    impl Drop for DropTables {
-        fn drop(&mut self) {
-            let table = self.table.clone();
-            // Drop runs inside the test's runtime, which cannot block on a
-            // future: clean up from a thread with a runtime of its own.
-            let cleanup = std::thread::spawn(move || {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
+    impl DropTables {
+        fn new(table: &str) -> Self {
+            let name = table.to_owned();
+            let cleanup = Cleanup::new(move || async move {
+                let Ok(mut conn) = PgConnection::connect(&url()).await else {
                     return;
                 };
-                rt.block_on(async {
-                    let Ok(mut conn) = PgConnection::connect(&url()).await else {
-                        return;
-                    };
-                    let _ = conn
-                        .execute(
-                            format!(
-                                "SET lock_timeout = '5s'; \
-                                 DROP TABLE IF EXISTS public.\"{table}\"; \
-                                 DROP TABLE IF EXISTS public.\"{table}_schema_version\""
-                            )
-                            .as_str(),
+                let _ = conn
+                    .execute(
+                        format!(
+                            "SET lock_timeout = '5s'; \
+                             DROP TABLE IF EXISTS public.\"{name}\"; \
+                             DROP TABLE IF EXISTS public.\"{name}_schema_version\""
                         )
-                        .await;
-                    let _ = conn.close().await;
-                });
+                        .as_str(),
+                    )
+                    .await;
+                let _ = conn.close().await;
             });
-            let _ = cleanup.join();
+            DropTables {
+                table: table.to_owned(),
+                _cleanup: cleanup,
+            }
         }
     }
 
     async fn fresh_concrete() -> (PostgresBackend, DropTables) {
         let table = unique_table();
-        let guard = DropTables {
-            table: table.clone(),
-        };
+        let guard = DropTables::new(&table);
         let backend = PostgresConnector::new(config(&table))
             .expect("valid config")
             .open()
@@ -736,13 +728,6 @@ mod tests {
             .expect("connect to the test postgres (is it running?)");
         (backend, guard)
     }
-
-    async fn fresh() -> (Arc<dyn Backend>, DropTables) {
-        let (backend, guard) = fresh_concrete().await;
-        (Arc::new(backend), guard)
-    }
-
-    crate::backend::conformance::conformance_tests!(fresh);
 
     async fn admin() -> PgConnection {
         PgConnection::connect(&url())
@@ -803,9 +788,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_first_connects_migrate_exactly_once() {
         let table = unique_table();
-        let guard = DropTables {
-            table: table.clone(),
-        };
+        let guard = DropTables::new(&table);
         let connector = PostgresConnector::new(config(&table)).expect("config");
         let starts: Vec<_> = (0..6)
             .map(|_| {
@@ -837,9 +820,7 @@ mod tests {
     #[tokio::test]
     async fn a_start_waits_for_another_instances_migration() {
         let table = unique_table();
-        let _guard = DropTables {
-            table: table.clone(),
-        };
+        let _guard = DropTables::new(&table);
         let connector = PostgresConnector::new(config(&table)).expect("config");
         // Another instance in the middle of migrating this table.
         let mut other = admin().await;
@@ -1099,9 +1080,7 @@ mod tests {
     #[tokio::test]
     async fn a_deadline_bounds_the_wait_for_a_connection() {
         let table = unique_table();
-        let guard = DropTables {
-            table: table.clone(),
-        };
+        let guard = DropTables::new(&table);
         let b = PostgresConnector::new(PostgresConfig {
             max_connections: 1,
             min_connections: 1,
@@ -1136,9 +1115,7 @@ mod tests {
     #[tokio::test]
     async fn the_configured_statement_timeout_bounds_operations_without_a_deadline() {
         let table = unique_table();
-        let guard = DropTables {
-            table: table.clone(),
-        };
+        let guard = DropTables::new(&table);
         let b = PostgresConnector::new(PostgresConfig {
             statement_timeout: Some(Duration::from_millis(100)),
             ..config(&table)

@@ -774,7 +774,6 @@ impl Backend for RedisBackend {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use bytes::Bytes;
@@ -783,6 +782,7 @@ mod tests {
 
     use super::{ns_tag, RedisBackend, RedisConfig, RedisConnector};
     use crate::backend::{Backend, Connector, Error, Op, Outcome};
+    use crate::testing::Cleanup;
 
     /// The test server; `PRISM_TEST_REDIS_URL` overrides it. Tests fail
     /// (never skip) when it is not up.
@@ -792,10 +792,7 @@ mod tests {
 
     /// A key prefix no other test (or test run) uses.
     fn unique_prefix() -> String {
-        format!(
-            "prism-test-{}",
-            crate::backend::conformance::unique_suffix()
-        )
+        format!("prism-test-{}", crate::testing::unique_suffix())
     }
 
     fn config(prefix: &str) -> RedisConfig {
@@ -840,43 +837,35 @@ mod tests {
     /// Deletes a test's keys when the test ends, passed or failed.
     struct DropKeys {
         prefix: String,
+        _cleanup: Cleanup,
     }
 
-    impl Drop for DropKeys {
-        fn drop(&mut self) {
-            let prefix = self.prefix.clone();
-            // Drop runs inside the test's runtime, which cannot block on a
-            // future: clean up from a thread with a runtime of its own.
-            let cleanup = std::thread::spawn(move || {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
+    impl DropKeys {
+        fn new(prefix: &str) -> Self {
+            let under = prefix.to_owned();
+            let cleanup = Cleanup::new(move || async move {
+                let Ok(client) = redis::Client::open(url()) else {
                     return;
                 };
-                rt.block_on(async {
-                    let Ok(client) = redis::Client::open(url()) else {
-                        return;
-                    };
-                    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-                        return;
-                    };
-                    let keys = keys_under(&mut conn, &prefix).await;
-                    for chunk in keys.chunks(500) {
-                        let _: Result<i64, _> =
-                            redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
-                    }
-                });
+                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                    return;
+                };
+                let keys = keys_under(&mut conn, &under).await;
+                for chunk in keys.chunks(500) {
+                    let _: Result<i64, _> =
+                        redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+                }
             });
-            let _ = cleanup.join();
+            DropKeys {
+                prefix: prefix.to_owned(),
+                _cleanup: cleanup,
+            }
         }
     }
 
     async fn fresh_concrete() -> (RedisBackend, DropKeys) {
         let prefix = unique_prefix();
-        let guard = DropKeys {
-            prefix: prefix.clone(),
-        };
+        let guard = DropKeys::new(&prefix);
         let backend = RedisConnector::new(config(&prefix))
             .expect("valid config")
             .open()
@@ -884,13 +873,6 @@ mod tests {
             .expect("connect to the test redis (is it running?)");
         (backend, guard)
     }
-
-    async fn fresh() -> (Arc<dyn Backend>, DropKeys) {
-        let (backend, guard) = fresh_concrete().await;
-        (Arc::new(backend), guard)
-    }
-
-    crate::backend::conformance::conformance_tests!(fresh);
 
     async fn put(b: &dyn Backend, ns: &str, key: &str, ttl: Option<Duration>) {
         let op = Op::Put {
@@ -1139,9 +1121,7 @@ mod tests {
     #[tokio::test]
     async fn the_command_timeout_bounds_operations_without_a_deadline() {
         let prefix = unique_prefix();
-        let _guard = DropKeys {
-            prefix: prefix.clone(),
-        };
+        let _guard = DropKeys::new(&prefix);
         let b = RedisConnector::new(RedisConfig {
             command_timeout: Duration::from_millis(100),
             ..config(&prefix)

@@ -346,17 +346,6 @@ mod tests {
         SqliteConnector::new(path.to_path_buf(), Duration::from_secs(5), pool_size)
     }
 
-    async fn fresh() -> (Arc<dyn Backend>, TempDir) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let backend = connector(&dir.path().join("prism.db"), 4)
-            .connect()
-            .await
-            .expect("connect");
-        (backend, dir)
-    }
-
-    crate::backend::conformance::conformance_tests!(fresh);
-
     async fn put(b: &dyn Backend, key: &str, value: &'static [u8], ttl: Option<Duration>) {
         let op = Op::Put {
             key: key.into(),
