@@ -138,8 +138,8 @@ impl MemoryBackend {
     }
 
     fn put(&self, namespace: &str, key: String, value: Bytes, ttl: Option<Duration>, now: Instant) {
-        // A TTL too large for the clock to represent is, for every practical
-        // purpose, no expiry too.
+        // TTLs from MAX_TTL up, and any too large for the clock to
+        // represent, are for every practical purpose no expiry.
         let expires_at = stored_ttl(ttl).and_then(|ttl| now.checked_add(ttl));
         // The value may be a slice of a larger request buffer; copy it so a
         // small stored value does not pin the whole buffer for its lifetime.
