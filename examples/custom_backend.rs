@@ -16,7 +16,11 @@
 //! It starts a gateway on 127.0.0.1 (ports picked by the OS) with namespace
 //! `slow` on the custom backend, writes and reads through gRPC, shows that a
 //! client deadline shorter than the latency ends as DEADLINE_EXCEEDED, and
-//! shuts down.
+//! shuts down. Then it runs the conformance suite of `prism::testing` (the
+//! `test-util` feature) against the custom backend, with a shorter latency
+//! so that the thousands of operations stay quick, and prints a line per
+//! check; it exits with an error when a check fails. A backend crate runs
+//! the same suite from its tests with `prism::conformance_suite!`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,6 +31,7 @@ use bytes::Bytes;
 use prism::backend::memory::MemoryConnector;
 use prism::backend::{Backend, BoxFuture, Connector, Error, Op, Outcome};
 use prism::client::{Client, ClientOptions};
+use prism::testing::conformance::{self, Subject};
 use prism::{Gateway, Listeners, Settings};
 
 /// The connector outlives pool actor restarts, so it owns what must survive
@@ -152,5 +157,28 @@ async fn main() -> anyhow::Result<()> {
     println!("operations the store ran: {}", ops.load(Ordering::Relaxed));
     let _ = stop.send(());
     gateway.await??;
+
+    println!("conformance suite against the custom backend:");
+    let verdicts = conformance::run(|| async {
+        // A fresh store for each check.
+        Subject::new(SlowConnector {
+            inner: MemoryConnector::new(),
+            latency: Duration::from_millis(1),
+            ops: Arc::new(AtomicU64::new(0)),
+        })
+    })
+    .await;
+    let mut failed = 0;
+    for verdict in &verdicts {
+        match &verdict.result {
+            Ok(()) => println!("  pass  {}", verdict.name),
+            Err(why) => {
+                failed += 1;
+                println!("  FAIL  {}: {why}", verdict.name);
+            }
+        }
+    }
+    println!("{} passed, {failed} failed", verdicts.len() - failed);
+    anyhow::ensure!(failed == 0, "{failed} conformance checks failed");
     Ok(())
 }

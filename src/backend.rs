@@ -2,13 +2,13 @@
 //! semantics (upsert, TTL, idempotent delete, ordered prefix scan with a
 //! cursor), so a namespace can move between them without its clients noticing.
 
-#[cfg(test)]
-pub(crate) mod conformance;
 pub mod memory;
 pub mod postgres;
 pub mod redis;
 pub mod sqlite;
+pub mod toolkit;
 
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,33 +20,134 @@ use bytes::Bytes;
 /// can be used as trait objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Errors of a backend.
+/// The cause inside a backend [`Error`]: the driver's or pool's own error,
+/// or a message. `"text".into()` makes one from a message.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors of a backend. The variant is the classification the gateway acts
+/// on (the circuit breaker counts [`Unavailable`](Error::Unavailable) and
+/// [`Timeout`](Error::Timeout), clients get a status per variant); the cause
+/// is kept as the error's [`source`](std::error::Error::source), so a log
+/// line shows the whole chain ([`Error::chain`]) while clients get a generic
+/// answer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The backend cannot be reached or refused the operation for now
-    /// (connection lost, pool exhausted, server shutting down).
-    #[error("backend unavailable: {0}")]
-    Unavailable(String),
+    /// (connection lost, pool exhausted, server shutting down); a retry
+    /// later may succeed.
+    #[error("backend unavailable")]
+    Unavailable(#[source] Cause),
     /// The operation did not finish before its deadline.
     #[error("backend operation timed out")]
     Timeout,
     /// The backend failed in a way a retry will not fix.
-    #[error("backend failure: {0}")]
-    Internal(String),
+    #[error("backend failure")]
+    Internal(#[source] Cause),
+}
+
+impl Error {
+    /// An [`Error::Unavailable`] caused by `cause`.
+    pub fn unavailable(cause: impl Into<Cause>) -> Self {
+        Error::Unavailable(cause.into())
+    }
+
+    /// An [`Error::Internal`] caused by `cause`.
+    pub fn internal(cause: impl Into<Cause>) -> Self {
+        Error::Internal(cause.into())
+    }
+
+    /// The error followed by each of its sources, for logs.
+    pub fn chain(&self) -> ErrorChain<'_> {
+        ErrorChain(self)
+    }
+}
+
+/// Displays an error and each of its sources: `outer: inner: root`. A
+/// source whose text the previous one already ends with (drivers often
+/// repeat their cause in their own message) is not repeated.
+#[derive(Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut previous = self.0.to_string();
+        f.write_str(&previous)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !previous.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            previous = text;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A message that explains its source, e.g. `cannot create folder /x`
+/// caused by the i/o error.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub(crate) struct Context {
+    message: String,
+    #[source]
+    source: Cause,
+}
+
+/// A [`Cause`] that says `message`, caused by `source`.
+pub(crate) fn context(message: impl Into<String>, source: impl Into<Cause>) -> Cause {
+    Box::new(Context {
+        message: message.into(),
+        source: source.into(),
+    })
+}
+
+/// A connector setting that cannot work, found when the connector is made,
+/// before anything connects. `field` names the setting (`url`, `schema`,
+/// `table`, `key_prefix`, ...) so that a caller can point at its key
+/// without reading the message; the message names the bad value (with any
+/// password left out).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ConfigError {
+    /// The setting, as named in the backend's settings.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error about `field`.
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        ConfigError {
+            field,
+            message: message.into(),
+        }
+    }
 }
 
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::PoolTimedOut => Error::Unavailable("connection pool timed out".into()),
-            sqlx::Error::PoolClosed => Error::Unavailable("connection pool closed".into()),
-            sqlx::Error::Io(e) => Error::Unavailable(format!("i/o: {e}")),
-            sqlx::Error::Tls(e) => Error::Unavailable(format!("tls: {e}")),
-            sqlx::Error::WorkerCrashed => Error::Unavailable("database worker crashed".into()),
-            sqlx::Error::Database(db) if is_transient(db.code().as_deref()) => {
-                Error::Unavailable(db.to_string())
-            }
-            other => Error::Internal(other.to_string()),
+        let transient = match &e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => is_transient(db.code().as_deref()),
+            _ => false,
+        };
+        if transient {
+            Error::Unavailable(Box::new(e))
+        } else {
+            Error::Internal(Box::new(e))
         }
     }
 }
@@ -225,15 +326,6 @@ impl PoolStats {
     }
 }
 
-/// One step of an SQL backend's schema. Applied steps are recorded in a
-/// version table; a new step is appended with the next version and never
-/// edits an applied one.
-pub(crate) struct Migration {
-    pub(crate) version: i64,
-    pub(crate) name: &'static str,
-    pub(crate) statements: &'static [&'static str],
-}
-
 /// Opens a backend. A pool actor calls it at each start (and restart), so it
 /// holds whatever must outlive a restart, such as the data of a memory
 /// backend.
@@ -245,48 +337,30 @@ pub trait Connector: Send + Sync + 'static {
     fn connect(&self) -> BoxFuture<'_, Result<Arc<dyn Backend>, Error>>;
 }
 
-/// The smallest string greater than every string that starts with `prefix`,
-/// or `None` when no such bound exists (empty prefix, or only `char::MAX`).
-/// Used as the exclusive upper bound of an index range scan.
-pub fn prefix_successor(prefix: &str) -> Option<String> {
-    let mut chars: Vec<char> = prefix.chars().collect();
-    while let Some(last) = chars.pop() {
-        let mut next = last as u32 + 1;
-        // Skip the surrogate range, which no `char` occupies.
-        if (0xD800..=0xDFFF).contains(&next) {
-            next = 0xE000;
-        }
-        if let Some(c) = char::from_u32(next) {
-            chars.push(c);
-            return Some(chars.into_iter().collect());
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
-    use super::prefix_successor;
+    use super::{context, Error};
 
     #[test]
-    fn prefix_successor_bounds_every_key_with_the_prefix() {
-        assert_eq!(prefix_successor("ab").as_deref(), Some("ac"));
-        assert_eq!(prefix_successor(""), None);
-        assert_eq!(prefix_successor("a\u{10FFFF}").as_deref(), Some("b"));
-        assert_eq!(prefix_successor("\u{D7FF}").as_deref(), Some("\u{E000}"));
-        let p = "user/";
-        let s = prefix_successor(p).unwrap();
-        for k in [
-            "user/",
-            "user/\u{10FFFF}\u{10FFFF}",
-            "user/zzz",
-            "user/\u{7F}",
-        ] {
-            assert!(
-                k.as_bytes() >= p.as_bytes() && k.as_bytes() < s.as_bytes(),
-                "{k}"
-            );
-        }
-        assert!("user0".as_bytes() >= s.as_bytes());
+    fn an_error_keeps_its_causes_and_shows_them_in_its_chain() {
+        let e = Error::Unavailable(context(
+            "cannot reach the server",
+            std::io::Error::other("connection reset"),
+        ));
+        assert_eq!(e.to_string(), "backend unavailable");
+        assert!(std::error::Error::source(&e).is_some());
+        assert_eq!(
+            e.chain().to_string(),
+            "backend unavailable: cannot reach the server: connection reset"
+        );
+        // A driver error that repeats its cause in its message shows it once,
+        // and keeps its classification.
+        let e = Error::from(sqlx::Error::Io(std::io::Error::other("broken pipe")));
+        assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
+        let chain = e.chain().to_string();
+        assert!(chain.starts_with("backend unavailable: "), "{chain}");
+        assert_eq!(chain.matches("broken pipe").count(), 1, "{chain}");
+        let e = Error::from(sqlx::Error::RowNotFound);
+        assert!(matches!(e, Error::Internal(_)), "{e:?}");
     }
 }

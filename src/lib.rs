@@ -19,6 +19,8 @@ pub mod session;
 pub mod settings;
 pub mod signal;
 pub mod telemetry;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 pub use server::{run, Error, Gateway, Listeners};
 pub use settings::Settings;

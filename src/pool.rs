@@ -14,7 +14,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::backend::{Backend, Connector, Op, Outcome, PoolStats};
+use crate::backend::{Backend, Connector, Error as BackendError, Op, Outcome, PoolStats};
 use crate::error::ApiError;
 
 /// Consecutive failed health checks after which the pool actor fails and is
@@ -388,27 +388,27 @@ impl PoolActor {
 
 /// Feeds an operation's result to the breaker: only failures of the
 /// backend itself count, not a bad request.
-fn record(health: &BackendHealth, r: &Result<Outcome, crate::backend::Error>) {
+fn record(health: &BackendHealth, r: &Result<Outcome, BackendError>) {
     match r {
         Ok(_) => health.record_success(),
-        Err(e @ (crate::backend::Error::Unavailable(_) | crate::backend::Error::Timeout)) => {
-            health.record_failure(&e.to_string())
+        Err(e @ (BackendError::Unavailable(_) | BackendError::Timeout)) => {
+            health.record_failure(&e.chain().to_string())
         }
-        Err(crate::backend::Error::Internal(_)) => {}
+        Err(BackendError::Internal(_)) => {}
     }
 }
 
-/// Backend errors as the client sees them; the cause is logged here.
-fn map_backend_error(namespace: &str, e: crate::backend::Error) -> ApiError {
-    use crate::backend::Error;
+/// Backend errors as the client sees them: generic, while the cause is
+/// logged here with its chain.
+fn map_backend_error(namespace: &str, e: BackendError) -> ApiError {
     match e {
-        Error::Unavailable(cause) => {
-            warn!(namespace, error = %cause, "backend unavailable");
+        BackendError::Unavailable(_) => {
+            warn!(namespace, error = %e.chain(), "backend unavailable");
             ApiError::Unavailable(format!("backend of namespace '{namespace}' is unavailable"))
         }
-        Error::Timeout => ApiError::DeadlineExceeded("in the backend"),
-        Error::Internal(cause) => {
-            warn!(namespace, error = %cause, "backend operation failed");
+        BackendError::Timeout => ApiError::DeadlineExceeded("in the backend"),
+        BackendError::Internal(_) => {
+            warn!(namespace, error = %e.chain(), "backend operation failed");
             ApiError::Internal
         }
     }
@@ -421,7 +421,7 @@ impl Actor for PoolActor {
         let backend = match self.connector.connect().await {
             Ok(b) => b,
             Err(e) => {
-                self.health.trip(&e.to_string());
+                self.health.trip(&e.chain().to_string());
                 return Err(Box::new(e));
             }
         };
@@ -558,7 +558,7 @@ impl Actor for PoolActor {
                     match backend.purge_expired().await {
                         Ok(0) => {}
                         Ok(n) => debug!(backend = %name, purged = n, "expired entries purged"),
-                        Err(e) => warn!(backend = %name, error = %e, "purge failed"),
+                        Err(e) => warn!(backend = %name, error = %e.chain(), "purge failed"),
                     }
                     let _ = me.tell(PoolMsg::PurgeDone { generation }).await;
                 });
@@ -570,7 +570,7 @@ impl Actor for PoolActor {
                 self.tasks.spawn(async move {
                     let result = match tokio::time::timeout(timeout, backend.health()).await {
                         Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err(e.to_string()),
+                        Ok(Err(e)) => Err(e.chain().to_string()),
                         Err(_) => Err("health check timed out".to_owned()),
                     };
                     let _ = me.tell(PoolMsg::HealthResult { generation, result }).await;

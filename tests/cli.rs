@@ -145,7 +145,8 @@ async fn serve_with_bad_settings_exits_64_before_binding() {
 async fn serve_exits_69_naming_the_key_when_the_address_is_taken() {
     let held = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = held.local_addr().expect("addr").port();
-    let dir = settings_dir(&MEMORY_SETTINGS.replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1));
+    let dir =
+        settings_dir(&MEMORY_SETTINGS.replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1));
     let mut prism = Prism::serve(dir.path());
     let status = prism.wait_exit(Duration::from_secs(30)).await;
     let err = prism.log_text();

@@ -5,12 +5,13 @@
 //! where it left it. Nothing is persisted across a process restart.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ops::Bound;
+use std::convert::Infallible;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::toolkit::{scan_page, stored_ttl, KeyRange};
 use super::{Backend, BoxFuture, Connector, Error, Item, Op, Outcome, Record};
 
 /// Connects memory backends that all share one store (clones share it too).
@@ -122,11 +123,7 @@ impl MemoryBackend {
                 after,
                 limit,
                 keys_only,
-            } => {
-                let (items, more) =
-                    self.scan(namespace, &prefix, after.as_deref(), limit, keys_only, now);
-                Outcome::Scan { items, more }
-            }
+            } => self.scan(namespace, &prefix, after.as_deref(), limit, keys_only, now),
         }
     }
 
@@ -141,9 +138,9 @@ impl MemoryBackend {
     }
 
     fn put(&self, namespace: &str, key: String, value: Bytes, ttl: Option<Duration>, now: Instant) {
-        // A TTL too large for the clock to represent is, for every practical
-        // purpose, no expiry.
-        let expires_at = ttl.and_then(|ttl| now.checked_add(ttl));
+        // TTLs from MAX_TTL up, and any too large for the clock to
+        // represent, are for every practical purpose no expiry.
+        let expires_at = stored_ttl(ttl).and_then(|ttl| now.checked_add(ttl));
         // The value may be a slice of a larger request buffer; copy it so a
         // small stored value does not pin the whole buffer for its lifetime.
         let value = Bytes::copy_from_slice(&value);
@@ -177,36 +174,33 @@ impl MemoryBackend {
         limit: usize,
         keys_only: bool,
         now: Instant,
-    ) -> (Vec<Item>, bool) {
-        let Some(keyspace) = self.store.find(namespace) else {
-            return (Vec::new(), false);
+    ) -> Outcome {
+        let range = KeyRange::new(prefix, after);
+        let Some(keyspace) = self.store.find(namespace).filter(|_| !range.is_empty()) else {
+            return Outcome::Scan {
+                items: Vec::new(),
+                more: false,
+            };
         };
         let keyspace = keyspace.read().unwrap_or_else(PoisonError::into_inner);
-        // Start at whichever bound is higher so a deep cursor does not walk
-        // the keys before it. `str` orders bytewise, which is the order the
-        // API promises.
-        let start = match after {
-            Some(after) if after >= prefix => Bound::Excluded(after),
-            _ => Bound::Included(prefix),
-        };
-        let mut live = keyspace
-            .range::<str, _>((start, Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .filter(|(_, e)| e.is_live(now));
-        let items: Vec<Item> = live
-            .by_ref()
-            .take(limit)
-            .map(|(k, e)| Item {
-                key: k.clone(),
-                value: if keys_only {
-                    Bytes::new()
-                } else {
-                    e.value.clone()
-                },
-            })
-            .collect();
-        let more = live.next().is_some();
-        (items, more)
+        // `str` orders bytewise, which is the order the API promises.
+        let live = keyspace
+            .range::<str, _>((range.start(), range.end()))
+            .filter(|(_, e)| e.is_live(now))
+            .map(|(k, e)| {
+                Ok::<_, Infallible>(Item {
+                    key: k.clone(),
+                    value: if keys_only {
+                        Bytes::new()
+                    } else {
+                        e.value.clone()
+                    },
+                })
+            });
+        match scan_page(live, limit) {
+            Ok(page) => page,
+            Err(never) => match never {},
+        }
     }
 
     fn purge(&self, now: Instant) -> u64 {
@@ -260,8 +254,6 @@ mod tests {
         let backend = MemoryConnector::new().connect().await.expect("connect");
         (backend, ())
     }
-
-    crate::backend::conformance::conformance_tests!(fresh);
 
     async fn put(b: &dyn Backend, key: &str) {
         let op = Op::Put {

@@ -25,9 +25,12 @@ use deadpool_redis::redis::{self, IntoConnectionInfo, RedisError, Value};
 use deadpool_redis::{Connection, Manager, Pool, PoolError, Runtime, TimeoutType};
 use tokio::time::Instant;
 
-use super::postgres::redact_url;
+use super::toolkit::{
+    fetch_count, purge_in_batches, redact_url, scan_page, stored_ttl, until, Batch, KeyRange,
+};
 use super::{
-    prefix_successor, Backend, BoxFuture, Connector, Error, Item, Op, Outcome, PoolStats, Record,
+    context, Backend, BoxFuture, ConfigError, Connector, Error, Item, Op, Outcome, PoolStats,
+    Record,
 };
 
 /// How to reach Redis and name the keys.
@@ -90,21 +93,25 @@ pub struct RedisConnector {
 }
 
 impl RedisConnector {
-    /// A connector for `config`. Fails, with a message naming the bad
-    /// value, when the URL does not parse or the key prefix is empty or holds
-    /// a hash-tag brace. Nothing is connected until [`Connector::connect`].
-    pub fn new(config: RedisConfig) -> Result<Self, Error> {
+    /// A connector for `config`. Fails, naming the field (`url` or
+    /// `key_prefix`) and the bad value, when the URL does not parse or the
+    /// key prefix is empty or holds a hash-tag brace. Nothing is connected
+    /// until [`Connector::connect`].
+    pub fn new(config: RedisConfig) -> Result<Self, ConfigError> {
         if config.key_prefix.is_empty() || config.key_prefix.contains(['{', '}']) {
-            return Err(Error::Internal(format!(
-                "invalid redis key prefix {:?}: must be non-empty and contain no '{{' or '}}'",
-                config.key_prefix
-            )));
+            return Err(ConfigError::new(
+                "key_prefix",
+                format!(
+                    "invalid redis key prefix {:?}: must be non-empty and contain no '{{' or '}}'",
+                    config.key_prefix
+                ),
+            ));
         }
         config.url.as_str().into_connection_info().map_err(|e| {
-            Error::Internal(format!(
-                "invalid redis url {}: {e}",
-                redact_url(&config.url)
-            ))
+            ConfigError::new(
+                "url",
+                format!("invalid redis url {}: {e}", redact_url(&config.url)),
+            )
         })?;
         Ok(RedisConnector { config })
     }
@@ -122,7 +129,10 @@ impl RedisConnector {
             .set_connection_timeout(Some(c.create_timeout))
             .set_response_timeout(Some(c.command_timeout));
         let manager = Manager::new_with_config(c.url.as_str(), connection).map_err(|e| {
-            Error::Internal(format!("invalid redis url {}: {e}", redact_url(&c.url)))
+            Error::Internal(context(
+                format!("invalid redis url {}", redact_url(&c.url)),
+                e,
+            ))
         })?;
         let pool = Pool::builder(manager)
             .max_size(c.max_size.max(1))
@@ -131,7 +141,7 @@ impl RedisConnector {
             .recycle_timeout(Some(c.recycle_timeout))
             .runtime(Runtime::Tokio1)
             .build()
-            .map_err(|e| Error::Internal(format!("cannot build the redis pool: {e}")))?;
+            .map_err(|e| Error::Internal(context("cannot build the redis pool", e)))?;
         // The pool connects lazily: connect now, so that an unreachable
         // server fails the start, and load the scripts while at it.
         let loaded = async {
@@ -302,10 +312,6 @@ const PURGE_BATCH: usize = 1000;
 /// page itself, for the same reason.
 const SCAN_STALE_BUDGET: usize = 1000;
 
-/// TTLs at or above this are stored as no expiry: Redis rejects expiry times
-/// past its clock range (and this is, for every practical purpose, never).
-const MAX_TTL: Duration = Duration::from_secs(100_000 * 365 * 24 * 3600);
-
 /// The namespace as it appears inside the `{...}` hash tag. Escaping `%` and
 /// the braces keeps the mapping one-to-one and the tag closed by our own
 /// `}`: an unescaped `}` would end the tag early, and could make two
@@ -357,10 +363,7 @@ impl RedisBackend {
         op: Op,
         deadline: Instant,
     ) -> Result<Outcome, Error> {
-        let mut conn = match tokio::time::timeout_at(deadline, self.pool.get()).await {
-            Ok(conn) => conn.map_err(map_pool)?,
-            Err(_) => return Err(Error::Timeout),
-        };
+        let mut conn = self.checkout(deadline).await?;
         match tokio::time::timeout_at(deadline, self.run(&mut conn, namespace, op)).await {
             Ok(Err(Error::Timeout)) | Err(_) => {
                 drop(Connection::take(conn));
@@ -368,6 +371,11 @@ impl RedisBackend {
             }
             Ok(res) => res,
         }
+    }
+
+    /// A pooled connection, waited for until `deadline`.
+    async fn checkout(&self, deadline: Instant) -> Result<Connection, Error> {
+        until(deadline, async { self.pool.get().await.map_err(map_pool) }).await
     }
 
     async fn run(&self, conn: &mut Connection, namespace: &str, op: Op) -> Result<Outcome, Error> {
@@ -401,7 +409,9 @@ impl RedisBackend {
                 pipe.atomic();
                 // SET without KEEPTTL replaces any previous expiry.
                 let set = pipe.cmd("SET").arg(&vkey).arg(&value[..]);
-                if let Some(ttl) = ttl.filter(|ttl| *ttl < MAX_TTL) {
+                // Redis rejects expiry times past its clock range: a huge
+                // TTL is stored as none.
+                if let Some(ttl) = stored_ttl(ttl) {
                     // Rounded up so a positive TTL never expires on write.
                     let ms = u64::try_from(ttl.as_nanos().div_ceil(1_000_000))
                         .unwrap_or(u64::MAX)
@@ -446,10 +456,8 @@ impl RedisBackend {
                 limit,
                 keys_only,
             } => {
-                let (items, more) = self
-                    .scan(conn, namespace, &prefix, after.as_deref(), limit, keys_only)
-                    .await?;
-                Ok(Outcome::Scan { items, more })
+                self.scan(conn, namespace, &prefix, after.as_deref(), limit, keys_only)
+                    .await
             }
         }
     }
@@ -488,18 +496,24 @@ impl RedisBackend {
         after: Option<&str>,
         limit: usize,
         keys_only: bool,
-    ) -> Result<(Vec<Item>, bool), Error> {
+    ) -> Result<Outcome, Error> {
+        let range = KeyRange::new(prefix, after);
+        if range.is_empty() {
+            return scan_page(std::iter::empty::<Result<Item, Error>>(), limit);
+        }
         let index = self.index_key(namespace);
         let value_prefix = self.value_prefix(namespace);
-        // Start at whichever bound is higher, as the other backends do.
-        let mut min = match after {
-            Some(after) if after >= prefix => format!("({after}"),
-            _ if prefix.is_empty() => "-".to_owned(),
-            _ => format!("[{prefix}"),
+        // The range in ZRANGEBYLEX syntax.
+        let mut min = match range.lower() {
+            lower if range.lower_is_exclusive() => format!("({lower}"),
+            "" => "-".to_owned(),
+            lower => format!("[{lower}"),
         };
-        let max = prefix_successor(prefix).map_or_else(|| "+".to_owned(), |s| format!("({s}"));
+        let max = range
+            .upper()
+            .map_or_else(|| "+".to_owned(), |s| format!("({s}"));
         // One item past the page tells whether more follow.
-        let wanted_total = limit.saturating_add(1);
+        let wanted_total = fetch_count(limit);
         let keys_only_arg: &[u8] = if keys_only { b"1" } else { b"0" };
         let mut items: Vec<Item> = Vec::new();
         loop {
@@ -529,17 +543,12 @@ impl RedisBackend {
             // after examining at least one entry, so `last` moves forward.
             min = format!("({}", page.last);
         }
-        let more = items.len() > limit;
-        items.truncate(limit);
-        Ok((items, more))
+        scan_page(items.into_iter().map(Ok), limit)
     }
 
     async fn purge_all(&self) -> Result<u64, Error> {
         let deadline = Instant::now() + self.command_timeout;
-        let mut conn = match tokio::time::timeout_at(deadline, self.pool.get()).await {
-            Ok(conn) => conn.map_err(map_pool)?,
-            Err(_) => return Err(Error::Timeout),
-        };
+        let mut conn = self.checkout(deadline).await?;
         let namespaces: Vec<String> = redis::cmd("SMEMBERS")
             .arg(self.registry_key())
             .query_async(&mut conn)
@@ -548,41 +557,60 @@ impl RedisBackend {
         let batch = PURGE_BATCH.to_string();
         let mut purged = 0u64;
         for namespace in namespaces {
-            let index = self.index_key(&namespace);
-            let value_prefix = self.value_prefix(&namespace);
-            let mut min = "-".to_owned();
-            loop {
-                let reply = self
-                    .purge
-                    .run(
-                        &mut conn,
-                        &index,
-                        &[value_prefix.as_bytes(), min.as_bytes(), batch.as_bytes()],
-                    )
-                    .await?;
-                let (removed, done, last) = parse_purge_reply(reply)?;
-                purged += removed;
-                if done {
-                    break;
-                }
-                min = format!("({last}");
-            }
+            let mut cursor = PurgeCursor {
+                conn: &mut conn,
+                script: &self.purge,
+                index: self.index_key(&namespace),
+                value_prefix: self.value_prefix(&namespace),
+                batch: &batch,
+                min: "-".to_owned(),
+            };
+            purged += purge_in_batches(&mut cursor, |c| {
+                Box::pin(async move {
+                    let reply = c
+                        .script
+                        .run(
+                            c.conn,
+                            &c.index,
+                            &[
+                                c.value_prefix.as_bytes(),
+                                c.min.as_bytes(),
+                                c.batch.as_bytes(),
+                            ],
+                        )
+                        .await?;
+                    let (removed, done, last) = parse_purge_reply(reply)?;
+                    c.min = format!("({last}");
+                    Ok(Batch {
+                        removed,
+                        last: done,
+                    })
+                })
+            })
+            .await?;
         }
         Ok(purged)
     }
 
     async fn ping(&self) -> Result<(), Error> {
         let deadline = Instant::now() + self.command_timeout;
-        let mut conn = match tokio::time::timeout_at(deadline, self.pool.get()).await {
-            Ok(conn) => conn.map_err(map_pool)?,
-            Err(_) => return Err(Error::Timeout),
-        };
+        let mut conn = self.checkout(deadline).await?;
         let _: String = redis::cmd("PING")
             .query_async(&mut conn)
             .await
             .map_err(map_redis)?;
         Ok(())
     }
+}
+
+/// Where a purge of one namespace's index is: batches continue after `min`.
+struct PurgeCursor<'a> {
+    conn: &'a mut Connection,
+    script: &'a Script,
+    index: String,
+    value_prefix: String,
+    batch: &'a str,
+    min: String,
 }
 
 /// A parsed reply of [`SCAN_SCRIPT`].
@@ -646,13 +674,13 @@ fn parse_purge_reply(reply: Value) -> Result<(u64, bool, String), Error> {
 fn string(value: Value) -> Result<String, Error> {
     match value {
         Value::BulkString(bytes) => String::from_utf8(bytes)
-            .map_err(|e| Error::Internal(format!("redis index entry is not utf-8: {e}"))),
+            .map_err(|e| Error::Internal(context("redis index entry is not utf-8", e))),
         other => Err(unexpected("key", &other)),
     }
 }
 
 fn unexpected(what: &str, value: &dyn fmt::Debug) -> Error {
-    Error::Internal(format!("unexpected redis {what} reply: {value:?}"))
+    Error::internal(format!("unexpected redis {what} reply: {value:?}"))
 }
 
 /// Server errors a retry (after a failover, a reload, a script ending) can
@@ -678,33 +706,31 @@ fn map_redis(e: RedisError) -> Error {
         || e.is_connection_refusal()
         || e.code().is_some_and(|code| TRANSIENT_CODES.contains(&code))
     {
-        Error::Unavailable(e.to_string())
+        Error::Unavailable(Box::new(e))
     } else {
-        Error::Internal(e.to_string())
+        Error::Internal(Box::new(e))
     }
 }
 
 /// Pool errors: not getting a connection, for whatever reason, makes the
 /// backend unavailable, except for errors of our own making.
 fn map_pool(e: PoolError) -> Error {
+    let unavailable = |message: &str, e: PoolError| Error::Unavailable(context(message, e));
     match e {
-        PoolError::Timeout(TimeoutType::Wait) => {
-            Error::Unavailable("redis connection pool exhausted".into())
-        }
-        PoolError::Timeout(TimeoutType::Create) => {
-            Error::Unavailable("timed out connecting to redis".into())
-        }
+        PoolError::Timeout(TimeoutType::Wait) => unavailable("redis connection pool exhausted", e),
+        PoolError::Timeout(TimeoutType::Create) => unavailable("timed out connecting to redis", e),
         PoolError::Timeout(TimeoutType::Recycle) => {
-            Error::Unavailable("timed out checking a pooled redis connection".into())
+            unavailable("timed out checking a pooled redis connection", e)
         }
-        PoolError::Closed => Error::Unavailable("redis connection pool closed".into()),
-        PoolError::Backend(e) => match map_redis(e) {
-            // A connect that timed out is a server out of reach.
-            Error::Timeout => Error::Unavailable("timed out connecting to redis".into()),
-            other => other,
-        },
-        PoolError::NoRuntimeSpecified => Error::Internal("redis pool has no runtime".into()),
-        PoolError::PostCreateHook(e) => Error::Internal(format!("redis pool hook: {e}")),
+        PoolError::Closed => unavailable("redis connection pool closed", e),
+        // A connect that timed out is a server out of reach.
+        PoolError::Backend(e) if e.is_timeout() => {
+            Error::Unavailable(context("timed out connecting to redis", e))
+        }
+        PoolError::Backend(e) => map_redis(e),
+        PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
+            Error::Internal(context("redis pool", e))
+        }
     }
 }
 
@@ -748,7 +774,6 @@ impl Backend for RedisBackend {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use bytes::Bytes;
@@ -757,6 +782,7 @@ mod tests {
 
     use super::{ns_tag, RedisBackend, RedisConfig, RedisConnector};
     use crate::backend::{Backend, Connector, Error, Op, Outcome};
+    use crate::testing::Cleanup;
 
     /// The test server; `PRISM_TEST_REDIS_URL` overrides it. Tests fail
     /// (never skip) when it is not up.
@@ -766,10 +792,7 @@ mod tests {
 
     /// A key prefix no other test (or test run) uses.
     fn unique_prefix() -> String {
-        format!(
-            "prism-test-{}",
-            crate::backend::conformance::unique_suffix()
-        )
+        format!("prism-test-{}", crate::testing::unique_suffix())
     }
 
     fn config(prefix: &str) -> RedisConfig {
@@ -814,43 +837,35 @@ mod tests {
     /// Deletes a test's keys when the test ends, passed or failed.
     struct DropKeys {
         prefix: String,
+        _cleanup: Cleanup,
     }
 
-    impl Drop for DropKeys {
-        fn drop(&mut self) {
-            let prefix = self.prefix.clone();
-            // Drop runs inside the test's runtime, which cannot block on a
-            // future: clean up from a thread with a runtime of its own.
-            let cleanup = std::thread::spawn(move || {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
+    impl DropKeys {
+        fn new(prefix: &str) -> Self {
+            let under = prefix.to_owned();
+            let cleanup = Cleanup::new(move || async move {
+                let Ok(client) = redis::Client::open(url()) else {
                     return;
                 };
-                rt.block_on(async {
-                    let Ok(client) = redis::Client::open(url()) else {
-                        return;
-                    };
-                    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-                        return;
-                    };
-                    let keys = keys_under(&mut conn, &prefix).await;
-                    for chunk in keys.chunks(500) {
-                        let _: Result<i64, _> =
-                            redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
-                    }
-                });
+                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                    return;
+                };
+                let keys = keys_under(&mut conn, &under).await;
+                for chunk in keys.chunks(500) {
+                    let _: Result<i64, _> =
+                        redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+                }
             });
-            let _ = cleanup.join();
+            DropKeys {
+                prefix: prefix.to_owned(),
+                _cleanup: cleanup,
+            }
         }
     }
 
     async fn fresh_concrete() -> (RedisBackend, DropKeys) {
         let prefix = unique_prefix();
-        let guard = DropKeys {
-            prefix: prefix.clone(),
-        };
+        let guard = DropKeys::new(&prefix);
         let backend = RedisConnector::new(config(&prefix))
             .expect("valid config")
             .open()
@@ -858,13 +873,6 @@ mod tests {
             .expect("connect to the test redis (is it running?)");
         (backend, guard)
     }
-
-    async fn fresh() -> (Arc<dyn Backend>, DropKeys) {
-        let (backend, guard) = fresh_concrete().await;
-        (Arc::new(backend), guard)
-    }
-
-    crate::backend::conformance::conformance_tests!(fresh);
 
     async fn put(b: &dyn Backend, ns: &str, key: &str, ttl: Option<Duration>) {
         let op = Op::Put {
@@ -1113,9 +1121,7 @@ mod tests {
     #[tokio::test]
     async fn the_command_timeout_bounds_operations_without_a_deadline() {
         let prefix = unique_prefix();
-        let _guard = DropKeys {
-            prefix: prefix.clone(),
-        };
+        let _guard = DropKeys::new(&prefix);
         let b = RedisConnector::new(RedisConfig {
             command_timeout: Duration::from_millis(100),
             ..config(&prefix)
@@ -1169,7 +1175,9 @@ mod tests {
                 key_prefix: prefix.into(),
                 ..RedisConfig::default()
             }) {
-                Err(Error::Internal(msg)) => {
+                Err(e) => {
+                    assert_eq!(e.field, "key_prefix");
+                    let msg = e.to_string();
                     assert!(msg.contains("invalid redis key prefix"), "{msg}")
                 }
                 other => panic!("{prefix:?}: {other:?}"),
@@ -1179,7 +1187,9 @@ mod tests {
             url: "http://:secret@127.0.0.1:6379".into(),
             ..RedisConfig::default()
         }) {
-            Err(Error::Internal(msg)) => {
+            Err(e) => {
+                assert_eq!(e.field, "url");
+                let msg = e.to_string();
                 assert!(msg.contains("invalid redis url"), "{msg}");
                 assert!(!msg.contains("secret"), "the password leaked: {msg}");
             }

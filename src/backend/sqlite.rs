@@ -14,12 +14,12 @@ use bytes::Bytes;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::Row;
-use tracing::info;
 
-use super::{
-    prefix_successor, Backend, BoxFuture, Connector, Error, Item, Migration, Op, Outcome, Record,
+use super::toolkit::{
+    fetch_count, purge_in_batches, scan_page, sql_item, stored_ttl, Batch, KeyRange, Migration,
+    Schema,
 };
+use super::{context, Backend, BoxFuture, Connector, Error, Op, Outcome, Record};
 
 /// Opens the SQLite database at a path, creating it (and its folder) when
 /// missing and migrating its schema.
@@ -44,7 +44,10 @@ impl SqliteConnector {
     async fn open(&self) -> Result<SqliteBackend, Error> {
         if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(parent).await.map_err(|e| {
-                Error::Internal(format!("cannot create folder {}: {e}", parent.display()))
+                Error::Internal(context(
+                    format!("cannot create folder {}", parent.display()),
+                    e,
+                ))
             })?;
         }
         let options = SqliteConnectOptions::new()
@@ -104,43 +107,24 @@ const MIGRATIONS: &[Migration] = &[Migration {
 /// step exactly once, and a failed step leaves no half-applied schema.
 async fn migrate(pool: &SqlitePool) -> Result<(), Error> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS prism_schema_version (
+    let schema = Schema {
+        kind: "sqlite",
+        label: "the sqlite database",
+        create_versions: "CREATE TABLE IF NOT EXISTS prism_schema_version (
             version    INTEGER PRIMARY KEY,
             name       TEXT    NOT NULL,
             applied_at INTEGER NOT NULL -- unix milliseconds
         )",
-    )
-    .execute(&mut *tx)
-    .await?;
-    let current: i64 =
-        sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM prism_schema_version")
-            .fetch_one(&mut *tx)
-            .await?;
-    let latest = MIGRATIONS.last().map_or(0, |m| m.version);
-    if current > latest {
-        return Err(Error::Internal(format!(
-            "database schema version {current} is newer than this build supports ({latest})"
-        )));
-    }
-    for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
-        for statement in migration.statements {
-            sqlx::query(statement).execute(&mut *tx).await?;
-        }
-        sqlx::query(
-            "INSERT INTO prism_schema_version (version, name, applied_at) VALUES (?1, ?2, ?3)",
-        )
-        .bind(migration.version)
-        .bind(migration.name)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        info!(
-            version = migration.version,
-            name = migration.name,
-            "sqlite schema migrated"
-        );
-    }
+        current_version: "SELECT COALESCE(MAX(version), 0) FROM prism_schema_version",
+        // julianday('now') has millisecond precision; 2440587.5 is the
+        // unix epoch as a julian day.
+        record_version: "INSERT INTO prism_schema_version (version, name, applied_at) \
+             VALUES (?1, ?2, CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER))",
+        migrations: MIGRATIONS,
+        render: &|statement: &str| statement.to_owned(),
+        map_err: Error::from,
+    };
+    super::toolkit::migrate::<sqlx::Sqlite>(&mut tx, &schema).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -238,7 +222,7 @@ impl SqliteBackend {
                 .bind(namespace)
                 .bind(key.as_str())
                 .bind(&value[..])
-                .bind(ttl.map(|ttl| expiry_ms(now, ttl)))
+                .bind(stored_ttl(ttl).map(|ttl| expiry_ms(now, ttl)))
                 .execute(&self.pool)
                 .await?;
                 Ok(Outcome::Put)
@@ -275,61 +259,49 @@ impl SqliteBackend {
                 limit,
                 keys_only,
             } => {
-                // Start at whichever bound is higher, so the index range
-                // begins at the cursor rather than at the prefix.
-                let (lower, exclusive) = match after.as_deref() {
-                    Some(after) if after >= prefix.as_str() => (after, true),
-                    _ => (prefix.as_str(), false),
-                };
-                let upper = prefix_successor(&prefix);
+                let range = KeyRange::new(&prefix, after.as_deref());
                 // One row past the page tells whether more follow.
-                let fetch = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
-                let mut query = sqlx::query(scan_sql(keys_only, exclusive, upper.is_some()))
+                let fetch = i64::try_from(fetch_count(limit)).unwrap_or(i64::MAX);
+                let sql = scan_sql(
+                    keys_only,
+                    range.lower_is_exclusive(),
+                    range.upper().is_some(),
+                );
+                let mut query = sqlx::query(sql)
                     .bind(namespace)
-                    .bind(lower)
+                    .bind(range.lower())
                     .bind(now)
                     .bind(fetch);
-                if let Some(upper) = upper.as_deref() {
+                if let Some(upper) = range.upper() {
                     query = query.bind(upper);
                 }
                 let rows = query.fetch_all(&self.pool).await?;
-                let more = rows.len() > limit;
-                let items = rows
-                    .into_iter()
-                    .take(limit)
-                    .map(|row| {
-                        let key: String = row.try_get(0)?;
-                        let value = if keys_only {
-                            Bytes::new()
-                        } else {
-                            Bytes::from(row.try_get::<Vec<u8>, _>(1)?)
-                        };
-                        Ok(Item { key, value })
-                    })
-                    .collect::<Result<Vec<_>, sqlx::Error>>()?;
-                Ok(Outcome::Scan { items, more })
+                Ok(scan_page(
+                    rows.iter().map(|row| sql_item(row, keys_only)),
+                    limit,
+                )?)
             }
         }
     }
 
     async fn purge(&self) -> Result<u64, Error> {
         let now = now_ms();
-        let mut purged = 0u64;
-        loop {
-            let done = sqlx::query(
-                "DELETE FROM prism_kv WHERE (namespace, key) IN \
-                 (SELECT namespace, key FROM prism_kv WHERE expires_at <= ?1 LIMIT ?2)",
-            )
-            .bind(now)
-            .bind(PURGE_BATCH)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-            purged += done;
-            if done < PURGE_BATCH.unsigned_abs() {
-                return Ok(purged);
-            }
-        }
+        let mut pool = &self.pool;
+        purge_in_batches(&mut pool, |pool| {
+            Box::pin(async move {
+                let removed = sqlx::query(
+                    "DELETE FROM prism_kv WHERE (namespace, key) IN \
+                     (SELECT namespace, key FROM prism_kv WHERE expires_at <= ?1 LIMIT ?2)",
+                )
+                .bind(now)
+                .bind(PURGE_BATCH)
+                .execute(*pool)
+                .await?
+                .rows_affected();
+                Ok(Batch::of(removed, PURGE_BATCH.unsigned_abs()))
+            })
+        })
+        .await
     }
 }
 
@@ -373,17 +345,6 @@ mod tests {
     fn connector(path: &Path, pool_size: u32) -> SqliteConnector {
         SqliteConnector::new(path.to_path_buf(), Duration::from_secs(5), pool_size)
     }
-
-    async fn fresh() -> (Arc<dyn Backend>, TempDir) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let backend = connector(&dir.path().join("prism.db"), 4)
-            .connect()
-            .await
-            .expect("connect");
-        (backend, dir)
-    }
-
-    crate::backend::conformance::conformance_tests!(fresh);
 
     async fn put(b: &dyn Backend, key: &str, value: &'static [u8], ttl: Option<Duration>) {
         let op = Op::Put {
@@ -475,7 +436,10 @@ mod tests {
             .expect("insert");
         b.pool.close().await;
         match connector.open().await {
-            Err(Error::Internal(msg)) => assert!(msg.contains("9999"), "{msg}"),
+            Err(e @ Error::Internal(_)) => {
+                let msg = e.chain().to_string();
+                assert!(msg.contains("9999"), "{msg}");
+            }
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("a newer schema was accepted"),
         }

@@ -31,7 +31,9 @@ impl Gateway {
         if let Some(c) = self.connectors.get(name) {
             return Ok(c.clone());
         }
-        let invalid = |e: crate::backend::Error| Error::Start(format!("backends.{name}: {e}"));
+        let invalid = |e: crate::backend::ConfigError| {
+            Error::Start(format!("backends.{name}.{}: {e}", e.field))
+        };
         Ok(match &b.kind {
             BackendKind::Sqlite(s) => Arc::new(SqliteConnector::new(
                 s.path.clone(),

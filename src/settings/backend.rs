@@ -17,6 +17,7 @@ use super::load::{from_config, origin_of};
 use super::raw::{bound, duration, number};
 use crate::backend::postgres::{PostgresConfig, PostgresConnector};
 use crate::backend::redis::{RedisConfig, RedisConnector};
+use crate::backend::toolkit::redact_url;
 
 /// One configured backend.
 #[derive(Debug, Clone)]
@@ -176,7 +177,7 @@ impl CustomSettings {
 impl fmt::Debug for PostgresSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresSettings")
-            .field("url", &"(redacted: may hold a password)")
+            .field("url", &redact_url(&self.url))
             .field("schema", &self.schema)
             .field("table", &self.table)
             .field("min_connections", &self.min_connections)
@@ -187,7 +188,7 @@ impl fmt::Debug for PostgresSettings {
 impl fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisSettings")
-            .field("url", &"(redacted: may hold a password)")
+            .field("url", &redact_url(&self.url))
             .field("key_prefix", &self.key_prefix)
             .finish_non_exhaustive()
     }
@@ -433,15 +434,7 @@ fn check_connector(key: &str, pool: &PoolSettings, kind: &BackendKind) -> Result
         BackendKind::Redis(s) => RedisConnector::new(s.config(pool)).map(drop),
         _ => Ok(()),
     };
-    checked.map_err(|e| {
-        let msg = e.to_string();
-        let field = ["schema", "table", "key prefix", "url"]
-            .into_iter()
-            .find(|f| msg.contains(f))
-            .map(|f| f.replace(' ', "_"))
-            .unwrap_or_else(|| "url".to_owned());
-        Error::invalid(format!("{key}.{field}"), msg)
-    })
+    checked.map_err(|e| Error::invalid(format!("{key}.{}", e.field), e.message))
 }
 
 impl PostgresSettings {

@@ -1,21 +1,14 @@
-//! The semantics every backend must give, written once and run against each
-//! backend by [`conformance_tests!`]. A backend module adds
-//!
-//! ```ignore
-//! async fn fresh() -> (Arc<dyn Backend>, impl Sized) { ... }
-//! crate::backend::conformance::conformance_tests!(fresh);
-//! ```
-//!
-//! where the second tuple field keeps whatever the backend needs alive (a
-//! temporary folder) until the test ends. Each test gets a fresh, empty backend.
+//! Checks on the backend itself, through the [`Backend`] trait: each gets a
+//! backend connected to a fresh subject.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{Backend, Item, Op, Outcome, Record};
+use super::Subject;
+use crate::backend::toolkit::MAX_TTL;
+use crate::backend::{Backend, Item, Op, Outcome, Record};
 
 /// Short enough to keep the suite fast, long enough that a put followed by a
 /// read on a loaded 2-core machine still sees the key alive.
@@ -23,54 +16,6 @@ const SHORT_TTL: Duration = Duration::from_millis(300);
 
 /// How long a poll-until waits before the test fails.
 const PATIENCE: Duration = Duration::from_secs(10);
-
-/// Generates one `#[tokio::test]` per conformance check, each on a backend
-/// made by `$fresh().await`.
-macro_rules! conformance_tests {
-    ($fresh:ident) => {
-        $crate::backend::conformance::conformance_tests!(@each $fresh;
-            put_inserts_then_replaces_the_value,
-            get_reports_the_remaining_ttl,
-            overwrite_resets_the_ttl,
-            expired_keys_are_absent_for_every_operation_before_purge,
-            delete_reports_whether_a_live_key_existed_and_is_idempotent,
-            values_are_binary_safe,
-            namespaces_are_isolated,
-            scan_pages_cover_every_key_once_in_byte_order,
-            scan_is_stable_under_concurrent_writes,
-            scan_respects_prefix_and_after_bounds_with_multibyte_keys,
-            scan_more_is_exact_and_keys_only_leaves_values_out,
-            purge_removes_only_expired_keys,
-        );
-    };
-    (@each $fresh:ident; $($name:ident),* $(,)?) => {
-        $(
-            #[tokio::test]
-            async fn $name() {
-                let (backend, _keep) = $fresh().await;
-                $crate::backend::conformance::$name(backend).await;
-            }
-        )*
-    };
-}
-pub(crate) use conformance_tests;
-
-/// A suffix no other test (or test run, or process) uses, for the tables and
-/// key prefixes that isolate tests on the shared servers.
-pub(crate) fn unique_suffix() -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::time::{SystemTime, UNIX_EPOCH};
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "{}_{}_{}",
-        nanos % 1_000_000_000_000,
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 async fn get(b: &dyn Backend, ns: &str, key: &str) -> Option<Record> {
     match b.exec(ns, Op::Get { key: key.into() }).await {
@@ -160,8 +105,9 @@ async fn wait_until_expired(b: &dyn Backend, ns: &str, key: &str) {
     }
 }
 
-pub(crate) async fn put_inserts_then_replaces_the_value(b: Arc<dyn Backend>) {
-    let b = &*b;
+pub async fn put_inserts_then_replaces_the_value(subject: Subject) {
+    let backend = subject.connect().await;
+    let b = &*backend;
     assert_eq!(get(b, "ns", "k").await, None);
     put(b, "ns", "k", "one", None).await;
     assert_eq!(
@@ -188,8 +134,9 @@ pub(crate) async fn put_inserts_then_replaces_the_value(b: Arc<dyn Backend>) {
     assert!(!more);
 }
 
-pub(crate) async fn get_reports_the_remaining_ttl(b: Arc<dyn Backend>) {
-    let b = &*b;
+pub async fn get_reports_the_remaining_ttl(subject: Subject) {
+    let backend = subject.connect().await;
+    let b = &*backend;
     let hour = Duration::from_secs(3600);
     put(b, "ns", "k", "v", Some(hour)).await;
     let ttl = get(b, "ns", "k").await.and_then(|r| r.ttl).expect("a ttl");
@@ -197,8 +144,9 @@ pub(crate) async fn get_reports_the_remaining_ttl(b: Arc<dyn Backend>) {
     assert!(ttl > hour - Duration::from_secs(60), "{ttl:?}");
 }
 
-pub(crate) async fn overwrite_resets_the_ttl(b: Arc<dyn Backend>) {
-    let b = &*b;
+pub async fn overwrite_resets_the_ttl(subject: Subject) {
+    let backend = subject.connect().await;
+    let b = &*backend;
     // A Put without TTL over a key that had one removes the expiry: `kept`
     // outlives `sentinel`, which was written with the same TTL.
     put(b, "ns", "kept", "v1", Some(SHORT_TTL)).await;
@@ -233,8 +181,9 @@ pub(crate) async fn overwrite_resets_the_ttl(b: Arc<dyn Backend>) {
     wait_until_expired(b, "ns", "shorter").await;
 }
 
-pub(crate) async fn expired_keys_are_absent_for_every_operation_before_purge(b: Arc<dyn Backend>) {
-    let b = &*b;
+pub async fn expired_keys_are_absent_for_every_operation_before_purge(subject: Subject) {
+    let backend = subject.connect().await;
+    let b = &*backend;
     put(b, "ns", "a", "live", None).await;
     put(b, "ns", "b", "dies", Some(SHORT_TTL)).await;
     put(b, "ns", "c", "live", None).await;
@@ -271,10 +220,9 @@ pub(crate) async fn expired_keys_are_absent_for_every_operation_before_purge(b: 
     );
 }
 
-pub(crate) async fn delete_reports_whether_a_live_key_existed_and_is_idempotent(
-    b: Arc<dyn Backend>,
-) {
-    let b = &*b;
+pub async fn delete_reports_whether_a_live_key_existed_and_is_idempotent(subject: Subject) {
+    let backend = subject.connect().await;
+    let b = &*backend;
     assert!(!delete(b, "ns", "never").await);
     put(b, "ns", "k", "v", None).await;
     put(b, "ns", "other", "v", None).await;
@@ -286,8 +234,9 @@ pub(crate) async fn delete_reports_whether_a_live_key_existed_and_is_idempotent(
     assert!(exists(b, "ns", "other").await, "delete touched another key");
 }
 
-pub(crate) async fn values_are_binary_safe(b: Arc<dyn Backend>) {
-    let b = &*b;
+pub async fn values_are_binary_safe(subject: Subject) {
+    let backend = subject.connect().await;
+    let b = &*backend;
     let every_byte: Vec<u8> = (0..=255u8).collect();
     let mut big = vec![0u8; 1024 * 1024];
     // A cheap deterministic pattern that still covers every byte value and
@@ -331,8 +280,9 @@ pub(crate) async fn values_are_binary_safe(b: Arc<dyn Backend>) {
     assert!(exists(b, "ns", "empty").await);
 }
 
-pub(crate) async fn namespaces_are_isolated(b: Arc<dyn Backend>) {
-    let b = &*b;
+pub async fn namespaces_are_isolated(subject: Subject) {
+    let backend = subject.connect().await;
+    let b = &*backend;
     // "a" is a prefix of "ab": a naive composite key would mix them.
     put(b, "a", "k", "in a", None).await;
     put(b, "ab", "k", "in ab", None).await;
@@ -400,8 +350,9 @@ const TRICKY: &[&str] = &[
     " ",
 ];
 
-pub(crate) async fn scan_pages_cover_every_key_once_in_byte_order(b: Arc<dyn Backend>) {
-    let b = &*b;
+pub async fn scan_pages_cover_every_key_once_in_byte_order(subject: Subject) {
+    let backend = subject.connect().await;
+    let b = &*backend;
     let mut expected: BTreeSet<String> = BTreeSet::new();
     for i in 0..2100u32 {
         // Mix widths so that numeric and byte order differ, and add
@@ -437,8 +388,9 @@ pub(crate) async fn scan_pages_cover_every_key_once_in_byte_order(b: Arc<dyn Bac
     }
 }
 
-pub(crate) async fn scan_is_stable_under_concurrent_writes(b: Arc<dyn Backend>) {
-    let b = &*b;
+pub async fn scan_is_stable_under_concurrent_writes(subject: Subject) {
+    let backend = subject.connect().await;
+    let b = &*backend;
     let original: Vec<String> = (0..600).map(|i| format!("k/{i:04}")).collect();
     for key in &original {
         put(b, "ns", key, "v", None).await;
@@ -478,8 +430,9 @@ pub(crate) async fn scan_is_stable_under_concurrent_writes(b: Arc<dyn Backend>) 
     }
 }
 
-pub(crate) async fn scan_respects_prefix_and_after_bounds_with_multibyte_keys(b: Arc<dyn Backend>) {
-    let b = &*b;
+pub async fn scan_respects_prefix_and_after_bounds_with_multibyte_keys(subject: Subject) {
+    let backend = subject.connect().await;
+    let b = &*backend;
     for key in TRICKY {
         put(b, "ns", key, *key, None).await;
     }
@@ -541,8 +494,9 @@ pub(crate) async fn scan_respects_prefix_and_after_bounds_with_multibyte_keys(b:
     }
 }
 
-pub(crate) async fn scan_more_is_exact_and_keys_only_leaves_values_out(b: Arc<dyn Backend>) {
-    let b = &*b;
+pub async fn scan_more_is_exact_and_keys_only_leaves_values_out(subject: Subject) {
+    let backend = subject.connect().await;
+    let b = &*backend;
     for i in 0..5 {
         put(b, "ns", &format!("k{i}"), format!("value {i}"), None).await;
     }
@@ -568,8 +522,9 @@ pub(crate) async fn scan_more_is_exact_and_keys_only_leaves_values_out(b: Arc<dy
     assert!(items.is_empty() && !more);
 }
 
-pub(crate) async fn purge_removes_only_expired_keys(b: Arc<dyn Backend>) {
-    let b = &*b;
+pub async fn purge_removes_only_expired_keys(subject: Subject) {
+    let backend = subject.connect().await;
+    let b = &*backend;
     for i in 0..3 {
         put(b, "ns", &format!("dies{i}"), "v", Some(SHORT_TTL)).await;
     }
@@ -593,4 +548,34 @@ pub(crate) async fn purge_removes_only_expired_keys(b: Arc<dyn Backend>) {
     assert_eq!(keys(&items), ["lives", "lives-long", "rescued"]);
     assert!(!more);
     b.health().await.expect("healthy");
+}
+
+pub async fn ttls_from_max_ttl_up_never_expire(subject: Subject) {
+    let backend = subject.connect().await;
+    let b = &*backend;
+    for (key, ttl) in [
+        ("max", MAX_TTL),
+        ("twice-max", MAX_TTL * 2),
+        ("huge", Duration::from_secs(u64::MAX / 2)),
+        ("duration-max", Duration::MAX),
+    ] {
+        put(b, "ns", key, "v", Some(ttl)).await;
+        assert_eq!(
+            get(b, "ns", key).await,
+            Some(Record {
+                value: Bytes::from_static(b"v"),
+                ttl: None
+            }),
+            "{key}: a ttl of {ttl:?} reads as an expiry"
+        );
+    }
+    // Just below the bound, a TTL still counts down.
+    let below = MAX_TTL - Duration::from_secs(3600);
+    put(b, "ns", "below", "v", Some(below)).await;
+    let ttl = get(b, "ns", "below")
+        .await
+        .and_then(|r| r.ttl)
+        .expect("a ttl just below MAX_TTL");
+    assert!(ttl <= below, "{ttl:?}");
+    assert!(ttl > below - Duration::from_secs(60), "{ttl:?}");
 }
