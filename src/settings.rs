@@ -32,8 +32,10 @@ pub use error::{env_var_name, Error};
 pub use load::{files, load, load_with, Loader};
 
 /// Every setting of a Prism instance, validated. Built only by [`load`],
-/// [`load_with`], [`Loader`] or [`Settings::from_toml`].
+/// [`load_with`], [`Loader`] or [`Settings::from_toml`] (non-exhaustive, so
+/// no other crate can build one that skipped validation).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Settings {
     /// Listeners and shutdown.
     pub server: ServerSettings,
@@ -47,8 +49,6 @@ pub struct Settings {
     pub backends: BTreeMap<String, BackendSettings>,
     /// Namespaces by name; each names a key of `backends`.
     pub namespaces: BTreeMap<String, NamespaceSettings>,
-    /// Only this module builds settings, so that none skips validation.
-    _validated: (),
 }
 
 impl Settings {

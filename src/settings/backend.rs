@@ -301,7 +301,7 @@ pub(super) fn parse_backend(
         Some(_) => return Err(Error::bad_value(&kind_key, "must be a string")),
     };
     let builtin = Kind::names().contains(&kind.as_str());
-    if !builtin && !custom_kinds.iter().any(|k| *k == kind) {
+    if !builtin && !custom_kinds.contains(&kind) {
         let mut all: Vec<&str> = Kind::names().to_vec();
         all.extend(custom_kinds.iter().map(String::as_str));
         return Err(Error::bad_value(
@@ -319,7 +319,7 @@ pub(super) fn parse_backend(
         .partition(|(k, _)| shared.contains(&k.as_str()));
     if builtin {
         let own = Kind::fields(&kind);
-        for field in own_table.keys().filter(|f| !own.contains(&f.as_str())) {
+        if let Some(field) = own_table.keys().find(|f| !own.contains(&f.as_str())) {
             let owners: Vec<String> = Kind::names()
                 .iter()
                 .filter(|k| Kind::fields(k).contains(&field.as_str()))

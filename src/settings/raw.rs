@@ -450,7 +450,6 @@ impl RawSettings {
             supervisor,
             backends,
             namespaces,
-            _validated: (),
         })
     }
 }
