@@ -32,7 +32,8 @@ use prism::backend::memory::MemoryConnector;
 use prism::backend::{Backend, BoxFuture, Connector, Error, Op, Outcome};
 use prism::client::{Client, ClientOptions};
 use prism::testing::conformance::{self, Subject};
-use prism::{Gateway, Listeners, Settings};
+use prism::settings::Loader;
+use prism::{Gateway, Listeners};
 
 /// The connector outlives pool actor restarts, so it owns what must survive
 /// them: here the data (inside the memory connector) and a counter.
@@ -95,33 +96,52 @@ const SETTINGS: &str = r#"
 grpc_addr = "127.0.0.1:0"
 http_addr = "127.0.0.1:0"
 
-# The pool settings of the backend still come from here; `kind` only says
-# which settings keys apply, the connector below replaces the store.
+# A kind of the program's own, registered with `Loader::kind` (so the
+# settings accept it) and `Gateway::kind` (which builds its connector). The
+# shared keys (pool_size, mailbox, breaker_*, ...) apply as for every kind;
+# the others (`latency`) are the kind's own, read by its factory.
 [backends.slow]
-kind = "memory"
+kind = "slow"
 pool_size = 4
+latency = "50ms"
 
 [namespaces.slow]
 backend = "slow"
 timeout = "2s"
 "#;
 
+/// The `slow` kind's own settings keys.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlowOptions {
+    #[serde(with = "humantime_serde")]
+    latency: Duration,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let settings = Settings::from_toml(SETTINGS).context("example settings")?;
+    let settings = Loader::new()
+        .kind("slow")
+        .from_toml(SETTINGS)
+        .context("example settings")?;
 
     let ops = Arc::new(AtomicU64::new(0));
-    let connector = SlowConnector {
-        inner: MemoryConnector::new(),
-        latency: Duration::from_millis(50),
-        ops: ops.clone(),
-    };
+    let counter = ops.clone();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = grpc.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let gateway = tokio::spawn(
         Gateway::new(settings)
-            .connector("slow", Arc::new(connector))
+            .kind("slow", move |_name, custom| {
+                // The kind's own keys; a bad value is a settings error
+                // naming `backends.slow.latency` and its file.
+                let options: SlowOptions = custom.options()?;
+                Ok(Arc::new(SlowConnector {
+                    inner: MemoryConnector::new(),
+                    latency: options.latency,
+                    ops: counter.clone(),
+                }) as Arc<dyn Connector>)
+            })
             .serve(Listeners { grpc, http: None }, async move {
                 let _ = stopped.await;
             }),
