@@ -31,8 +31,8 @@ use bytes::Bytes;
 use prism::backend::memory::MemoryConnector;
 use prism::backend::{Backend, BoxFuture, Connector, Error, Op, Outcome};
 use prism::client::{Client, ClientOptions};
-use prism::testing::conformance::{self, Subject};
 use prism::settings::Loader;
+use prism::testing::conformance::{self, Subject};
 use prism::{Gateway, Listeners};
 
 /// The connector outlives pool actor restarts, so it owns what must survive

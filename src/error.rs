@@ -36,6 +36,12 @@ pub enum ApiError {
     /// A limit was hit: in-flight, rate, mailbox or session count.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The caller presented no credentials, or unknown ones.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's principal may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A failure the client cannot fix; details are in the server log.
     #[error("internal error")]
     Internal,
@@ -50,6 +56,8 @@ impl ApiError {
             ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
+            ApiError::Unauthenticated(_) => Code::Unauthenticated,
+            ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::Internal => Code::Internal,
         }
     }
@@ -109,4 +117,18 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         next = cause.source();
     }
     out
+}
+
+/// The longest client-supplied value echoed in an error message or a log
+/// line, in characters.
+pub const ECHO_LIMIT: usize = 64;
+
+/// A client-supplied value as it may be echoed: at most [`ECHO_LIMIT`]
+/// characters, with `…` when cut, so that a 64 KiB name cannot blow up an
+/// answer or a log line.
+pub fn truncate(value: &str) -> std::borrow::Cow<'_, str> {
+    match value.char_indices().nth(ECHO_LIMIT) {
+        None => std::borrow::Cow::Borrowed(value),
+        Some((end, _)) => std::borrow::Cow::Owned(format!("{}…", &value[..end])),
+    }
 }

@@ -4,7 +4,8 @@
 use bytes::Bytes;
 use tonic::{Request, Response, Status};
 
-use crate::kv::caller::{CLIENT_ID, TIMEOUT};
+use crate::auth::Credentials;
+use crate::kv::caller::{AUTHORIZATION, CLIENT_ID, TIMEOUT};
 use crate::kv::{ttl_ms, Api, Caller, Core, ScanParams};
 use crate::proto::key_value_server::KeyValue;
 use crate::proto::{
@@ -28,6 +29,7 @@ impl KvService {
 fn caller<T>(req: &Request<T>) -> Caller {
     let meta = |key| req.metadata().get(key).and_then(|v| v.to_str().ok());
     Caller::new(Api::Grpc, meta(CLIENT_ID), req.remote_addr(), meta(TIMEOUT))
+        .with_credentials(Credentials::new(meta(AUTHORIZATION), None))
 }
 
 #[tonic::async_trait]

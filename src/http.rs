@@ -28,6 +28,7 @@ use prism_actors::SupervisorRef;
 use tonic::Code;
 use tracing::{info, warn};
 
+use crate::auth::Credentials;
 use crate::error::{code_name, ApiError};
 use crate::kv::Core;
 use crate::pool::BackendHandle;
@@ -125,7 +126,7 @@ pub fn http_error(status: StatusCode, code: Code, message: &str) -> HttpResponse
 
 /// The HTTP status of an [`ApiError`]: 400 invalid, 404 unknown namespace
 /// or missing key, 413 value too large, 429 exhausted, 503 unavailable,
-/// 504 deadline, 500 internal.
+/// 504 deadline, 401 unauthenticated, 403 permission denied, 500 internal.
 pub fn status_of(e: &ApiError) -> StatusCode {
     match e {
         ApiError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
@@ -134,13 +135,32 @@ pub fn status_of(e: &ApiError) -> StatusCode {
         ApiError::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
         ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+        ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+        ApiError::PermissionDenied(_) => StatusCode::FORBIDDEN,
         ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
-/// An [`ApiError`] as its JSON response.
+/// An [`ApiError`] as its JSON response; a 401 says how to authenticate
+/// (`WWW-Authenticate: Bearer`).
 pub fn error_response(e: &ApiError) -> HttpResponse {
-    http_error(status_of(e), e.code(), &e.to_string())
+    let mut response = http_error(status_of(e), e.code(), &e.to_string());
+    if matches!(e, ApiError::Unauthenticated(_)) {
+        response.headers_mut().insert(
+            actix_web::http::header::WWW_AUTHENTICATE,
+            actix_web::http::header::HeaderValue::from_static("Bearer realm=\"prism\""),
+        );
+    }
+    response
+}
+
+/// What a request presented to authenticate: its `Authorization` header.
+pub fn credentials(req: &HttpRequest) -> Credentials {
+    let authorization = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    Credentials::new(authorization, None)
 }
 
 async fn not_found(req: HttpRequest) -> HttpResponse {

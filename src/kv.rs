@@ -27,12 +27,13 @@ use tracing::{debug, error, Instrument};
 
 pub use self::caller::{Api, Caller};
 pub use self::validate::{ScanParams, ValueLimit};
+use crate::auth::{Access, Authorizer, Credentials};
 use crate::backend::{Item, Op, Outcome, Record};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::pool::{BackendHealth, PoolActor};
 use crate::session::{self, Sessions};
-use crate::settings::NamespaceSettings;
+use crate::settings::{AuthSettings, NamespaceSettings};
 
 /// A configured namespace, resolved to its pool actor.
 #[derive(Debug)]
@@ -145,23 +146,28 @@ struct Inner {
     sessions: Sessions,
     metrics: Metrics,
     draining: Draining,
+    auth: Authorizer,
 }
 
 impl Core {
-    /// A core over `namespaces`, admitting requests through `sessions`.
+    /// A core over `namespaces`, admitting requests through `sessions`,
+    /// authorizing them by `auth`.
     pub fn new(
         namespaces: impl IntoIterator<Item = Namespace>,
         sessions: Sessions,
         draining: Draining,
+        auth: &AuthSettings,
     ) -> Self {
+        let metrics = Metrics::new();
         Core {
             inner: Arc::new(Inner {
+                auth: Authorizer::new(auth, metrics.clone()),
                 namespaces: namespaces
                     .into_iter()
                     .map(|ns| (ns.name.to_string(), Arc::new(ns)))
                     .collect(),
                 sessions,
-                metrics: Metrics::new(),
+                metrics,
                 draining,
             }),
         }
@@ -182,6 +188,19 @@ impl Core {
         &self.inner.sessions
     }
 
+    /// Checks that `credentials` name an admin principal (always true with
+    /// authentication off).
+    pub fn authorize_admin(
+        &self,
+        credentials: &Credentials,
+        endpoint: &'static str,
+    ) -> Result<(), ApiError> {
+        self.inner
+            .auth
+            .check(credentials, "", Access::Admin, endpoint)
+            .map(drop)
+    }
+
     /// The drain flag.
     pub fn draining(&self) -> &Draining {
         &self.inner.draining
@@ -194,7 +213,7 @@ impl Core {
         namespace: &str,
         key: String,
     ) -> Result<Option<Record>, ApiError> {
-        self.run(caller, namespace, "get", |_| async move {
+        self.run(caller, namespace, "get", Access::Read, |_| async move {
             validate::key(&key)?;
             Ok(Op::Get { key })
         })
@@ -221,7 +240,7 @@ impl Core {
         F: FnOnce(ValueLimit) -> Fut,
         Fut: Future<Output = Result<Bytes, ApiError>>,
     {
-        self.run(caller, namespace, "put", |ns| async move {
+        self.run(caller, namespace, "put", Access::Write, |ns| async move {
             validate::key(&key)?;
             let limit = ValueLimit::new(ns.name.clone(), &ns.settings);
             let value = value(limit.clone()).await?;
@@ -243,7 +262,7 @@ impl Core {
         namespace: &str,
         key: String,
     ) -> Result<bool, ApiError> {
-        self.run(caller, namespace, "delete", |_| async move {
+        self.run(caller, namespace, "delete", Access::Write, |_| async move {
             validate::key(&key)?;
             Ok(Op::Delete { key })
         })
@@ -261,7 +280,7 @@ impl Core {
         namespace: &str,
         key: String,
     ) -> Result<bool, ApiError> {
-        self.run(caller, namespace, "exists", |_| async move {
+        self.run(caller, namespace, "exists", Access::Read, |_| async move {
             validate::key(&key)?;
             Ok(Op::Exists { key })
         })
@@ -279,7 +298,7 @@ impl Core {
         namespace: &str,
         params: ScanParams,
     ) -> Result<Page, ApiError> {
-        self.run(caller, namespace, "scan", |_| async move {
+        self.run(caller, namespace, "scan", Access::Read, |_| async move {
             validate::scan_op(params)
         })
         .await
@@ -322,6 +341,7 @@ impl Core {
         caller: &Caller,
         namespace: &str,
         op: &'static str,
+        access: Access,
         build: F,
     ) -> Result<Outcome, ApiError>
     where
@@ -335,6 +355,15 @@ impl Core {
             if self.inner.draining.is_refusing() {
                 return Err(ApiError::Unavailable("server is draining".into()));
             }
+            // Before the lookup: an unknown namespace is NOT_FOUND only to a
+            // principal whose grant covers its name.
+            let principal = self
+                .inner
+                .auth
+                .check(&caller.credentials, namespace, access, op)?;
+            // With authentication on, the principal is the session: the
+            // limits hold per principal, whatever `x-client-id` says.
+            let session = principal.as_ref().map_or(&*caller.client, |p| &*p.name);
             let ns = self
                 .inner
                 .namespaces
@@ -342,7 +371,7 @@ impl Core {
                 .cloned()
                 .ok_or_else(|| ApiError::UnknownNamespace(namespace.to_owned()))?;
             let operation = build(ns.clone()).await?;
-            self.call(caller, &ns, operation).await
+            self.call(caller, session, &ns, operation).await
         }
         .instrument(span)
         .await;
@@ -379,7 +408,13 @@ impl Core {
 
     /// Sends `op` through the caller's session to the namespace's pool
     /// actor and waits for the outcome until the deadline.
-    async fn call(&self, caller: &Caller, ns: &Namespace, op: Op) -> Result<Outcome, ApiError> {
+    async fn call(
+        &self,
+        caller: &Caller,
+        session: &str,
+        ns: &Namespace,
+        op: Op,
+    ) -> Result<Outcome, ApiError> {
         let now = Instant::now();
         let timeout = caller.timeout.unwrap_or(ns.settings.timeout);
         // A client may send any deadline; a year is as good as forever.
@@ -395,7 +430,7 @@ impl Core {
             deadline,
             reply,
         };
-        self.inner.sessions.submit(&caller.client, req).await?;
+        self.inner.sessions.submit(session, req).await?;
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(res)) => res,
             // The pool actor dropped the request: it failed (and is being

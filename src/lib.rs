@@ -3,6 +3,7 @@
 //! semantics, deadlines, backpressure, supervision and draining shutdown for
 //! every backend.
 
+pub mod auth;
 pub mod backend;
 pub mod bench;
 pub mod cli;

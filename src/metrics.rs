@@ -32,6 +32,8 @@ pub const POOL_CONNECTIONS: &str = "prism_pool_connections";
 pub const SESSIONS_ACTIVE: &str = "prism_sessions_active";
 /// 1 when a backend is connected and its last health check passed, else 0.
 pub const BACKEND_UP: &str = "prism_backend_up";
+/// Requests denied by authentication or authorization, by `reason`.
+pub const AUTH_DENIED_TOTAL: &str = "prism_auth_denied_total";
 
 /// The `namespace` label of a request that named no configured namespace.
 /// Not a valid namespace name, so it cannot collide with one; a single value
@@ -55,7 +57,7 @@ enum Kind {
 }
 
 /// The HELP text of every series.
-const DESCRIPTIONS: [(Kind, &str, Option<Unit>, &str); 7] = [
+const DESCRIPTIONS: [(Kind, &str, Option<Unit>, &str); 8] = [
     (
         Kind::Counter,
         REQUESTS_TOTAL,
@@ -97,6 +99,12 @@ const DESCRIPTIONS: [(Kind, &str, Option<Unit>, &str); 7] = [
         BACKEND_UP,
         None,
         "1 when the backend is connected and its last health check passed, else 0.",
+    ),
+    (
+        Kind::Counter,
+        AUTH_DENIED_TOTAL,
+        Some(Unit::Count),
+        "Requests denied by authentication or authorization, by reason (missing, malformed, unknown_token, unknown_certificate, forbidden).",
     ),
 ];
 
@@ -251,6 +259,16 @@ impl Metrics {
                 )
                 .set(f64::from(n));
         }
+    }
+
+    /// Counts one denied request.
+    pub fn auth_denied(&self, reason: &'static str) {
+        self.recorder
+            .register_counter(
+                &Key::from_parts(AUTH_DENIED_TOTAL, vec![Label::new("reason", reason)]),
+                &METADATA,
+            )
+            .increment(1);
     }
 
     /// Sets the number of live sessions.

@@ -13,8 +13,10 @@
 //! - `raw.rs`: the keys as they are written, and their conversion into the
 //!   types below (defaults, bounds, references);
 //! - `backend.rs`: the `kind`-tagged backend sections;
+//! - `auth.rs`: principals and their grants;
 //! - `error.rs`: the [`Error`] type.
 
+mod auth;
 mod backend;
 mod error;
 mod load;
@@ -24,6 +26,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use auth::{parse_sha256, AuthMode, AuthSettings, Grant, Principal};
 pub use backend::{
     BackendKind, BackendSettings, CustomSettings, PoolSettings, PostgresSettings, RedisSettings,
     SqliteSettings,
@@ -49,6 +52,8 @@ pub struct Settings {
     pub backends: BTreeMap<String, BackendSettings>,
     /// Namespaces by name; each names a key of `backends`.
     pub namespaces: BTreeMap<String, NamespaceSettings>,
+    /// Who may call, and what each principal may do.
+    pub auth: AuthSettings,
 }
 
 impl Settings {

@@ -95,7 +95,8 @@ fn environment_layer_overrides_default_file() {
     let dir = settings_dir(&default_toml());
     std::fs::write(
         dir.path().join("staging.toml"),
-        "[server]\ngrpc_addr = \"0.0.0.0:7000\"\n[namespaces.cache]\ntimeout = \"3s\"\n",
+        "[server]\ngrpc_addr = \"0.0.0.0:7000\"\n[namespaces.cache]\ntimeout = \"3s\"\n\
+         [auth]\nallow_unauthenticated_remote = true\n",
     )
     .expect("write staging.toml");
     let s = settings::load_with(dir.path(), Some("staging"), Vec::new()).expect("staging loads");
@@ -336,4 +337,52 @@ fn invalid_toml_names_the_file_and_line() {
         message.contains("default.toml") && message.contains("line 1"),
         "{message}"
     );
+}
+
+#[test]
+fn unauthenticated_listeners_off_loopback_are_refused_unless_allowed() {
+    let dir = settings_dir(&default_toml().replacen("127.0.0.1:8980", "0.0.0.0:8980", 1));
+    let err = settings::load_with(dir.path(), None, Vec::new()).expect_err("protected mode");
+    assert_eq!(err.key(), Some("auth.mode"), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("0.0.0.0:8980"), "{message}");
+    assert!(message.contains("server.grpc_addr"), "{message}");
+
+    let vars = vec![(
+        "PRISM__AUTH__ALLOW_UNAUTHENTICATED_REMOTE".to_string(),
+        "true".to_string(),
+    )];
+    settings::load_with(dir.path(), None, vars).expect("allowed explicitly");
+}
+
+#[test]
+fn principals_are_checked_when_loaded() {
+    let base = default_toml();
+    for (auth, key) in [
+        (
+            "[auth]\nmode = \"token\"\n",
+            "auth.mode",
+        ),
+        (
+            "[auth]\nmode = \"tokens\"\n",
+            "auth.mode",
+        ),
+        (
+            "[auth]\nmode = \"token\"\n[auth.principals.a]\ntoken_sha256 = \"abc\"\n",
+            "auth.principals.a.token_sha256",
+        ),
+        (
+            "[auth]\nmode = \"token\"\n[auth.principals.a]\nclient_cert_cn = \"a\"\nread = [\"nope\"]\n",
+            "auth.principals.a.read",
+        ),
+        (
+            "[auth]\nmode = \"token\"\n[auth.principals.a]\nread = [\"*\"]\n",
+            "auth.principals.a",
+        ),
+    ] {
+        let dir = settings_dir(&format!("{base}\n{auth}"));
+        let err = settings::load_with(dir.path(), None, Vec::new()).expect_err(auth);
+        assert_eq!(err.key(), Some(key), "{auth}: {err}");
+        assert!(err.to_string().contains("default.toml"), "{err}");
+    }
 }

@@ -6,12 +6,13 @@
 //! health).
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use prism_actors::ActorInfo;
 use serde::Serialize;
 use tonic::Code;
 
-use super::{http_error, AdminState};
+use super::{error_response, http_error, AdminState};
+use crate::error::ApiError;
 use crate::pool::{BackendHandle, Circuit};
 
 /// Registers the endpoints.
@@ -91,8 +92,23 @@ async fn readyz(state: web::Data<AdminState>) -> HttpResponse {
     }
 }
 
+/// Admin endpoints answer only an admin principal (anyone with
+/// authentication off).
+fn admin_only(
+    req: &HttpRequest,
+    state: &AdminState,
+    endpoint: &'static str,
+) -> Result<(), ApiError> {
+    state
+        .core
+        .authorize_admin(&super::credentials(req), endpoint)
+}
+
 /// Refreshes the scrape-time series (tree, backends, sessions) and renders.
-async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
+async fn metrics(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Err(e) = admin_only(&req, &state, "metrics") {
+        return error_response(&e);
+    }
     let m = state.core.metrics();
     if let Some(tree) = state.tree.snapshot() {
         m.observe_tree(&tree);
@@ -136,7 +152,10 @@ impl From<&ActorInfo> for ActorNode {
     }
 }
 
-async fn actors(state: web::Data<AdminState>) -> HttpResponse {
+async fn actors(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Err(e) = admin_only(&req, &state, "actors") {
+        return error_response(&e);
+    }
     match state.tree.snapshot() {
         Some(tree) => HttpResponse::Ok().json(ActorNode::from(&tree)),
         None => http_error(
@@ -159,7 +178,10 @@ struct NamespaceInfo {
     health: Option<BackendReadiness>,
 }
 
-async fn namespaces(state: web::Data<AdminState>) -> HttpResponse {
+async fn namespaces(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
+    if let Err(e) = admin_only(&req, &state, "namespaces") {
+        return error_response(&e);
+    }
     let list: Vec<NamespaceInfo> = state
         .core
         .namespaces()

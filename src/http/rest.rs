@@ -63,6 +63,7 @@ fn caller(req: &HttpRequest) -> Caller {
         req.peer_addr(),
         header(TIMEOUT),
     )
+    .with_credentials(super::credentials(req))
 }
 
 /// The namespace and key of a `/v1/kv/{namespace}[/{key}]` request, each

@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::auth::Credentials;
+
 /// The transport a request came in on, for logs and for the deadline rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
@@ -30,6 +32,9 @@ pub const CLIENT_ID: &str = "x-client-id";
 /// format (`<digits><H|M|S|m|u|n>`, e.g. `250m`).
 pub const TIMEOUT: &str = "grpc-timeout";
 
+/// The metadata key and header carrying `Bearer <token>` credentials.
+pub const AUTHORIZATION: &str = "authorization";
+
 /// The caller of one request.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -39,6 +44,8 @@ pub struct Caller {
     pub timeout: Option<Duration>,
     /// The transport.
     pub api: Api,
+    /// What the caller presented to authenticate.
+    pub credentials: Credentials,
 }
 
 impl Caller {
@@ -68,7 +75,14 @@ impl Caller {
             client,
             timeout,
             api,
+            credentials: Credentials::default(),
         }
+    }
+
+    /// The caller with these credentials.
+    pub fn with_credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = credentials;
+        self
     }
 }
 

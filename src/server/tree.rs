@@ -139,7 +139,7 @@ impl Gateway {
         for child in self.children.drain(..) {
             root = root.child(child);
         }
-        let core = Core::new(namespaces, sessions, draining);
+        let core = Core::new(namespaces, sessions, draining, &s.auth);
         Ok((root.spawn(), core, handles))
     }
 }

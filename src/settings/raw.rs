@@ -10,6 +10,7 @@ use std::time::Duration;
 use config::Value;
 use serde::Deserialize;
 
+use super::auth::RawAuth;
 use super::backend::parse_backend;
 use super::error::Error;
 use super::{
@@ -95,6 +96,8 @@ pub(super) struct RawSettings {
     backends: BTreeMap<String, serde::de::IgnoredAny>,
     #[serde(default)]
     namespaces: BTreeMap<String, RawNamespace>,
+    #[serde(default)]
+    auth: RawAuth,
 }
 
 #[derive(Deserialize)]
@@ -443,7 +446,11 @@ impl RawSettings {
                 },
             );
         }
+        let names: std::collections::BTreeSet<&str> =
+            namespaces.keys().map(String::as_str).collect();
+        let auth = self.auth.validate(&server, &names)?;
         Ok(Settings {
+            auth,
             server,
             log,
             sessions,
