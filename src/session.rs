@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::backend::{Op, Outcome};
-use crate::error::ApiError;
+use crate::error::{echo, ApiError};
 use crate::pool::{Admission, BackendHealth, PoolActor, PoolMsg};
 use crate::settings::SessionSettings;
 
@@ -89,7 +89,7 @@ impl Session {
             reply,
         } = req;
         if reply.is_closed() {
-            debug!(client = %self.client, "caller went away while queued, skipped");
+            debug!(client = %echo(&self.client), "caller went away while queued, skipped");
             return;
         }
         let now = Instant::now();
@@ -104,7 +104,8 @@ impl Session {
             if !bucket.take(now) {
                 let _ = reply.send(Err(ApiError::ResourceExhausted(format!(
                     "client '{}' is over its rate limit of {} requests/s (sessions.rate_limit)",
-                    self.client, self.settings.rate_limit
+                    echo(&self.client),
+                    self.settings.rate_limit
                 ))));
                 return;
             }
@@ -122,7 +123,8 @@ impl Session {
             Err(_) => {
                 let _ = reply.send(Err(ApiError::ResourceExhausted(format!(
                     "client '{}' has {} requests in flight (sessions.max_in_flight)",
-                    self.client, self.settings.max_in_flight
+                    echo(&self.client),
+                    self.settings.max_in_flight
                 ))));
                 return;
             }
@@ -167,7 +169,7 @@ impl Actor for Session {
             })
             .abort_handle(),
         );
-        debug!(client = %self.client, "session started");
+        debug!(client = %echo(&self.client), "session started");
         Ok(())
     }
 
@@ -179,7 +181,7 @@ impl Actor for Session {
                 let busy =
                     self.in_flight.available_permits() < self.settings.max_in_flight as usize;
                 if idle && !busy {
-                    debug!(client = %self.client, "session idle, ending");
+                    debug!(client = %echo(&self.client), "session idle, ending");
                     // Leave the registry first so that new requests create a
                     // new session instead of queueing behind this stop.
                     self.registry.forget(&self.client, ctx.id());
@@ -265,7 +267,7 @@ impl Sessions {
             let client: Arc<str> = client.into();
             let settings = self.inner.settings.clone();
             let registry = self.clone();
-            let name = format!("session:{client}");
+            let name = format!("session:{}", echo(&client));
             let factory_client = client.clone();
             let spec = ChildSpec::with_mailbox(name, settings.mailbox, move || {
                 let bucket = (settings.rate_limit > 0).then(|| {
@@ -296,11 +298,30 @@ impl Sessions {
             spec
         };
         let addr = spec.addr();
-        if let Err(e) = self.inner.supervisor.tell_add_child(spec).await {
-            self.forget(client, addr.id());
-            return Err(ApiError::Unavailable(format!("cannot open a session: {e}")));
+        // The map entry exists from here on. The add runs on its own task:
+        // if this future is dropped (the caller went away, its deadline
+        // passed) while the supervisor's mailbox is full, the session still
+        // starts, and ends when idle, or its entry is removed; either way
+        // the slot is not held by an actor that never runs.
+        let registry = self.clone();
+        let supervisor = self.inner.supervisor.clone();
+        let id = addr.id();
+        let owner: Arc<str> = client.into();
+        let add = tokio::spawn(async move {
+            let res = supervisor.tell_add_child(spec).await;
+            if res.is_err() {
+                registry.forget(&owner, id);
+            }
+            res.map_err(|e| e.to_string())
+        });
+        match add.await {
+            Ok(Ok(())) => Ok(addr),
+            Ok(Err(e)) => Err(ApiError::Unavailable(format!("cannot open a session: {e}"))),
+            Err(e) => {
+                self.forget(client, id);
+                Err(ApiError::Unavailable(format!("cannot open a session: {e}")))
+            }
         }
-        Ok(addr)
     }
 
     /// Passes a request to `client`'s session. The session replies through
@@ -317,7 +338,7 @@ impl Sessions {
                     msg = m;
                 }
                 Err(e) => {
-                    let owner = format!("the session of client '{client}'");
+                    let owner = format!("the session of client '{}'", echo(client));
                     return Err(ApiError::rejected(
                         &e,
                         &owner,
