@@ -125,6 +125,22 @@ fn parse_timeout(value: &str) -> Result<Duration, String> {
     Ok(timeout)
 }
 
+/// The longest `bench --duration` and `--warmup`: a day. Larger values
+/// would overflow the clock arithmetic of the run's end.
+pub const MAX_BENCH_PERIOD: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses a `bench --duration` or `--warmup`: at most [`MAX_BENCH_PERIOD`].
+fn parse_bench_period(value: &str) -> Result<Duration, String> {
+    let period = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if period > MAX_BENCH_PERIOD {
+        return Err(format!(
+            "must be at most {}",
+            humantime::format_duration(MAX_BENCH_PERIOD)
+        ));
+    }
+    Ok(period)
+}
+
 /// `prism kv`.
 #[derive(Debug, Clone, Args)]
 #[command(after_help = EXIT_CODES_HELP)]
@@ -227,11 +243,11 @@ pub struct BenchArgs {
     /// gRPC connections the workers share [default: min(concurrency, 4)].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub connections: Option<u32>,
-    /// How long to measure.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// How long to measure; at most 24h.
+    #[arg(long, default_value = "10s", value_parser = parse_bench_period)]
     pub duration: Duration,
-    /// How long to run before measuring.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    /// How long to run before measuring; at most 24h.
+    #[arg(long, default_value = "1s", value_parser = parse_bench_period)]
     pub warmup: Duration,
     /// Distinct keys.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -694,6 +710,10 @@ mod tests {
             }
         }
         assert!(Cli::try_parse_from(["prism", "kv", "--timeout", "1h", "get", "n", "k"]).is_ok());
+        for flag in ["--duration", "--warmup"] {
+            let e = Cli::try_parse_from(["prism", "bench", flag, "100000000h"]).unwrap_err();
+            assert!(e.to_string().contains("at most 1day"), "{e}");
+        }
     }
 
     #[test]

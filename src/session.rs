@@ -350,3 +350,55 @@ impl Sessions {
         Err(ApiError::Unavailable("session unavailable".into()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prism_actors::{ActorInfo, Supervisor, DEFAULT_MAILBOX};
+
+    use super::*;
+
+    fn settings() -> SessionSettings {
+        crate::settings::Settings::from_toml(
+            "[server]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n\
+             [backends.m]\nkind = \"memory\"\n[namespaces.n]\nbackend = \"m\"\n",
+        )
+        .expect("settings")
+        .sessions
+    }
+
+    fn has_child(tree: &ActorInfo, name: &str) -> bool {
+        tree.children.iter().any(|c| c.name == name)
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_goes_away_while_its_session_is_added_leaks_no_slot() {
+        let sup = Supervisor::new("sessions");
+        let sessions = Sessions::new(sup.supervisor_ref(), settings());
+        // The supervisor does not run yet, so its mailbox fills up and the
+        // next add waits for room.
+        for i in 0..DEFAULT_MAILBOX {
+            sessions
+                .session(&format!("c{i}"))
+                .await
+                .expect("queued add");
+        }
+        let gone = tokio::time::timeout(Duration::from_millis(50), sessions.session("victim"));
+        assert!(gone.await.is_err(), "the add should wait for room");
+        // Once the supervisor runs, the session whose caller went away
+        // starts too: its map entry names an actor that exists.
+        let tree = sup.spawn();
+        let started = tokio::time::Instant::now();
+        while !tree
+            .snapshot()
+            .is_some_and(|t| has_child(&t, "session:victim"))
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the session of the caller that went away never started"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(sessions.len(), DEFAULT_MAILBOX + 1);
+        tree.shutdown(Duration::from_secs(5)).await;
+    }
+}

@@ -738,6 +738,8 @@ fn kv_and_bench_reject_timeouts_of_zero_or_over_an_hour() {
         );
         assert_usage_error(&["bench", "--timeout", timeout], "--timeout");
     }
+    assert_usage_error(&["bench", "--duration", "100000000h"], "--duration");
+    assert_usage_error(&["bench", "--warmup", "100000000h"], "--warmup");
 }
 
 #[test]
