@@ -37,19 +37,27 @@ impl KvService {
     }
 }
 
-/// The caller of a request. Marks the request as having reached a
-/// handler, so that [`DecodeErrors`] leaves the handler's statuses alone.
-fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
-    if let Some(reached) = req.extensions().get::<Reached>() {
-        reached.0.store(true, Ordering::Release);
+impl KvService {
+    /// The caller of a request to `namespace`; one whose metadata is
+    /// refused is counted through the core. Marks the request as having
+    /// reached a handler, so that [`DecodeErrors`] leaves the handler's
+    /// statuses alone.
+    fn caller<T>(
+        &self,
+        req: &Request<T>,
+        namespace: &str,
+        op: &'static str,
+    ) -> Result<Caller, Status> {
+        if let Some(reached) = req.extensions().get::<Reached>() {
+            reached.0.store(true, Ordering::Release);
+        }
+        let meta = |key| req.metadata().get(key).and_then(|v| v.to_str().ok());
+        let (id, peer) = (meta(CLIENT_ID), req.remote_addr());
+        Caller::new(Api::Grpc, id, peer, meta(TIMEOUT)).map_err(|e| {
+            let caller = Caller::identify(Api::Grpc, id, peer);
+            self.core.refuse(&caller, namespace, op, e).into()
+        })
     }
-    let meta = |key| req.metadata().get(key).and_then(|v| v.to_str().ok());
-    Ok(Caller::new(
-        Api::Grpc,
-        meta(CLIENT_ID),
-        req.remote_addr(),
-        meta(TIMEOUT),
-    )?)
 }
 
 /// The KeyValue service as served: the generated server over
@@ -148,7 +156,7 @@ fn undecodable_is_invalid(headers: &mut http::HeaderMap) {
 #[tonic::async_trait]
 impl KeyValue for KvService {
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        let caller = caller(&req)?;
+        let caller = self.caller(&req, &req.get_ref().namespace, "get")?;
         let GetRequest { namespace, key } = req.into_inner();
         let response = match self.core.get(&caller, &namespace, key).await? {
             Some(r) => GetResponse {
@@ -166,7 +174,7 @@ impl KeyValue for KvService {
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let caller = caller(&req)?;
+        let caller = self.caller(&req, &req.get_ref().namespace, "put")?;
         let PutRequest {
             namespace,
             key,
@@ -183,7 +191,7 @@ impl KeyValue for KvService {
         &self,
         req: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        let caller = caller(&req)?;
+        let caller = self.caller(&req, &req.get_ref().namespace, "delete")?;
         let DeleteRequest { namespace, key } = req.into_inner();
         let existed = self.core.delete(&caller, &namespace, key).await?;
         Ok(Response::new(DeleteResponse { existed }))
@@ -193,14 +201,14 @@ impl KeyValue for KvService {
         &self,
         req: Request<ExistsRequest>,
     ) -> Result<Response<ExistsResponse>, Status> {
-        let caller = caller(&req)?;
+        let caller = self.caller(&req, &req.get_ref().namespace, "exists")?;
         let ExistsRequest { namespace, key } = req.into_inner();
         let exists = self.core.exists(&caller, &namespace, key).await?;
         Ok(Response::new(ExistsResponse { exists }))
     }
 
     async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
-        let caller = caller(&req)?;
+        let caller = self.caller(&req, &req.get_ref().namespace, "scan")?;
         let ScanRequest {
             namespace,
             prefix,

@@ -525,6 +525,19 @@ async fn a_malformed_grpc_timeout_header_is_a_400_naming_it() {
             .unwrap();
         rest_error(r, StatusCode::BAD_REQUEST).await;
     }
+    // Refused requests are counted like any other failed one.
+    let metrics = reqwest::get(format!("{}/metrics", server.http_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for op in ["get", "scan"] {
+        let line = format!(
+            r#"prism_requests_total{{namespace="cache",op="{op}",code="INVALID_ARGUMENT"}} 4"#
+        );
+        assert!(metrics.contains(&line), "no {line} in\n{metrics}");
+    }
     server.stop().await.unwrap();
 }
 

@@ -64,14 +64,18 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     );
 }
 
-fn caller(req: &HttpRequest) -> Result<Caller, ApiError> {
+/// The caller of a request to `namespace`; one whose headers are refused
+/// is counted through the core.
+fn caller(
+    req: &HttpRequest,
+    core: &Core,
+    namespace: &str,
+    op: &'static str,
+) -> Result<Caller, ApiError> {
     let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
-    Caller::new(
-        Api::Rest,
-        header(CLIENT_ID),
-        req.peer_addr(),
-        header(TIMEOUT),
-    )
+    let (id, peer) = (header(CLIENT_ID), req.peer_addr());
+    Caller::new(Api::Rest, id, peer, header(TIMEOUT))
+        .map_err(|e| core.refuse(&Caller::identify(Api::Rest, id, peer), namespace, op, e))
 }
 
 /// The namespace and key of a `/v1/kv/{namespace}[/{key}]` request, each
@@ -134,11 +138,14 @@ where
     F: FnOnce(Core, Caller, String, String) -> Fut,
     Fut: std::future::Future<Output = Result<HttpResponse, ApiError>>,
 {
-    let caller = match caller(req) {
+    let path = kv_path(req).and_then(|p| Ok((p.key?, p.namespace)));
+    let namespace = path
+        .as_ref()
+        .map_or("", |(_, namespace)| namespace.as_str());
+    let caller = match caller(req, &state.core, namespace, op) {
         Ok(caller) => caller,
         Err(e) => return error_response(&e),
     };
-    let path = kv_path(req).and_then(|p| Ok((p.key?, p.namespace)));
     let res = match path {
         Ok((key, namespace)) => f(state.core.clone(), caller, namespace, key).await,
         Err(e) => Err(state.core.refuse(&caller, "", op, e)),
@@ -312,10 +319,14 @@ struct ScanItem {
 
 async fn scan(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
     let res = async {
-        let caller = caller(&req)?;
-        let namespace = kv_path(&req)
-            .map(|p| p.namespace)
-            .map_err(|e| state.core.refuse(&caller, "", "scan", e))?;
+        let namespace = kv_path(&req).map(|p| p.namespace);
+        let caller = caller(
+            &req,
+            &state.core,
+            namespace.as_deref().unwrap_or(""),
+            "scan",
+        )?;
+        let namespace = namespace.map_err(|e| state.core.refuse(&caller, "", "scan", e))?;
         let q = query_utf8(req.query_string())
             .and_then(|()| {
                 web::Query::<ScanQuery>::from_query(req.query_string())

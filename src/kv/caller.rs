@@ -59,11 +59,7 @@ impl Caller {
         peer: Option<SocketAddr>,
         grpc_timeout: Option<&str>,
     ) -> Result<Caller, ApiError> {
-        let client = client_id
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .or_else(|| peer.map(|a| a.ip().to_string()))
-            .unwrap_or_else(|| "unknown".to_owned());
+        let Caller { client, .. } = Caller::identify(api, client_id, peer);
         let timeout = match grpc_timeout {
             None => None,
             Some(v) => Some(parse_grpc_timeout(v).ok_or_else(|| {
@@ -82,6 +78,23 @@ impl Caller {
             timeout,
             api,
         })
+    }
+}
+
+impl Caller {
+    /// Who is asking, without a deadline: the caller a request that
+    /// [`Caller::new`] refused is counted and logged under.
+    pub fn identify(api: Api, client_id: Option<&str>, peer: Option<SocketAddr>) -> Caller {
+        let client = client_id
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .or_else(|| peer.map(|a| a.ip().to_string()))
+            .unwrap_or_else(|| "unknown".to_owned());
+        Caller {
+            client,
+            timeout: None,
+            api,
+        }
     }
 }
 
