@@ -35,9 +35,7 @@ impl KvService {
     pub fn new(core: Core) -> Self {
         KvService { core }
     }
-}
 
-impl KvService {
     /// The caller of a request to `namespace`; one whose metadata is
     /// refused is counted through the core. Marks the request as having
     /// reached a handler, so that [`DecodeErrors`] leaves the handler's
