@@ -19,7 +19,7 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-use crate::error::{truncate, ApiError};
+use crate::error::{echo, ApiError};
 use crate::metrics::Metrics;
 use crate::settings::{AuthMode, AuthSettings, Principal};
 
@@ -175,7 +175,7 @@ impl Authorizer {
                     "principal '{}' may not {} namespace '{}'",
                     principal.name,
                     access.as_str(),
-                    truncate(namespace)
+                    echo(namespace)
                 ),
             }));
         }
@@ -216,7 +216,7 @@ impl Authorizer {
                 self.denied("unknown_certificate", None, namespace, op);
                 ApiError::Unauthenticated(format!(
                     "no principal has the client certificate name '{}'",
-                    truncate(cn)
+                    echo(cn)
                 ))
             });
         }
@@ -246,7 +246,7 @@ impl Authorizer {
         warn!(
             reason,
             principal = principal.unwrap_or("(none)"),
-            namespace = %truncate(namespace),
+            namespace = %echo(namespace),
             op,
             suppressed_before = suppressed,
             "request denied"

@@ -40,7 +40,7 @@ Exit codes:
   2    kv, bench: any other gRPC error, a connection failure or an I/O error
   64   bad command line, or invalid settings (the message names the key)
   69   serve: cannot bind server.grpc_addr or server.http_addr
-  130  serve: a second SIGTERM/SIGINT arrived while draining";
+  130  serve: a second SIGTERM/SIGINT/SIGQUIT arrived while draining";
 
 /// `prism`: a data-access gateway.
 #[derive(Debug, Clone, Parser)]
@@ -86,7 +86,7 @@ impl Cli {
 /// The commands.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
-    /// Run the gateway until SIGTERM/SIGINT, then drain (the default command).
+    /// Run the gateway until SIGTERM/SIGINT/SIGQUIT, then drain (the default command).
     Serve(SettingsArg),
     /// Load and validate the settings and print a summary; binds nothing.
     CheckConfig(SettingsArg),
@@ -104,6 +104,43 @@ pub struct SettingsArg {
     pub settings: Option<PathBuf>,
 }
 
+/// The longest `--timeout` of `kv` and `bench`: a key-value request that
+/// may take longer than an hour is a mistake, and larger values overflow
+/// the clock arithmetic of a deadline.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Parses a `--timeout`: a humantime duration, more than 0 and at most
+/// [`MAX_TIMEOUT`].
+fn parse_timeout(value: &str) -> Result<Duration, String> {
+    let timeout = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if timeout.is_zero() {
+        return Err("the timeout must be more than 0".into());
+    }
+    if timeout > MAX_TIMEOUT {
+        return Err(format!(
+            "the timeout must be at most {}",
+            humantime::format_duration(MAX_TIMEOUT)
+        ));
+    }
+    Ok(timeout)
+}
+
+/// The longest `bench --duration` and `--warmup`: a day. Larger values
+/// would overflow the clock arithmetic of the run's end.
+pub const MAX_BENCH_PERIOD: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses a `bench --duration` or `--warmup`: at most [`MAX_BENCH_PERIOD`].
+fn parse_bench_period(value: &str) -> Result<Duration, String> {
+    let period = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if period > MAX_BENCH_PERIOD {
+        return Err(format!(
+            "must be at most {}",
+            humantime::format_duration(MAX_BENCH_PERIOD)
+        ));
+    }
+    Ok(period)
+}
+
 /// `prism kv`.
 #[derive(Debug, Clone, Args)]
 #[command(after_help = EXIT_CODES_HELP)]
@@ -114,8 +151,8 @@ pub struct KvArgs {
     /// Sent as x-client-id metadata (the session the gateway admits the request under).
     #[arg(long, global = true, env = "PRISM_CLIENT_ID")]
     pub client_id: Option<String>,
-    /// Deadline of each request (sent as grpc-timeout), e.g. 500ms, 5s.
-    #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
+    /// Deadline of each request (sent as grpc-timeout), e.g. 500ms, 5s; more than 0, at most 1h.
+    #[arg(long, global = true, default_value = "5s", value_parser = parse_timeout)]
     pub timeout: Duration,
     /// Print JSON (values in base64) instead of raw values.
     #[arg(long, global = true)]
@@ -206,11 +243,11 @@ pub struct BenchArgs {
     /// gRPC connections the workers share [default: min(concurrency, 4)].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub connections: Option<u32>,
-    /// How long to measure.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// How long to measure; at most 24h.
+    #[arg(long, default_value = "10s", value_parser = parse_bench_period)]
     pub duration: Duration,
-    /// How long to run before measuring.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    /// How long to run before measuring; at most 24h.
+    #[arg(long, default_value = "1s", value_parser = parse_bench_period)]
     pub warmup: Duration,
     /// Distinct keys.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -218,8 +255,8 @@ pub struct BenchArgs {
     /// Bytes per value.
     #[arg(long, default_value_t = 128)]
     pub value_size: usize,
-    /// Deadline of each request.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    /// Deadline of each request; more than 0, at most 1h.
+    #[arg(long, default_value = "5s", value_parser = parse_timeout)]
     pub timeout: Duration,
     /// Sent as x-client-id metadata.
     #[arg(long, env = "PRISM_CLIENT_ID")]
@@ -658,6 +695,25 @@ mod tests {
         };
         assert!(kv.json);
         assert_eq!(kv.timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn timeouts_are_more_than_zero_and_at_most_an_hour() {
+        for bad in ["0s", "0ms", "61m", "100000000h", "soon"] {
+            for cmd in [
+                vec!["prism", "kv", "--timeout", bad, "get", "n", "k"],
+                vec!["prism", "bench", "--timeout", bad],
+            ] {
+                let e = Cli::try_parse_from(cmd).unwrap_err();
+                assert!(e.use_stderr(), "{bad}: {e}");
+                assert!(e.to_string().contains("--timeout"), "{e}");
+            }
+        }
+        assert!(Cli::try_parse_from(["prism", "kv", "--timeout", "1h", "get", "n", "k"]).is_ok());
+        for flag in ["--duration", "--warmup"] {
+            let e = Cli::try_parse_from(["prism", "bench", flag, "100000000h"]).unwrap_err();
+            assert!(e.to_string().contains("at most 1day"), "{e}");
+        }
     }
 
     #[test]

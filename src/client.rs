@@ -250,6 +250,7 @@ pub fn normalize_addr(addr: &str) -> String {
 }
 
 fn endpoint(addr: &str, options: &ClientOptions) -> Result<Endpoint, Error> {
+    check_scheme(addr)?;
     let endpoint = Endpoint::from_shared(addr.to_owned()).map_err(|e| Error::Address {
         addr: addr.to_owned(),
         message: error_chain(&e),
@@ -257,6 +258,24 @@ fn endpoint(addr: &str, options: &ClientOptions) -> Result<Endpoint, Error> {
     Ok(endpoint
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true))
+}
+
+/// Only `http://` is spoken: the client has no TLS, and any other scheme
+/// would fail later with a less clear transport error.
+fn check_scheme(addr: &str) -> Result<(), Error> {
+    let scheme = addr.split_once("://").map_or("", |(scheme, _)| scheme);
+    if scheme.eq_ignore_ascii_case("http") {
+        return Ok(());
+    }
+    let message = if scheme.eq_ignore_ascii_case("https") {
+        "https:// is not supported: TLS is not supported yet; use http://host:port".to_owned()
+    } else {
+        format!("the scheme {scheme:?} is not supported; use http://host:port")
+    };
+    Err(Error::Address {
+        addr: addr.to_owned(),
+        message,
+    })
 }
 
 /// An error and its causes on one line: tonic's transport errors say only
@@ -298,6 +317,17 @@ mod tests {
             normalize_addr("https://kv.example:443"),
             "https://kv.example:443"
         );
+    }
+
+    #[test]
+    fn only_plain_http_addresses_are_accepted() {
+        assert!(check_scheme("http://127.0.0.1:8980").is_ok());
+        assert!(check_scheme("HTTP://127.0.0.1:8980").is_ok());
+        let e = check_scheme("https://kv.example:443").unwrap_err();
+        assert!(e.to_string().contains("TLS is not supported yet"), "{e}");
+        let e = check_scheme("ftp://kv.example").unwrap_err();
+        assert!(e.to_string().contains("\"ftp\" is not supported"), "{e}");
+        assert_eq!(e.code(), Code::InvalidArgument);
     }
 
     #[test]

@@ -15,12 +15,12 @@ pub enum ApiError {
     /// argument to gRPC; 413 over HTTP.
     #[error("{0}")]
     ValueTooLarge(String),
-    /// The namespace is not configured.
-    #[error("unknown namespace '{0}'")]
+    /// The namespace is not configured. The name is shown [`echo`]ed.
+    #[error("unknown namespace '{}'", echo(.0))]
     UnknownNamespace(String),
     /// The key does not exist (REST answers a missing key with 404; gRPC's
-    /// Get answers `found = false` instead).
-    #[error("key '{key}' not found in namespace '{namespace}'")]
+    /// Get answers `found = false` instead). Both are shown [`echo`]ed.
+    #[error("key '{}' not found in namespace '{}'", echo(.key), echo(.namespace))]
     KeyNotFound {
         /// The namespace.
         namespace: String,
@@ -77,6 +77,21 @@ impl ApiError {
     }
 }
 
+/// How many characters of a client-supplied value an error message shows.
+pub const ECHO_CHARS: usize = 64;
+
+/// A client-supplied value (namespace name, key, client id) as error
+/// messages show it: whole when it has at most [`ECHO_CHARS`] characters,
+/// else its first [`ECHO_CHARS`] characters and `…`. Every value a message
+/// echoes goes through here, so that a 64 KiB name gets a small answer
+/// rather than one too large for a gRPC header or a log line.
+pub fn echo(value: &str) -> std::borrow::Cow<'_, str> {
+    match value.char_indices().nth(ECHO_CHARS) {
+        None => value.into(),
+        Some((end, _)) => format!("{}…", &value[..end]).into(),
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
         Status::new(e.code(), e.to_string())
@@ -119,16 +134,18 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// The longest client-supplied value echoed in an error message or a log
-/// line, in characters.
-pub const ECHO_LIMIT: usize = 64;
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// A client-supplied value as it may be echoed: at most [`ECHO_LIMIT`]
-/// characters, with `…` when cut, so that a 64 KiB name cannot blow up an
-/// answer or a log line.
-pub fn truncate(value: &str) -> std::borrow::Cow<'_, str> {
-    match value.char_indices().nth(ECHO_LIMIT) {
-        None => std::borrow::Cow::Borrowed(value),
-        Some((end, _)) => std::borrow::Cow::Owned(format!("{}…", &value[..end])),
+    #[test]
+    fn echoed_values_are_cut_after_64_characters() {
+        assert_eq!(echo("ns"), "ns");
+        let exact = "ü".repeat(ECHO_CHARS);
+        assert_eq!(echo(&exact), exact);
+        let long = "ü".repeat(64 * 1024);
+        assert_eq!(echo(&long), format!("{exact}…"));
+        let e = ApiError::UnknownNamespace("n".repeat(100_000));
+        assert!(e.to_string().len() < 100, "{e}");
     }
 }

@@ -1,13 +1,25 @@
 //! The `prism.kv.v1.KeyValue` gRPC service: converts protobuf messages to
 //! and from the request core's operations, nothing else.
+//!
+//! [`KvServer`] is the service as it is served: tonic decodes a request
+//! message before any handler runs and answers one that does not decode
+//! (a string field that is not UTF-8, a truncated message) with INTERNAL;
+//! the wrapper turns that answer into INVALID_ARGUMENT, because the fault
+//! is the client's.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use tonic::{Request, Response, Status};
+use tonic::codegen::{http, Body, BoxFuture, Context, Poll, Service, StdError};
+use tonic::server::NamedService;
+use tonic::{Code, Request, Response, Status};
 
 use crate::auth::Credentials;
 use crate::kv::caller::{AUTHORIZATION, CLIENT_ID, TIMEOUT};
 use crate::kv::{ttl_ms, Api, Caller, Core, ScanParams};
-use crate::proto::key_value_server::KeyValue;
+use crate::proto::key_value_server::{KeyValue, KeyValueServer};
 use crate::proto::{
     DeleteRequest, DeleteResponse, ExistsRequest, ExistsResponse, GetRequest, GetResponse, Item,
     PutRequest, PutResponse, ScanRequest, ScanResponse,
@@ -24,18 +36,128 @@ impl KvService {
     pub fn new(core: Core) -> Self {
         KvService { core }
     }
+
+    /// The caller of a request to `namespace`; one whose metadata is
+    /// refused is counted through the core. Marks the request as having
+    /// reached a handler, so that [`DecodeErrors`] leaves the handler's
+    /// statuses alone.
+    fn caller<T>(
+        &self,
+        req: &Request<T>,
+        namespace: &str,
+        op: &'static str,
+    ) -> Result<Caller, Status> {
+        if let Some(reached) = req.extensions().get::<Reached>() {
+            reached.0.store(true, Ordering::Release);
+        }
+        let meta = |key| req.metadata().get(key).and_then(|v| v.to_str().ok());
+        let (id, peer) = (meta(CLIENT_ID), req.remote_addr());
+        Caller::new(Api::Grpc, id, peer, meta(TIMEOUT))
+            .map(|c| c.with_credentials(Credentials::new(meta(AUTHORIZATION), None)))
+            .map_err(|e| {
+                let caller = Caller::identify(Api::Grpc, id, peer);
+                self.core.refuse(&caller, namespace, op, e).into()
+            })
+    }
 }
 
-fn caller<T>(req: &Request<T>) -> Caller {
-    let meta = |key| req.metadata().get(key).and_then(|v| v.to_str().ok());
-    Caller::new(Api::Grpc, meta(CLIENT_ID), req.remote_addr(), meta(TIMEOUT))
-        .with_credentials(Credentials::new(meta(AUTHORIZATION), None))
+/// The KeyValue service as served: the generated server over
+/// [`KvService`], with request messages that tonic cannot decode answered
+/// INVALID_ARGUMENT instead of INTERNAL.
+pub type KvServer = DecodeErrors<KeyValueServer<KvService>>;
+
+/// [`KvServer`] over `core`, accepting and sending messages of up to
+/// `max_message` bytes.
+pub fn server(core: Core, max_message: usize) -> KvServer {
+    DecodeErrors::new(
+        KeyValueServer::new(KvService::new(core))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+    )
+}
+
+/// A generated gRPC server whose answer to a request that never reached a
+/// handler, because tonic could not decode its message, is
+/// INVALID_ARGUMENT rather than INTERNAL. The one place that mapping is
+/// made.
+#[derive(Clone)]
+pub struct DecodeErrors<S> {
+    inner: S,
+}
+
+impl<S> DecodeErrors<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        DecodeErrors { inner }
+    }
+}
+
+impl<S: NamedService> NamedService for DecodeErrors<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+/// Set by a handler when a request reaches it: a status the handler did not
+/// produce was produced by tonic while reading the request.
+#[derive(Clone)]
+struct Reached(Arc<AtomicBool>);
+
+impl<S, B> Service<http::Request<B>> for DecodeErrors<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let reached = Reached(Arc::new(AtomicBool::new(false)));
+        req.extensions_mut().insert(reached.clone());
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let mut response = call.await?;
+            if !reached.0.load(Ordering::Acquire) {
+                undecodable_is_invalid(response.headers_mut());
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// Rewrites a trailers-only INTERNAL answer given before any handler ran
+/// (the request message did not decode, or there was none) to
+/// INVALID_ARGUMENT, keeping tonic's description of what was wrong (e.g.
+/// `GetRequest.namespace: invalid string value: data is not UTF-8
+/// encoded`).
+fn undecodable_is_invalid(headers: &mut http::HeaderMap) {
+    let Some(status) = Status::from_header_map(headers) else {
+        return;
+    };
+    if status.code() != Code::Internal {
+        return;
+    }
+    let status = Status::invalid_argument(format!(
+        "the request message is invalid: {}",
+        status.message()
+    ));
+    for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        headers.remove(name);
+    }
+    // Only a status whose message cannot be encoded fails here; the
+    // message is percent-encoded, so this one can always be.
+    let _ = status.add_header(headers);
 }
 
 #[tonic::async_trait]
 impl KeyValue for KvService {
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        let caller = caller(&req);
+        let caller = self.caller(&req, &req.get_ref().namespace, "get")?;
         let GetRequest { namespace, key } = req.into_inner();
         let response = match self.core.get(&caller, &namespace, key).await? {
             Some(r) => GetResponse {
@@ -53,7 +175,7 @@ impl KeyValue for KvService {
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let caller = caller(&req);
+        let caller = self.caller(&req, &req.get_ref().namespace, "put")?;
         let PutRequest {
             namespace,
             key,
@@ -70,7 +192,7 @@ impl KeyValue for KvService {
         &self,
         req: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        let caller = caller(&req);
+        let caller = self.caller(&req, &req.get_ref().namespace, "delete")?;
         let DeleteRequest { namespace, key } = req.into_inner();
         let existed = self.core.delete(&caller, &namespace, key).await?;
         Ok(Response::new(DeleteResponse { existed }))
@@ -80,14 +202,14 @@ impl KeyValue for KvService {
         &self,
         req: Request<ExistsRequest>,
     ) -> Result<Response<ExistsResponse>, Status> {
-        let caller = caller(&req);
+        let caller = self.caller(&req, &req.get_ref().namespace, "exists")?;
         let ExistsRequest { namespace, key } = req.into_inner();
         let exists = self.core.exists(&caller, &namespace, key).await?;
         Ok(Response::new(ExistsResponse { exists }))
     }
 
     async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
-        let caller = caller(&req);
+        let caller = self.caller(&req, &req.get_ref().namespace, "scan")?;
         let ScanRequest {
             namespace,
             prefix,

@@ -6,7 +6,9 @@
 //!   core like the gRPC service.
 //!
 //! Errors are `{"code", "message"}` JSON; [`error_response`] is the one
-//! place an [`ApiError`] becomes an HTTP status.
+//! place an [`ApiError`] becomes an HTTP status. Errors that actix itself
+//! answers inside the app (an extractor or payload error, a handler's
+//! actix error) get the same body from [`json_errors`].
 //!
 //! actix runs each worker on its own thread and single-threaded runtime.
 //! Handlers therefore only talk to actors (through the core's addresses and
@@ -21,8 +23,11 @@ pub mod rest;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use actix_web::dev::{Server, ServerHandle};
-use actix_web::http::StatusCode;
+use actix_web::body::BoxBody;
+use actix_web::dev::{Server, ServerHandle, ServiceResponse};
+use actix_web::http::header;
+use actix_web::http::{Method, StatusCode};
+use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use prism_actors::SupervisorRef;
 use tonic::Code;
@@ -77,6 +82,7 @@ impl AdminServer {
         let data = web::Data::new(state);
         let server: Server = HttpServer::new(move || {
             App::new()
+                .wrap(ErrorHandlers::new().default_handler(json_errors))
                 .app_data(data.clone())
                 .configure(ops::routes)
                 .configure(rest::routes)
@@ -171,10 +177,102 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
     )
 }
 
-async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
-    http_error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        Code::Unimplemented,
-        &format!("{} is not allowed on {}", req.method(), req.path()),
-    )
+/// The handler of a resource's other methods: 405 with an `Allow` header
+/// listing `allowed`.
+fn method_not_allowed(
+    allowed: &'static str,
+) -> impl Fn(HttpRequest) -> std::future::Ready<HttpResponse> + Clone + 'static {
+    move |req: HttpRequest| {
+        let mut res = http_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Code::Unimplemented,
+            &format!(
+                "{} is not allowed on {}; allowed: {allowed}",
+                req.method(),
+                req.path()
+            ),
+        );
+        res.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static(allowed));
+        std::future::ready(res)
+    }
+}
+
+/// The gRPC code an HTTP error status stands for, for errors that did not
+/// start as an [`ApiError`].
+fn code_of_status(status: StatusCode) -> Code {
+    match status {
+        StatusCode::NOT_FOUND => Code::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => Code::Unimplemented,
+        StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => Code::DeadlineExceeded,
+        StatusCode::TOO_MANY_REQUESTS => Code::ResourceExhausted,
+        StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
+        StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+        StatusCode::FORBIDDEN => Code::PermissionDenied,
+        s if s.is_client_error() => Code::InvalidArgument,
+        _ => Code::Internal,
+    }
+}
+
+/// Gives an error response that is not JSON yet (one actix made: a
+/// payload or extractor error, a handler's actix error) the documented
+/// `{"code", "message"}` body, keeping its status and its headers. HEAD
+/// answers have no body and are left alone.
+fn json_errors<B>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHandlerResponse<B>> {
+    let is_json = res
+        .response()
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || res.request().method() == Method::HEAD {
+        return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
+    }
+    let status = res.status();
+    let message = match res.response().error() {
+        Some(e) => e.to_string(),
+        None => status.canonical_reason().unwrap_or("error").to_lowercase(),
+    };
+    let (req, old) = res.into_parts();
+    let mut new: HttpResponse<BoxBody> = http_error(status, code_of_status(status), &message);
+    for (name, value) in old.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            new.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    Ok(ErrorHandlerResponse::Response(
+        ServiceResponse::new(req, new).map_into_right_body::<B>(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::test::{call_service, init_service, read_body_json, TestRequest};
+
+    use super::*;
+
+    #[actix_web::test]
+    async fn errors_actix_makes_get_the_json_body() {
+        let app = init_service(
+            App::new()
+                .wrap(ErrorHandlers::new().default_handler(json_errors))
+                .route(
+                    "/fails",
+                    web::get().to(|| async {
+                        Err::<HttpResponse, _>(actix_web::error::ErrorBadRequest(
+                            "query: bad digit",
+                        ))
+                    }),
+                ),
+        )
+        .await;
+        let res = call_service(&app, TestRequest::get().uri("/fails").to_request()).await;
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+        let body: serde_json::Value = read_body_json(res).await;
+        assert_eq!(body["code"], "INVALID_ARGUMENT");
+        assert_eq!(body["message"], "query: bad digit");
+        let res = call_service(&app, TestRequest::get().uri("/nothing").to_request()).await;
+        assert_eq!(res.status(), StatusCode::NOT_FOUND);
+        let body: serde_json::Value = read_body_json(res).await;
+        assert_eq!(body["code"], "NOT_FOUND");
+    }
 }

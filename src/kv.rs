@@ -29,7 +29,7 @@ pub use self::caller::{Api, Caller};
 pub use self::validate::{ScanParams, ValueLimit};
 use crate::auth::{Access, Authorizer, Credentials};
 use crate::backend::{Item, Op, Outcome, Record};
-use crate::error::ApiError;
+use crate::error::{echo, ApiError};
 use crate::metrics::Metrics;
 use crate::pool::{BackendHealth, PoolActor};
 use crate::session::{self, Sessions};
@@ -245,7 +245,7 @@ impl Core {
             let limit = ValueLimit::new(ns.name.clone(), &ns.settings);
             let value = value(limit.clone()).await?;
             limit.check(value.len())?;
-            let ttl = validate::put_ttl(&ns.settings, ttl_ms);
+            let ttl = validate::put_ttl(&ns.settings, ttl_ms)?;
             Ok(Op::Put { key, value, ttl })
         })
         .await
@@ -335,7 +335,9 @@ impl Core {
     }
 
     /// The steps every operation shares; `build` validates the request's
-    /// fields against its namespace and returns the operation.
+    /// fields against its namespace and returns the operation. The deadline
+    /// is fixed once the namespace is known and bounds `build` too, so that
+    /// a body that arrives slowly ends with DEADLINE_EXCEEDED.
     async fn run<F, Fut>(
         &self,
         caller: &Caller,
@@ -350,7 +352,7 @@ impl Core {
     {
         let started = std::time::Instant::now();
         let _in_flight = self.inner.draining.enter();
-        let span = tracing::info_span!("request", namespace = %namespace, op, session = %caller.client, api = caller.api.as_str());
+        let span = tracing::info_span!("request", namespace = %echo(namespace), op, session = %echo(&caller.client), api = caller.api.as_str());
         let res = async {
             if self.inner.draining.is_refusing() {
                 return Err(ApiError::Unavailable("server is draining".into()));
@@ -370,8 +372,11 @@ impl Core {
                 .get(namespace)
                 .cloned()
                 .ok_or_else(|| ApiError::UnknownNamespace(namespace.to_owned()))?;
-            let operation = build(ns.clone()).await?;
-            self.call(caller, session, &ns, operation).await
+            let deadline = deadline(caller, &ns);
+            let operation = tokio::time::timeout_at(deadline, build(ns.clone()))
+                .await
+                .map_err(|_| ApiError::DeadlineExceeded("while reading the request"))??;
+            self.call(session, &ns, operation, deadline).await
         }
         .instrument(span)
         .await;
@@ -391,7 +396,7 @@ impl Core {
         let code = match res {
             Ok(_) => tonic::Code::Ok,
             Err(e) => {
-                debug!(namespace, op, session = %caller.client, api = caller.api.as_str(), code = ?e.code(), error = %e, "request failed");
+                debug!(namespace = %echo(namespace), op, session = %echo(&caller.client), api = caller.api.as_str(), code = ?e.code(), error = %e, "request failed");
                 e.code()
             }
         };
@@ -410,17 +415,11 @@ impl Core {
     /// actor and waits for the outcome until the deadline.
     async fn call(
         &self,
-        caller: &Caller,
         session: &str,
         ns: &Namespace,
         op: Op,
+        deadline: Instant,
     ) -> Result<Outcome, ApiError> {
-        let now = Instant::now();
-        let timeout = caller.timeout.unwrap_or(ns.settings.timeout);
-        // A client may send any deadline; a year is as good as forever.
-        let deadline = now
-            .checked_add(timeout)
-            .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
         let (reply, rx) = oneshot::channel();
         let req = session::Request {
             pool: ns.pool.clone(),
@@ -444,6 +443,16 @@ impl Core {
     }
 }
 
+/// The deadline of a request: the caller's timeout, else the namespace's,
+/// from now.
+fn deadline(caller: &Caller, ns: &Namespace) -> Instant {
+    let now = Instant::now();
+    let timeout = caller.timeout.unwrap_or(ns.settings.timeout);
+    // A client may send any deadline; a year is as good as forever.
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
 /// A remaining TTL as the API reports it: milliseconds, -1 for no expiry.
 /// A live key with under 1 ms left still reads as live (1), and a TTL too
 /// long for the field saturates instead of wrapping.
@@ -459,4 +468,17 @@ pub fn ttl_ms(ttl: Option<Duration>) -> i64 {
 fn unexpected(op: &'static str, _outcome: Outcome) -> ApiError {
     error!(op, "backend answered with the outcome of another operation");
     ApiError::Internal
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_ttls_saturate_instead_of_wrapping() {
+        assert_eq!(ttl_ms(None), -1);
+        assert_eq!(ttl_ms(Some(Duration::from_micros(10))), 1);
+        assert_eq!(ttl_ms(Some(validate::MAX_TTL)), 3_153_600_000_000);
+        assert_eq!(ttl_ms(Some(Duration::MAX)), i64::MAX);
+    }
 }

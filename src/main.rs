@@ -48,8 +48,7 @@ async fn serve(dir: &Path) -> u8 {
     }
     // Installed before anything slow, so that a SIGTERM during startup
     // already means a graceful stop rather than the default abrupt exit.
-    let shutdown = match signal::shutdown_signal().context("installing the SIGTERM/SIGINT handlers")
-    {
+    let shutdown = match signal::shutdown_signal().context("installing the signal handlers") {
         Ok(shutdown) => shutdown,
         Err(e) => {
             error!(error = %format!("{e:#}"), "cannot start");

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::backend::{Op, Outcome};
-use crate::error::ApiError;
+use crate::error::{echo, ApiError};
 use crate::pool::{Admission, BackendHealth, PoolActor, PoolMsg};
 use crate::settings::SessionSettings;
 
@@ -87,7 +87,7 @@ impl Session {
             reply,
         } = req;
         if reply.is_closed() {
-            debug!(client = %self.client, "caller went away while queued, skipped");
+            debug!(client = %echo(&self.client), "caller went away while queued, skipped");
             return;
         }
         let now = Instant::now();
@@ -102,7 +102,8 @@ impl Session {
             if !bucket.take(now) {
                 let _ = reply.send(Err(ApiError::ResourceExhausted(format!(
                     "client '{}' is over its rate limit of {} requests/s (sessions.rate_limit)",
-                    self.client, self.settings.rate_limit
+                    echo(&self.client),
+                    self.settings.rate_limit
                 ))));
                 return;
             }
@@ -120,7 +121,8 @@ impl Session {
             Err(_) => {
                 let _ = reply.send(Err(ApiError::ResourceExhausted(format!(
                     "client '{}' has {} requests in flight (sessions.max_in_flight)",
-                    self.client, self.settings.max_in_flight
+                    echo(&self.client),
+                    self.settings.max_in_flight
                 ))));
                 return;
             }
@@ -150,7 +152,7 @@ impl Actor for Session {
     async fn started(&mut self, ctx: &mut Context<Self>) -> Result<(), BoxError> {
         let every = (self.settings.idle_timeout / 4).max(Duration::from_millis(10));
         ctx.send_interval(every, || SessionMsg::Tick);
-        debug!(client = %self.client, "session started");
+        debug!(client = %echo(&self.client), "session started");
         Ok(())
     }
 
@@ -162,7 +164,7 @@ impl Actor for Session {
                 let busy =
                     self.in_flight.available_permits() < self.settings.max_in_flight as usize;
                 if idle && !busy {
-                    debug!(client = %self.client, "session idle, ending");
+                    debug!(client = %echo(&self.client), "session idle, ending");
                     // Leave the registry first so that new requests create a
                     // new session instead of queueing behind this stop.
                     self.registry.forget(&self.client, ctx.id());
@@ -245,7 +247,7 @@ impl Sessions {
             let client: Arc<str> = client.into();
             let settings = self.inner.settings.clone();
             let registry = self.clone();
-            let name = format!("session:{client}");
+            let name = format!("session:{}", echo(&client));
             let factory_client = client.clone();
             let spec = ChildSpec::with_mailbox(name, settings.mailbox, move || {
                 let bucket = (settings.rate_limit > 0).then(|| {
@@ -275,11 +277,30 @@ impl Sessions {
             spec
         };
         let addr = spec.addr();
-        if let Err(e) = self.inner.supervisor.tell_add_child(spec).await {
-            self.forget(client, addr.id());
-            return Err(ApiError::Unavailable(format!("cannot open a session: {e}")));
+        // The map entry exists from here on. The add runs on its own task:
+        // if this future is dropped (the caller went away, its deadline
+        // passed) while the supervisor's mailbox is full, the session still
+        // starts, and ends when idle, or its entry is removed; either way
+        // the slot is not held by an actor that never runs.
+        let registry = self.clone();
+        let supervisor = self.inner.supervisor.clone();
+        let id = addr.id();
+        let owner: Arc<str> = client.into();
+        let add = tokio::spawn(async move {
+            let res = supervisor.tell_add_child(spec).await;
+            if res.is_err() {
+                registry.forget(&owner, id);
+            }
+            res.map_err(|e| e.to_string())
+        });
+        match add.await {
+            Ok(Ok(())) => Ok(addr),
+            Ok(Err(e)) => Err(ApiError::Unavailable(format!("cannot open a session: {e}"))),
+            Err(e) => {
+                self.forget(client, id);
+                Err(ApiError::Unavailable(format!("cannot open a session: {e}")))
+            }
         }
-        Ok(addr)
     }
 
     /// Passes a request to `client`'s session. The session replies through
@@ -296,7 +317,7 @@ impl Sessions {
                     msg = m;
                 }
                 Err(e) => {
-                    let owner = format!("the session of client '{client}'");
+                    let owner = format!("the session of client '{}'", echo(client));
                     return Err(ApiError::rejected(
                         &e,
                         &owner,
@@ -306,5 +327,57 @@ impl Sessions {
             }
         }
         Err(ApiError::Unavailable("session unavailable".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prism_actors::{ActorInfo, Supervisor, DEFAULT_MAILBOX};
+
+    use super::*;
+
+    fn settings() -> SessionSettings {
+        crate::settings::Settings::from_toml(
+            "[server]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n\
+             [backends.m]\nkind = \"memory\"\n[namespaces.n]\nbackend = \"m\"\n",
+        )
+        .expect("settings")
+        .sessions
+    }
+
+    fn has_child(tree: &ActorInfo, name: &str) -> bool {
+        tree.children.iter().any(|c| c.name == name)
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_goes_away_while_its_session_is_added_leaks_no_slot() {
+        let sup = Supervisor::new("sessions");
+        let sessions = Sessions::new(sup.supervisor_ref(), settings());
+        // The supervisor does not run yet, so its mailbox fills up and the
+        // next add waits for room.
+        for i in 0..DEFAULT_MAILBOX {
+            sessions
+                .session(&format!("c{i}"))
+                .await
+                .expect("queued add");
+        }
+        let gone = tokio::time::timeout(Duration::from_millis(50), sessions.session("victim"));
+        assert!(gone.await.is_err(), "the add should wait for room");
+        // Once the supervisor runs, the session whose caller went away
+        // starts too: its map entry names an actor that exists.
+        let tree = sup.spawn();
+        let started = tokio::time::Instant::now();
+        while !tree
+            .snapshot()
+            .is_some_and(|t| has_child(&t, "session:victim"))
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the session of the caller that went away never started"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(sessions.len(), DEFAULT_MAILBOX + 1);
+        tree.shutdown(Duration::from_secs(5)).await;
     }
 }

@@ -1,5 +1,8 @@
-//! Shutdown on signals: the first SIGTERM or SIGINT starts a graceful drain,
-//! a second one exits at once.
+//! Shutdown on signals: the first SIGTERM, SIGINT or SIGQUIT starts a
+//! graceful drain, a second one exits at once. SIGHUP and SIGUSR1, whose
+//! default action would end the process silently, are logged and ignored:
+//! Prism has nothing to reload, and a stray signal from a terminal or a
+//! supervisor must not drop the requests in flight.
 
 use std::future::Future;
 
@@ -9,7 +12,7 @@ use tracing::{info, warn};
 /// for a process killed by Ctrl-C.
 pub const FORCED_EXIT_CODE: i32 = 130;
 
-/// A future that resolves on the first SIGTERM or SIGINT (Ctrl-C), to be
+/// A future that resolves on the first SIGTERM, SIGINT (Ctrl-C) or SIGQUIT, to be
 /// passed as the shutdown future of [`crate::run`]. After it has resolved, a
 /// second signal logs and exits the process with code 130 without waiting
 /// for the drain.
@@ -45,6 +48,9 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 's
 struct Signals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+    user1: tokio::signal::unix::Signal,
 }
 
 #[cfg(unix)]
@@ -54,14 +60,29 @@ impl Signals {
         Ok(Signals {
             terminate: signal(SignalKind::terminate())?,
             interrupt: signal(SignalKind::interrupt())?,
+            // SIGQUIT's default is a core dump; an operator sending it
+            // wants the process gone, so it stops like SIGTERM does.
+            quit: signal(SignalKind::quit())?,
+            hangup: signal(SignalKind::hangup())?,
+            user1: signal(SignalKind::user_defined1())?,
         })
     }
 
-    /// The name of the next signal received.
+    /// The name of the next signal that stops the process; SIGHUP and
+    /// SIGUSR1 are logged on the way and otherwise ignored.
     async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.terminate.recv() => "SIGTERM",
-            _ = self.interrupt.recv() => "SIGINT",
+        loop {
+            tokio::select! {
+                _ = self.terminate.recv() => return "SIGTERM",
+                _ = self.interrupt.recv() => return "SIGINT",
+                _ = self.quit.recv() => return "SIGQUIT",
+                _ = self.hangup.recv() => {
+                    info!(signal = "SIGHUP", "reload requested; nothing to reload");
+                }
+                _ = self.user1.recv() => {
+                    info!(signal = "SIGUSR1", "signal ignored");
+                }
+            }
         }
     }
 }

@@ -18,9 +18,10 @@ use super::{BoxFuture, Error, Item, Outcome};
 pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// The TTL a backend stores for a requested `ttl`: `None` (no expiry) for no
-/// TTL and for TTLs of [`MAX_TTL`] or more.
+/// TTL and for TTLs past [`MAX_TTL`] (the request core refuses those; a
+/// backend used directly treats them as forever rather than overflowing).
 pub fn stored_ttl(ttl: Option<Duration>) -> Option<Duration> {
-    ttl.filter(|ttl| *ttl < MAX_TTL)
+    ttl.filter(|ttl| *ttl <= MAX_TTL)
 }
 
 /// The keys one scan page may come from: those with the prefix, strictly
@@ -411,7 +412,8 @@ mod tests {
         let hour = std::time::Duration::from_secs(3600);
         assert_eq!(stored_ttl(Some(hour)), Some(hour));
         assert_eq!(stored_ttl(None), None);
-        assert_eq!(stored_ttl(Some(MAX_TTL)), None);
+        assert_eq!(stored_ttl(Some(MAX_TTL)), Some(MAX_TTL));
+        assert_eq!(stored_ttl(Some(MAX_TTL * 2)), None);
         assert_eq!(stored_ttl(Some(std::time::Duration::MAX)), None);
         assert_eq!(
             Batch::of(10, 10),

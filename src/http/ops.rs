@@ -3,7 +3,8 @@
 //! closed; else 503 with a JSON body saying which backend and why),
 //! `GET /metrics` (Prometheus text), `GET /v1/actors` (the supervision tree)
 //! and `GET /v1/namespaces` (each namespace, its backend, settings and
-//! health).
+//! health). The probes answer `HEAD` too (same status, no body); other
+//! methods get 405 with an `Allow` header.
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -11,17 +12,37 @@ use prism_actors::ActorInfo;
 use serde::Serialize;
 use tonic::Code;
 
-use super::{error_response, http_error, AdminState};
+use super::{error_response, http_error, method_not_allowed, AdminState};
 use crate::error::ApiError;
 use crate::pool::{BackendHandle, Circuit};
 
 /// Registers the endpoints.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics))
-        .route("/v1/actors", web::get().to(actors))
-        .route("/v1/namespaces", web::get().to(namespaces));
+    // A probe asked with HEAD (as some load balancers do) gets the status
+    // of the GET; actix leaves the body out.
+    cfg.service(
+        web::resource("/healthz")
+            .route(web::get().to(healthz))
+            .route(web::head().to(healthz))
+            .default_service(web::to(method_not_allowed("GET, HEAD"))),
+    )
+    .service(
+        web::resource("/readyz")
+            .route(web::get().to(readyz))
+            .route(web::head().to(readyz))
+            .default_service(web::to(method_not_allowed("GET, HEAD"))),
+    );
+    for (path, handler) in [
+        ("/metrics", web::get().to(metrics)),
+        ("/v1/actors", web::get().to(actors)),
+        ("/v1/namespaces", web::get().to(namespaces)),
+    ] {
+        cfg.service(
+            web::resource(path)
+                .route(handler)
+                .default_service(web::to(method_not_allowed("GET"))),
+        );
+    }
 }
 
 async fn healthz() -> HttpResponse {

@@ -3,14 +3,23 @@
 //!
 //! - `GET /v1/kv/{namespace}/{key}`: the raw value, `x-prism-ttl-ms`; 404
 //!   when missing.
-//! - `HEAD /v1/kv/{namespace}/{key}`: exists, 200 or 404.
+//! - `HEAD /v1/kv/{namespace}/{key}`: exists, 200 or 404, without a
+//!   `content-length` (the value is not read, so no length is claimed).
 //! - `PUT /v1/kv/{namespace}/{key}?ttl_ms=`: the body is the value; 204.
+//!   An HTTP/1.0 PUT must send `Content-Length` (else 411): without it the
+//!   body's end cannot be told and an empty value would be stored.
 //! - `DELETE /v1/kv/{namespace}/{key}`: `{"existed": bool}`.
 //! - `GET /v1/kv/{namespace}?prefix=&limit=&cursor=&keys_only=`: a page.
 //!
 //! Keys are percent-encoded path tails (`a%2Fb` and `a/b` are both `a/b`).
+//! Query values must be UTF-8 after percent-decoding (`prefix=%FF` is a
+//! 400). A body is read as it arrives, never allocated ahead from the
+//! declared `Content-Length`, and within the request's deadline: a body
+//! still arriving when it passes ends the request with 504.
 
+use actix_web::body;
 use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::{StatusCode, Version};
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
@@ -18,7 +27,7 @@ use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt;
 
-use super::{error_response, method_not_allowed, AdminState};
+use super::{error_response, http_error, method_not_allowed, AdminState};
 use crate::error::ApiError;
 use crate::kv::caller::{CLIENT_ID, TIMEOUT};
 use crate::kv::{ttl_ms, Api, Caller, Core, ScanParams, ValueLimit};
@@ -41,7 +50,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/v1/kv/{namespace}")
             .route(web::get().to(scan))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(method_not_allowed("GET"))),
     )
     .service(
         // `(?s)`-style matching is the router's default, so a key may
@@ -51,19 +60,23 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::head().to(exists))
             .route(web::put().to(put))
             .route(web::delete().to(delete))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(method_not_allowed("GET, HEAD, PUT, DELETE"))),
     );
 }
 
-fn caller(req: &HttpRequest) -> Caller {
+/// The caller of a request to `namespace`; one whose headers are refused
+/// is counted through the core.
+fn caller(
+    req: &HttpRequest,
+    core: &Core,
+    namespace: &str,
+    op: &'static str,
+) -> Result<Caller, ApiError> {
     let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
-    Caller::new(
-        Api::Rest,
-        header(CLIENT_ID),
-        req.peer_addr(),
-        header(TIMEOUT),
-    )
-    .with_credentials(super::credentials(req))
+    let (id, peer) = (header(CLIENT_ID), req.peer_addr());
+    Caller::new(Api::Rest, id, peer, header(TIMEOUT))
+        .map(|c| c.with_credentials(super::credentials(req)))
+        .map_err(|e| core.refuse(&Caller::identify(Api::Rest, id, peer), namespace, op, e))
 }
 
 /// The namespace and key of a `/v1/kv/{namespace}[/{key}]` request, each
@@ -91,6 +104,28 @@ fn kv_path(req: &HttpRequest) -> Result<KvPath, ApiError> {
     })
 }
 
+/// Checks that every name and value of a query string is UTF-8 after
+/// percent-decoding (`+` is a space). The query deserializer would replace
+/// bad bytes silently, so that `prefix=%FF` scanned for U+FFFD.
+fn query_utf8(query: &str) -> Result<(), ApiError> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let decode = |raw: &str| {
+            let raw = raw.replace('+', " ");
+            percent_decode_str(&raw).decode_utf8().is_ok()
+        };
+        let name_ok = decode(name);
+        if !name_ok || !decode(value) {
+            let shown = percent_decode_str(name).decode_utf8_lossy().into_owned();
+            return Err(ApiError::InvalidArgument(format!(
+                "query parameter '{}' is not valid UTF-8 after percent-decoding",
+                crate::error::echo(&shown)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Runs `op` with the caller, namespace and key of `req`; a path that does
 /// not decode is refused through the core, so it is counted like any
 /// failed request.
@@ -104,8 +139,14 @@ where
     F: FnOnce(Core, Caller, String, String) -> Fut,
     Fut: std::future::Future<Output = Result<HttpResponse, ApiError>>,
 {
-    let caller = caller(req);
     let path = kv_path(req).and_then(|p| Ok((p.key?, p.namespace)));
+    let namespace = path
+        .as_ref()
+        .map_or("", |(_, namespace)| namespace.as_str());
+    let caller = match caller(req, &state.core, namespace, op) {
+        Ok(caller) => caller,
+        Err(e) => return error_response(&e),
+    };
     let res = match path {
         Ok((key, namespace)) => f(state.core.clone(), caller, namespace, key).await,
         Err(e) => Err(state.core.refuse(&caller, "", op, e)),
@@ -137,10 +178,12 @@ async fn exists(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse 
         &state,
         "exists",
         |core, caller, namespace, key| async move {
+            // No body at all rather than an empty one, so that no
+            // `content-length: 0` claims an existing value is empty.
             Ok(if core.exists(&caller, &namespace, key).await? {
-                HttpResponse::Ok().finish()
+                HttpResponse::Ok().body(body::None::new())
             } else {
-                HttpResponse::NotFound().finish()
+                HttpResponse::NotFound().body(body::None::new())
             })
         },
     )
@@ -165,12 +208,22 @@ async fn put(
         &state,
         "put",
         |core, caller, namespace, key| async move {
-            let query = web::Query::<PutQuery>::from_query(request.query_string())
-                .map_err(|e| ApiError::InvalidArgument(format!("ttl_ms: {e}")));
+            let query = query_utf8(request.query_string()).and_then(|()| {
+                web::Query::<PutQuery>::from_query(request.query_string())
+                    .map_err(|e| ApiError::InvalidArgument(format!("ttl_ms: {e}")))
+            });
             let query = match query {
                 Ok(q) => q,
                 Err(e) => return Err(core.refuse(&caller, &namespace, "put", e)),
             };
+            if let Some(e) = length_required(&request) {
+                core.refuse(&caller, &namespace, "put", e.clone());
+                return Ok(http_error(
+                    StatusCode::LENGTH_REQUIRED,
+                    e.code(),
+                    &e.to_string(),
+                ));
+            }
             core.put(&caller, &namespace, key, query.ttl_ms, |limit| {
                 read_value(&request, payload, limit)
             })
@@ -179,6 +232,23 @@ async fn put(
         },
     )
     .await
+}
+
+/// An HTTP/1.0 request with neither `Content-Length` nor
+/// `Transfer-Encoding` has a body that ends when the connection does,
+/// which actix does not read (it sees no body); storing an empty value
+/// would lose what the client sent, so such a PUT is refused (411). In
+/// HTTP/1.1 the same request has an empty body by definition.
+fn length_required(req: &HttpRequest) -> Option<ApiError> {
+    let headers = req.headers();
+    let framed = headers.contains_key(header::CONTENT_LENGTH)
+        || headers.contains_key(header::TRANSFER_ENCODING);
+    (req.version() == Version::HTTP_10 && !framed).then(|| {
+        ApiError::InvalidArgument(
+            "an HTTP/1.0 PUT must send Content-Length (Content-Length: 0 for an empty value)"
+                .into(),
+        )
+    })
 }
 
 /// Reads a PUT body as the value, under the namespace's limit. An
@@ -195,7 +265,9 @@ async fn read_value(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    let mut value = BytesMut::with_capacity(declared.unwrap_or(0).min(limit.max()));
+    // Allocated as the body arrives, not from the declared length: a client
+    // may declare any length and send nothing.
+    let mut value = BytesMut::new();
     let mut total = 0usize;
     while let Some(chunk) = payload.next().await {
         let chunk = chunk
@@ -247,13 +319,20 @@ struct ScanItem {
 }
 
 async fn scan(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse {
-    let caller = caller(&req);
     let res = async {
-        let namespace = kv_path(&req)
-            .map(|p| p.namespace)
-            .map_err(|e| state.core.refuse(&caller, "", "scan", e))?;
-        let q = web::Query::<ScanQuery>::from_query(req.query_string())
-            .map_err(|e| ApiError::InvalidArgument(format!("scan query: {e}")))
+        let namespace = kv_path(&req).map(|p| p.namespace);
+        let caller = caller(
+            &req,
+            &state.core,
+            namespace.as_deref().unwrap_or(""),
+            "scan",
+        )?;
+        let namespace = namespace.map_err(|e| state.core.refuse(&caller, "", "scan", e))?;
+        let q = query_utf8(req.query_string())
+            .and_then(|()| {
+                web::Query::<ScanQuery>::from_query(req.query_string())
+                    .map_err(|e| ApiError::InvalidArgument(format!("scan query: {e}")))
+            })
             .map_err(|e| state.core.refuse(&caller, &namespace, "scan", e))?
             .into_inner();
         let keys_only = q.keys_only;

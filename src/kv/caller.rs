@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::auth::Credentials;
+use crate::error::{echo, ApiError};
 
 /// The transport a request came in on, for logs and for the deadline rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +39,8 @@ pub const AUTHORIZATION: &str = "authorization";
 /// The caller of one request.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    /// The session's identity: `x-client-id`, else the peer address.
+    /// The session's identity: `x-client-id`, else the peer's IP address
+    /// (without the port, so that a client's connections share a session).
     pub client: String,
     /// How long the request may take; `None` means the namespace's timeout.
     pub timeout: Option<Duration>,
@@ -50,7 +52,9 @@ pub struct Caller {
 
 impl Caller {
     /// The caller of a request that arrived on `api` from `peer`, with the
-    /// `x-client-id` and `grpc-timeout` values it sent.
+    /// `x-client-id` and `grpc-timeout` values it sent. A `grpc-timeout`
+    /// that is not `<1 to 8 digits><H|M|S|m|u|n>` is INVALID_ARGUMENT on
+    /// every transport, rather than silently "no deadline".
     ///
     /// On gRPC, tonic's own timeout layer answers CANCELLED exactly at the
     /// client's deadline, so the request gives up a small margin earlier
@@ -60,20 +64,42 @@ impl Caller {
         client_id: Option<&str>,
         peer: Option<SocketAddr>,
         grpc_timeout: Option<&str>,
-    ) -> Caller {
-        let client = client_id
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .or_else(|| peer.map(|a| a.to_string()))
-            .unwrap_or_else(|| "unknown".to_owned());
-        let timeout = grpc_timeout.and_then(parse_grpc_timeout);
+    ) -> Result<Caller, ApiError> {
+        let Caller { client, .. } = Caller::identify(api, client_id, peer);
+        let timeout = match grpc_timeout {
+            None => None,
+            Some(v) => Some(parse_grpc_timeout(v).ok_or_else(|| {
+                ApiError::InvalidArgument(format!(
+                    "{TIMEOUT} header '{}' is not a timeout: use 1 to 8 digits and a unit H, M, S, m, u or n (e.g. 250m)",
+                    echo(v)
+                ))
+            })?),
+        };
         let timeout = match api {
             Api::Grpc => timeout.map(|t| t.saturating_sub(deadline_margin(t))),
             Api::Rest => timeout,
         };
-        Caller {
+        Ok(Caller {
             client,
             timeout,
+            api,
+            credentials: Credentials::default(),
+        })
+    }
+}
+
+impl Caller {
+    /// Who is asking, without a deadline: the caller a request that
+    /// [`Caller::new`] refused is counted and logged under.
+    pub fn identify(api: Api, client_id: Option<&str>, peer: Option<SocketAddr>) -> Caller {
+        let client = client_id
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .or_else(|| peer.map(|a| a.ip().to_string()))
+            .unwrap_or_else(|| "unknown".to_owned());
+        Caller {
+            client,
+            timeout: None,
             api,
             credentials: Credentials::default(),
         }
@@ -144,13 +170,29 @@ mod tests {
     }
 
     #[test]
-    fn the_client_is_its_id_else_its_address() {
+    fn the_client_is_its_id_else_its_ip_address() {
         let peer = Some(SocketAddr::from(([127, 0, 0, 1], 4000)));
-        let c = Caller::new(Api::Grpc, Some("svc"), peer, Some("1S"));
+        let c = Caller::new(Api::Grpc, Some("svc"), peer, Some("1S")).unwrap();
         assert_eq!(c.client, "svc");
         assert_eq!(c.timeout, Some(Duration::from_millis(980)));
-        let c = Caller::new(Api::Rest, Some(""), peer, Some("1S"));
-        assert_eq!(c.client, "127.0.0.1:4000");
+        let c = Caller::new(Api::Rest, Some(""), peer, Some("1S")).unwrap();
+        assert_eq!(c.client, "127.0.0.1");
         assert_eq!(c.timeout, Some(Duration::from_secs(1)));
+        let v6 = Some("[::1]:5000".parse().unwrap());
+        assert_eq!(
+            Caller::new(Api::Rest, None, v6, None).unwrap().client,
+            "::1"
+        );
+    }
+
+    #[test]
+    fn a_malformed_timeout_is_an_invalid_argument_on_every_transport() {
+        for api in [Api::Grpc, Api::Rest] {
+            let e = Caller::new(api, None, None, Some("soon")).unwrap_err();
+            assert!(
+                matches!(&e, ApiError::InvalidArgument(m) if m.contains(TIMEOUT)),
+                "{e}"
+            );
+        }
     }
 }

@@ -15,6 +15,8 @@ pub const MAX_KEY_BYTES: usize = 1024;
 pub const DEFAULT_SCAN_LIMIT: usize = 100;
 /// Largest scan page.
 pub const MAX_SCAN_LIMIT: usize = 1000;
+/// The longest TTL a Put may ask for: 100 years, the same on every backend.
+pub use crate::backend::toolkit::MAX_TTL;
 
 /// Checks a key: 1..=1024 bytes of UTF-8 (guaranteed by the `String`)
 /// without NUL.
@@ -67,13 +69,20 @@ impl ValueLimit {
     }
 }
 
-/// The TTL a Put stores: `ttl_ms`, or the namespace default when 0.
-pub fn put_ttl(settings: &NamespaceSettings, ttl_ms: u64) -> Option<Duration> {
+/// The TTL a Put stores: `ttl_ms`, or the namespace default when 0; at
+/// most [`MAX_TTL`].
+pub fn put_ttl(settings: &NamespaceSettings, ttl_ms: u64) -> Result<Option<Duration>, ApiError> {
     if ttl_ms == 0 {
-        settings.default_ttl
-    } else {
-        Some(Duration::from_millis(ttl_ms))
+        return Ok(settings.default_ttl);
     }
+    let ttl = Duration::from_millis(ttl_ms);
+    if ttl > MAX_TTL {
+        return Err(ApiError::InvalidArgument(format!(
+            "ttl_ms is {ttl_ms}, the limit is {} (100 years)",
+            MAX_TTL.as_millis()
+        )));
+    }
+    Ok(Some(ttl))
 }
 
 /// A scan request's fields, as every transport receives them.
@@ -125,13 +134,21 @@ pub fn encode_cursor(last_key: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last_key.as_bytes())
 }
 
+/// The key a cursor continues after. A cursor is only ever the encoding of
+/// a key a scan returned, so it must decode to a valid key; anything else
+/// is forged or damaged and never reaches a backend.
 fn decode_cursor(cursor: &str) -> Result<String, ApiError> {
-    let bad =
-        || ApiError::InvalidArgument("cursor is not a next_cursor from an earlier scan".into());
+    let bad = |why: &str| {
+        ApiError::InvalidArgument(format!(
+            "bad cursor: {why}; pass the next_cursor of an earlier scan, or empty to start"
+        ))
+    };
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(cursor)
-        .map_err(|_| bad())?;
-    String::from_utf8(bytes).map_err(|_| bad())
+        .map_err(|_| bad("not base64url"))?;
+    let last = String::from_utf8(bytes).map_err(|_| bad("does not decode to UTF-8"))?;
+    key(&last).map_err(|e| bad(&format!("does not decode to a valid key ({e})")))?;
+    Ok(last)
 }
 
 #[cfg(test)]
@@ -166,5 +183,33 @@ mod tests {
         assert!(scan_op(params(5000, ""))
             .is_ok_and(|op| matches!(op, Op::Scan { limit, .. } if limit == MAX_SCAN_LIMIT)));
         assert!(scan_op(params(1, "!!not base64!!")).is_err());
+    }
+
+    #[test]
+    fn cursors_must_decode_to_valid_keys() {
+        for forged in ["", "a\0b"] {
+            let c = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(forged);
+            let cursor = if c.is_empty() { "=".to_owned() } else { c };
+            let e = scan_op(params(1, &cursor)).unwrap_err();
+            assert!(e.to_string().starts_with("bad cursor"), "{e}");
+        }
+        let long = encode_cursor(&"k".repeat(MAX_KEY_BYTES + 1));
+        let e = scan_op(params(1, &long)).unwrap_err();
+        assert!(e.to_string().contains("1025 bytes"), "{e}");
+    }
+
+    #[test]
+    fn ttls_are_bounded_by_one_limit() {
+        let settings = crate::settings::Settings::from_toml(
+            "[server]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n\
+             [backends.m]\nkind = \"memory\"\n[namespaces.n]\nbackend = \"m\"\n",
+        )
+        .unwrap();
+        let ns = &settings.namespaces["n"];
+        let max = MAX_TTL.as_millis() as u64;
+        assert_eq!(put_ttl(ns, max).unwrap(), Some(MAX_TTL));
+        let e = put_ttl(ns, max + 1).unwrap_err();
+        assert!(e.to_string().contains("ttl_ms") && e.to_string().contains(&max.to_string()));
+        assert!(put_ttl(ns, u64::MAX).is_err());
     }
 }

@@ -99,9 +99,7 @@ pub async fn router(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| Error::Start(format!("grpc reflection: {e}")))?;
-    let kv = KeyValueServer::new(KvService::new(core))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+    let kv = crate::grpc::server(core, max_message);
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_pending_accept_reset_streams(Some(limits.max_pending_reset_streams))

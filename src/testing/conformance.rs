@@ -44,7 +44,7 @@ pub use store::{
     put_inserts_then_replaces_the_value, scan_is_stable_under_concurrent_writes,
     scan_more_is_exact_and_keys_only_leaves_values_out,
     scan_pages_cover_every_key_once_in_byte_order,
-    scan_respects_prefix_and_after_bounds_with_multibyte_keys, ttls_from_max_ttl_up_never_expire,
+    scan_respects_prefix_and_after_bounds_with_multibyte_keys, ttls_past_max_ttl_never_expire,
     values_are_binary_safe,
 };
 
@@ -188,7 +188,7 @@ macro_rules! conformance_suite {
             scan_respects_prefix_and_after_bounds_with_multibyte_keys,
             scan_more_is_exact_and_keys_only_leaves_values_out,
             purge_removes_only_expired_keys,
-            ttls_from_max_ttl_up_never_expire,
+            ttls_past_max_ttl_never_expire,
             upsert_get_exists_and_idempotent_delete,
             values_are_binary_safe_up_to_the_max_size,
             ttl_expires_keys_and_an_overwrite_resets_it,
