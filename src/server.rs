@@ -190,11 +190,16 @@ impl Gateway {
         // With `[server.tls]` the connections are handshaken by Prism's own
         // acceptor (its certificates can be reloaded); tonic sees them as
         // TLS streams and offers the client's certificates to handlers.
+        let mut stop_accepting = None;
         let mut server: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match &tls {
-            Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
-                crate::tls::TlsIncoming::new(listeners.grpc, tls.certs()),
-                close,
-            )),
+            Some(tls) => {
+                let incoming = crate::tls::TlsIncoming::new(listeners.grpc, tls.certs());
+                // The accept loop is a task of its own: stopped when the
+                // drain refuses new requests, so that no new connection is
+                // handshaken only to be dropped.
+                stop_accepting = Some(incoming.closer());
+                Box::pin(router.serve_with_incoming_shutdown(incoming, close))
+            }
             None => Box::pin(
                 router.serve_with_incoming_shutdown(listener::Incoming::new(listeners.grpc), close),
             ),
@@ -226,6 +231,9 @@ impl Gateway {
         }
         draining.refuse();
         let _ = close_tx.send(());
+        if let Some(stop) = stop_accepting {
+            stop.abort();
+        }
         // Requests in flight on both transports finish; what the gRPC server
         // still holds after them is streams and idle connections.
         let finished = tokio::time::timeout_at(deadline, draining.idle())

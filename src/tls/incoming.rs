@@ -47,6 +47,14 @@ impl TlsIncoming {
     }
 }
 
+impl TlsIncoming {
+    /// A handle that stops accepting and closes the listener, for the drain:
+    /// connections already handshaken stay queued for the server.
+    pub fn closer(&self) -> tokio::task::AbortHandle {
+        self.accept.abort_handle()
+    }
+}
+
 impl Drop for TlsIncoming {
     fn drop(&mut self) {
         self.accept.abort();
