@@ -53,7 +53,10 @@ impl KvService {
         let meta = |key| req.metadata().get(key).and_then(|v| v.to_str().ok());
         let (id, peer) = (meta(CLIENT_ID), req.remote_addr());
         Caller::new(Api::Grpc, id, peer, meta(TIMEOUT))
-            .map(|c| c.with_credentials(Credentials::new(meta(AUTHORIZATION), None)))
+            .map(|c| {
+                let cn = crate::tls::peer_common_name(req).map(|cn| cn.0);
+                c.with_credentials(Credentials::new(meta(AUTHORIZATION), cn))
+            })
             .map_err(|e| {
                 let caller = Caller::identify(Api::Grpc, id, peer);
                 self.core.refuse(&caller, namespace, op, e).into()

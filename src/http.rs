@@ -76,11 +76,17 @@ pub struct AdminServer {
 
 impl AdminServer {
     /// Starts serving on `listener`, on its own worker threads, driven from
-    /// the current tokio runtime.
-    pub fn start(listener: std::net::TcpListener, state: AdminState) -> std::io::Result<Self> {
+    /// the current tokio runtime. With `tls`, only TLS is served (HTTPS),
+    /// and the common name of a verified client certificate is in each
+    /// request's connection data as a [`crate::tls::PeerCommonName`].
+    pub fn start(
+        listener: std::net::TcpListener,
+        state: AdminState,
+        tls: Option<&crate::tls::ServerCerts>,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr().ok();
         let data = web::Data::new(state);
-        let server: Server = HttpServer::new(move || {
+        let server = HttpServer::new(move || {
             App::new()
                 .wrap(ErrorHandlers::new().default_handler(json_errors))
                 .app_data(data.clone())
@@ -93,12 +99,16 @@ impl AdminServer {
         // this server at once, probes and metrics included.
         .disable_signals()
         .shutdown_timeout(STOP_TIMEOUT_SECS)
-        .listen(listener)?
+        .on_connect(crate::tls::stash_peer_common_name);
+        let server: Server = match tls {
+            Some(certs) => server.listen_rustls_0_23(listener, certs.http_config())?,
+            None => server.listen(listener)?,
+        }
         .run();
         let handle = server.handle();
         let task = tokio::spawn(server);
         if let Some(addr) = addr {
-            info!(http_addr = %addr, workers = WORKERS, "admin plane serving");
+            info!(http_addr = %addr, workers = WORKERS, tls = tls.is_some(), "admin plane serving");
         }
         Ok(AdminServer { handle, task, addr })
     }
@@ -160,13 +170,17 @@ pub fn error_response(e: &ApiError) -> HttpResponse {
     response
 }
 
-/// What a request presented to authenticate: its `Authorization` header.
+/// What a request presented to authenticate: its `Authorization` header,
+/// and the CN of its verified client certificate (mTLS).
 pub fn credentials(req: &HttpRequest) -> Credentials {
     let authorization = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    Credentials::new(authorization, None)
+    let cn = req
+        .conn_data::<crate::tls::PeerCommonName>()
+        .map(|cn| cn.0.clone());
+    Credentials::new(authorization, cn)
 }
 
 async fn not_found(req: HttpRequest) -> HttpResponse {

@@ -22,6 +22,7 @@ pub mod signal;
 pub mod telemetry;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
+pub mod tls;
 
 pub use server::{run, Error, Gateway, Listeners};
 pub use settings::Settings;

@@ -48,7 +48,15 @@ async fn serve(dir: &Path) -> u8 {
     }
     // Installed before anything slow, so that a SIGTERM during startup
     // already means a graceful stop rather than the default abrupt exit.
-    let shutdown = match signal::shutdown_signal().context("installing the signal handlers") {
+    // SIGHUP re-reads the TLS certificates (the listeners share them with
+    // this copy of the settings); a failed reload is logged and keeps the
+    // ones in use.
+    let reload = settings.server.tls.clone().map(|tls| {
+        Box::new(move || {
+            let _ = tls.reload();
+        }) as signal::Reload
+    });
+    let shutdown = match signal::shutdown_signal(reload).context("installing the signal handlers") {
         Ok(shutdown) => shutdown,
         Err(e) => {
             error!(error = %format!("{e:#}"), "cannot start");

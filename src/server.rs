@@ -14,7 +14,7 @@ use crate::http::{AdminServer, AdminState};
 use crate::kv::Draining;
 use crate::settings::{CustomSettings, Settings};
 
-mod listener;
+pub(crate) mod listener;
 mod tree;
 
 /// How long the gRPC server may still hold connections after the last
@@ -159,12 +159,19 @@ impl Gateway {
             .grpc
             .local_addr()
             .map_err(|e| Error::Start(format!("server.grpc_addr: {e}")))?;
-        info!(grpc_addr = %addr, backends = backends.len(), "prism serving");
+        let tls = server_settings.tls.clone();
+        info!(
+            grpc_addr = %addr,
+            backends = backends.len(),
+            tls = tls.is_some(),
+            client_certs = tls.as_ref().is_some_and(|t| t.requires_client_certs()),
+            "prism serving"
+        );
         let upkeep = core.metrics().spawn_upkeep(METRICS_UPKEEP);
         let admin = match listeners.http {
             Some(l) => {
                 let state = AdminState::new(core.clone(), backends.clone(), root.supervisor_ref());
-                match AdminServer::start(l, state) {
+                match AdminServer::start(l, state, tls.as_ref().map(|t| t.certs())) {
                     Ok(admin) => Some(admin),
                     Err(e) => {
                         upkeep.abort();
@@ -177,13 +184,26 @@ impl Gateway {
         };
 
         let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = router.serve_with_incoming_shutdown(
-            listener::Incoming::new(listeners.grpc),
-            async move {
-                let _ = close_rx.await;
-            },
-        );
-        let mut server = std::pin::pin!(server);
+        let close = async move {
+            let _ = close_rx.await;
+        };
+        // With `[server.tls]` the connections are handshaken by Prism's own
+        // acceptor (its certificates can be reloaded); tonic sees them as
+        // TLS streams and offers the client's certificates to handlers.
+        let mut stop_accepting = None;
+        let mut server: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match &tls {
+            Some(tls) => {
+                let incoming = crate::tls::TlsIncoming::new(listeners.grpc, tls.certs());
+                // The accept loop is a task of its own: stopped when the
+                // drain refuses new requests, so that no new connection is
+                // handshaken only to be dropped.
+                stop_accepting = Some(incoming.closer());
+                Box::pin(router.serve_with_incoming_shutdown(incoming, close))
+            }
+            None => Box::pin(
+                router.serve_with_incoming_shutdown(listener::Incoming::new(listeners.grpc), close),
+            ),
+        };
         let mut shutdown = std::pin::pin!(shutdown);
 
         let mut failure = None;
@@ -211,6 +231,9 @@ impl Gateway {
         }
         draining.refuse();
         let _ = close_tx.send(());
+        if let Some(stop) = stop_accepting {
+            stop.abort();
+        }
         // Requests in flight on both transports finish; what the gRPC server
         // still holds after them is streams and idle connections.
         let finished = tokio::time::timeout_at(deadline, draining.idle())

@@ -90,6 +90,43 @@ pub struct ServerSettings {
     pub drain_delay: Duration,
     /// Limits of the gRPC listener's connections.
     pub grpc: GrpcLimits,
+    /// TLS on both listeners (`[server.tls]`); `None` serves plaintext.
+    pub tls: Option<TlsSettings>,
+}
+
+/// `[server.tls]`: when present, both listeners serve TLS only.
+///
+/// The files are read and checked when the settings load, so a clone of
+/// these settings holds the certificates themselves; clones share them, so
+/// [`TlsSettings::reload`] on any clone (the one a signal handler keeps)
+/// reaches the running listeners.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    certs: crate::tls::ServerCerts,
+}
+
+impl TlsSettings {
+    /// The files (`server.tls.cert`, `server.tls.key`, `server.tls.client_ca`).
+    pub fn files(&self) -> &crate::tls::CertFiles {
+        self.certs.files()
+    }
+
+    /// Whether clients must present a certificate signed by
+    /// `server.tls.client_ca`.
+    pub fn requires_client_certs(&self) -> bool {
+        self.files().client_ca.is_some()
+    }
+
+    /// The loaded certificates that both listeners serve.
+    pub fn certs(&self) -> &crate::tls::ServerCerts {
+        &self.certs
+    }
+
+    /// Re-reads the files; new connections get the new certificates, and on
+    /// an error the ones in use stay. See [`crate::tls::ServerCerts::reload`].
+    pub fn reload(&self) -> Result<(), crate::tls::Error> {
+        self.certs.reload()
+    }
 }
 
 /// Limits of the gRPC listener: what one client connection may hold, and

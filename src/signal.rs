@@ -1,12 +1,16 @@
 //! Shutdown on signals: the first SIGTERM, SIGINT or SIGQUIT starts a
-//! graceful drain, a second one exits at once. SIGHUP and SIGUSR1, whose
-//! default action would end the process silently, are logged and ignored:
-//! Prism has nothing to reload, and a stray signal from a terminal or a
-//! supervisor must not drop the requests in flight.
+//! graceful drain, a second one exits at once. SIGHUP reloads what can be
+//! reloaded (the TLS certificates) and is otherwise logged and ignored;
+//! SIGUSR1 is logged and ignored: their default action would end the
+//! process silently, and a stray signal from a terminal or a supervisor
+//! must not drop the requests in flight.
 
 use std::future::Future;
 
 use tracing::{info, warn};
+
+/// What SIGHUP runs.
+pub type Reload = Box<dyn Fn() + Send + Sync>;
 
 /// The exit code after a second signal: 128 + SIGINT, what a shell reports
 /// for a process killed by Ctrl-C.
@@ -21,8 +25,12 @@ pub const FORCED_EXIT_CODE: i32 = 130;
 /// future is first polled, so a signal that arrives in between is not lost
 /// (and does not kill the process with the default action). Must be called
 /// inside a tokio runtime.
-pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
-    let mut signals = Signals::install()?;
+///
+/// `reload` runs on every SIGHUP; `None` means there is nothing to reload.
+pub fn shutdown_signal(
+    reload: Option<Reload>,
+) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    let mut signals = Signals::install(reload)?;
     Ok(async move {
         let first = signals.recv().await;
         info!(
@@ -51,11 +59,12 @@ struct Signals {
     quit: tokio::signal::unix::Signal,
     hangup: tokio::signal::unix::Signal,
     user1: tokio::signal::unix::Signal,
+    reload: Option<Reload>,
 }
 
 #[cfg(unix)]
 impl Signals {
-    fn install() -> std::io::Result<Self> {
+    fn install(reload: Option<Reload>) -> std::io::Result<Self> {
         use tokio::signal::unix::{signal, SignalKind};
         Ok(Signals {
             terminate: signal(SignalKind::terminate())?,
@@ -65,6 +74,7 @@ impl Signals {
             quit: signal(SignalKind::quit())?,
             hangup: signal(SignalKind::hangup())?,
             user1: signal(SignalKind::user_defined1())?,
+            reload,
         })
     }
 
@@ -76,9 +86,13 @@ impl Signals {
                 _ = self.terminate.recv() => return "SIGTERM",
                 _ = self.interrupt.recv() => return "SIGINT",
                 _ = self.quit.recv() => return "SIGQUIT",
-                _ = self.hangup.recv() => {
-                    info!(signal = "SIGHUP", "reload requested; nothing to reload");
-                }
+                _ = self.hangup.recv() => match &self.reload {
+                    Some(reload) => {
+                        info!(signal = "SIGHUP", "reload requested");
+                        reload();
+                    }
+                    None => info!(signal = "SIGHUP", "reload requested; nothing to reload"),
+                },
                 _ = self.user1.recv() => {
                     info!(signal = "SIGUSR1", "signal ignored");
                 }
@@ -92,7 +106,7 @@ struct Signals;
 
 #[cfg(not(unix))]
 impl Signals {
-    fn install() -> std::io::Result<Self> {
+    fn install(_reload: Option<Reload>) -> std::io::Result<Self> {
         Ok(Signals)
     }
 

@@ -5,7 +5,7 @@
 //! variant lists), so error messages always list every kind and key.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use config::{Value, ValueKind};
@@ -105,8 +105,13 @@ struct MemorySettings {}
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSettings {
-    /// Server URL, e.g. `postgres://postgres@127.0.0.1:5432/test`.
+    /// Server URL, e.g. `postgres://postgres@127.0.0.1:5432/test`; TLS
+    /// with `?sslmode=require` or `verify-full` (and `sslrootcert=<file>`).
+    /// Holds the password of `password_file` once loaded.
     pub url: String,
+    /// A file holding the password (trimmed), put into the URL at load.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     /// Schema of the table, created if missing.
     #[serde(default = "default_schema")]
     pub schema: String,
@@ -135,8 +140,12 @@ pub struct PostgresSettings {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
-    /// Server URL, e.g. `redis://127.0.0.1:6379`.
+    /// Server URL, e.g. `redis://127.0.0.1:6379`, or `rediss://` for TLS.
+    /// Holds the password of `password_file` once loaded.
     pub url: String,
+    /// A file holding the password (trimmed), put into the URL at load.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     /// Prefix of every Redis key Prism writes.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
@@ -178,6 +187,7 @@ impl fmt::Debug for PostgresSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresSettings")
             .field("url", &redact_url(&self.url))
+            .field("password_file", &self.password_file)
             .field("schema", &self.schema)
             .field("table", &self.table)
             .field("min_connections", &self.min_connections)
@@ -189,6 +199,7 @@ impl fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisSettings")
             .field("url", &redact_url(&self.url))
+            .field("password_file", &self.password_file)
             .field("key_prefix", &self.key_prefix)
             .finish_non_exhaustive()
     }
@@ -396,6 +407,9 @@ pub(super) fn parse_backend(
         }
         "postgres" => {
             let mut s: PostgresSettings = deserialize(key, own_table, root)?;
+            if let Some(file) = &s.password_file {
+                s.url = url_with_password_file(&k("password_file"), &s.url, file)?;
+            }
             s.min_connections = s.min_connections.min(pool.pool_size);
             duration(&k("acquire_timeout"), s.acquire_timeout, bound::TIMEOUT)?;
             duration(&k("idle_timeout"), s.idle_timeout, bound::PERIOD)?;
@@ -408,7 +422,10 @@ pub(super) fn parse_backend(
             kind
         }
         "redis" => {
-            let s: RedisSettings = deserialize(key, own_table, root)?;
+            let mut s: RedisSettings = deserialize(key, own_table, root)?;
+            if let Some(file) = &s.password_file {
+                s.url = url_with_password_file(&k("password_file"), &s.url, file)?;
+            }
             duration(&k("acquire_timeout"), s.acquire_timeout, bound::TIMEOUT)?;
             duration(&k("connect_timeout"), s.connect_timeout, bound::TIMEOUT)?;
             duration(&k("command_timeout"), s.command_timeout, bound::TIMEOUT)?;
@@ -424,6 +441,41 @@ pub(super) fn parse_backend(
         }),
     };
     Ok(BackendSettings { pool, kind })
+}
+
+/// `url` with the password read from `file` (trimmed) as its userinfo
+/// password, percent-encoded. A URL that already holds a password is an
+/// error: two sources of one secret would leave which one wins unclear.
+/// No message holds the password.
+fn url_with_password_file(key: &str, url: &str, file: &Path) -> Result<String, Error> {
+    let password = std::fs::read_to_string(file)
+        .map_err(|e| Error::invalid(key, format!("cannot read {}: {e}", file.display())))?;
+    let password = password.trim();
+    if password.is_empty() {
+        return Err(Error::invalid(key, format!("{} is empty", file.display())));
+    }
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        // The connector reports the URL itself.
+        return Ok(url.to_owned());
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (user, host) = match rest[..authority_end].rfind('@') {
+        Some(at) => (&rest[..at], &rest[at + 1..]),
+        None => ("", rest),
+    };
+    if user.contains(':') {
+        return Err(Error::invalid(
+            key,
+            format!(
+                "the url ({}) already holds a password; remove it or this key",
+                redact_url(url)
+            ),
+        ));
+    }
+    let encoded =
+        percent_encoding::utf8_percent_encode(password, percent_encoding::NON_ALPHANUMERIC);
+    Ok(format!("{}{user}:{encoded}@{host}", &url[..scheme_end]))
 }
 
 /// Builds the kind's connector once, so that what only the connector
@@ -547,5 +599,29 @@ mod tests {
         assert!(Kind::fields("postgres").contains(&"statement_timeout"));
         assert!(Kind::fields("memory").is_empty());
         assert!(fields_of::<RawPool>().contains(&"breaker_cooldown"));
+    }
+
+    #[test]
+    fn a_password_file_fills_the_url_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cr:t/@x\n").unwrap();
+        let k = "backends.pg.password_file";
+        assert_eq!(
+            url_with_password_file(k, "postgres://app@db:5432/test?sslmode=require", &file)
+                .unwrap(),
+            "postgres://app:s3cr%3At%2F%40x@db:5432/test?sslmode=require"
+        );
+        assert_eq!(
+            url_with_password_file(k, "rediss://cache:6380", &file).unwrap(),
+            "rediss://:s3cr%3At%2F%40x@cache:6380"
+        );
+        let twice = url_with_password_file(k, "redis://u:hunter2@cache", &file).unwrap_err();
+        assert_eq!(twice.key(), Some(k));
+        assert!(!twice.to_string().contains("hunter2"), "{twice}");
+        let missing = url_with_password_file(k, "redis://cache", &dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains(k) && missing.contains("nope"), "{missing}");
     }
 }

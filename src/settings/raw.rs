@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use config::Value;
@@ -15,9 +16,10 @@ use super::backend::parse_backend;
 use super::error::Error;
 use super::{
     is_valid_name, log_filter, GrpcLimits, LogFormat, LogSettings, NamespaceSettings,
-    ServerSettings, SessionSettings, Settings, SupervisorSettings, MAX_NAME_LEN,
+    ServerSettings, SessionSettings, Settings, SupervisorSettings, TlsSettings, MAX_NAME_LEN,
     MAX_VALUE_SIZE_LIMIT,
 };
+use crate::tls::CertFiles;
 
 /// Upper bounds shared by several keys. Generous, but finite: a deadline
 /// added to `Instant::now()` or a capacity handed to an allocator must
@@ -122,6 +124,41 @@ struct RawServer {
     grpc_keepalive_timeout: Duration,
     #[serde(with = "humantime_serde", default = "default_max_connection_age")]
     grpc_max_connection_age: Duration,
+    #[serde(default)]
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    client_ca: Option<PathBuf>,
+}
+
+impl RawTls {
+    /// Reads and checks the files: a settings error names the key and file.
+    fn load(&self) -> Result<TlsSettings, Error> {
+        for (key, path) in [
+            ("server.tls.cert", &self.cert),
+            ("server.tls.key", &self.key),
+        ]
+        .into_iter()
+        .chain(self.client_ca.iter().map(|p| ("server.tls.client_ca", p)))
+        {
+            if path.as_os_str().is_empty() {
+                return Err(Error::invalid(key, "must not be empty"));
+            }
+        }
+        let certs = crate::tls::ServerCerts::load(CertFiles {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            client_ca: self.client_ca.clone(),
+        })
+        .map_err(|e| Error::invalid(e.key(), e.to_string()))?;
+        Ok(TlsSettings { certs })
+    }
 }
 
 fn default_drain_delay() -> Duration {
@@ -312,6 +349,7 @@ impl RawSettings {
                     bound::PERIOD,
                 )?,
             },
+            tls: v.tls.as_ref().map(RawTls::load).transpose()?,
         };
         if server.drain_delay >= server.shutdown_grace {
             return Err(Error::invalid(

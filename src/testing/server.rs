@@ -18,13 +18,16 @@ pub struct TestServer {
     pub addr: SocketAddr,
     /// The admin plane (HTTP) address.
     pub http_addr: SocketAddr,
+    /// Whether both listeners serve TLS (`[server.tls]` in the settings).
+    pub tls: bool,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<Result<(), crate::Error>>>,
 }
 
 impl TestServer {
     /// Starts a gateway with `settings`; the listen addresses in them are
-    /// ignored.
+    /// ignored. With `[server.tls]` both listeners serve TLS, and
+    /// [`url`](Self::url) and [`http_url`](Self::http_url) are `https://`.
     pub async fn start(settings: Settings) -> std::io::Result<Self> {
         Self::start_with(settings, Vec::new()).await
     }
@@ -39,6 +42,7 @@ impl TestServer {
         let addr = grpc.local_addr()?;
         let http = std::net::TcpListener::bind("127.0.0.1:0")?;
         let http_addr = http.local_addr()?;
+        let tls = settings.server.tls.is_some();
         let mut gateway = Gateway::new(settings);
         for (name, connector) in connectors {
             gateway = gateway.connector(name, connector);
@@ -56,22 +60,33 @@ impl TestServer {
         Ok(TestServer {
             addr,
             http_addr,
+            tls,
             stop: Some(stop),
             done: Some(done),
         })
     }
 
-    /// The gRPC base URL, `http://127.0.0.1:<port>`.
+    /// The gRPC base URL, `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme(), self.addr)
     }
 
-    /// The admin plane's base URL, `http://127.0.0.1:<port>`.
+    /// The admin plane's base URL, `http://127.0.0.1:<port>` (`https://`
+    /// with TLS).
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.http_addr)
+        format!("{}://{}", self.scheme(), self.http_addr)
     }
 
-    /// A connected client, accepting messages up to 64 MiB.
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// A connected plaintext client, accepting messages up to 64 MiB (a TLS
+    /// server needs a client with the test's CA, built by the test).
     pub async fn client(&self) -> Result<KeyValueClient<Channel>, tonic::transport::Error> {
         Ok(KeyValueClient::connect(self.url())
             .await?
