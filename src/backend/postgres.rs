@@ -714,9 +714,17 @@ impl Backend for PostgresBackend {
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {
-            // Ending the purge session releases the purge lock at once, so
-            // another instance takes over at its next purge.
-            if let Some((conn, _)) = self.purge_session.lock().await.take() {
+            // Giving the purge lock up before ending its session lets
+            // another instance take over at its next purge (the server
+            // releases a closed session's locks only once its process has
+            // ended, a moment later).
+            if let Some((mut conn, held)) = self.purge_session.lock().await.take() {
+                if held {
+                    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                        .bind(self.sql.purge_lock)
+                        .execute(&mut conn)
+                        .await;
+                }
                 let _ = conn.close().await;
             }
             self.purge_leader.store(false, Ordering::Release);

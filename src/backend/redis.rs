@@ -7,7 +7,9 @@
 //! - `P:{N}:v:<key>`: the value, a string, with `PX` when the key has a TTL;
 //! - `P:{N}:idx`: every key of the namespace, all with score 0, so that
 //!   `ZRANGEBYLEX` walks them in bytewise order: the order scans promise;
-//! - `P:namespaces`: the namespaces ever written, for purge to visit.
+//! - `P:namespaces`: the namespaces ever written, for purge to visit;
+//! - `P:purge-lease`: the id of the backend that purges; the others skip
+//!   their purges while it is set (see `PurgeLease`).
 //!
 //! The `{N}` hash tag puts all of a namespace's keys in one Redis Cluster
 //! slot, so each operation's keys can be changed together atomically (MULTI
@@ -238,9 +240,23 @@ impl Script {
     where
         C: ConnectionLike + Send,
     {
+        self.run_keys(conn, &[key], args).await
+    }
+
+    /// Runs the script on `keys` (all in one slot; the first routes it)
+    /// and `args`.
+    pub(super) async fn run_keys<C>(
+        &self,
+        conn: &mut C,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<Value, Error>
+    where
+        C: ConnectionLike + Send,
+    {
         let invocation = |command: &str, script: &[u8]| {
             let mut cmd = redis::cmd(command);
-            cmd.arg(script).arg(1).arg(key);
+            cmd.arg(script).arg(keys.len()).arg(keys);
             for arg in args {
                 cmd.arg(*arg);
             }
@@ -403,16 +419,7 @@ impl Keyspace {
                     .query_async(conn)
                     .await
                     .map_err(map_redis)?;
-                Ok(Outcome::Get(value.map(|value| {
-                    Record {
-                        value,
-                        // -1: no expiry. A live key reports at least 1ms: PTTL
-                        // rounds down, and zero would read as "expired".
-                        ttl: u64::try_from(pttl)
-                            .ok()
-                            .map(|ms| Duration::from_millis(ms.max(1))),
-                    }
-                })))
+                Ok(Outcome::Get(value.map(|value| record(value, pttl))))
             }
             Op::Put { key, value, ttl } => {
                 let vkey = self.values.clone() + &key;
@@ -422,11 +429,7 @@ impl Keyspace {
                 let set = pipe.cmd("SET").arg(&vkey).arg(&value[..]);
                 // Redis rejects expiry times past its clock range: a huge
                 // TTL is stored as none.
-                if let Some(ttl) = stored_ttl(ttl) {
-                    // Rounded up so a positive TTL never expires on write.
-                    let ms = u64::try_from(ttl.as_nanos().div_ceil(1_000_000))
-                        .unwrap_or(u64::MAX)
-                        .max(1);
+                if let Some(ms) = px_millis(ttl) {
                     set.arg("PX").arg(ms);
                 }
                 pipe.cmd("ZADD").arg(&self.index).arg(0).arg(&key);
@@ -556,6 +559,137 @@ impl Keyspace {
             })
         })
         .await
+    }
+}
+
+/// A value and its `PTTL` as a record.
+fn record(value: Bytes, pttl: i64) -> Record {
+    Record {
+        value,
+        // -1: no expiry. A live key reports at least 1ms: PTTL rounds down,
+        // and zero would read as "expired".
+        ttl: u64::try_from(pttl)
+            .ok()
+            .map(|ms| Duration::from_millis(ms.max(1))),
+    }
+}
+
+/// The `PX` of a write with `ttl`, `None` for no expiry. Redis rejects
+/// expiry times past its clock range, so a huge TTL is stored as none; a
+/// positive TTL is rounded up so that it never expires on write.
+fn px_millis(ttl: Option<Duration>) -> Option<u64> {
+    stored_ttl(ttl).map(|ttl| {
+        u64::try_from(ttl.as_nanos().div_ceil(1_000_000))
+            .unwrap_or(u64::MAX)
+            .max(1)
+    })
+}
+
+/// Reads a value and its remaining TTL: `{}` when absent, else
+/// `{value, pttl}`.
+const GET_SCRIPT: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  return {}
+end
+return {v, redis.call('PTTL', KEYS[1])}
+"#;
+
+/// Writes value `ARGV[2]` to `KEYS[2]` (with `PX ARGV[3]` unless empty) and
+/// indexes member `ARGV[1]` in `KEYS[1]`.
+const PUT_SCRIPT: &str = r#"
+if ARGV[3] == '' then
+  redis.call('SET', KEYS[2], ARGV[2])
+else
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+end
+redis.call('ZADD', KEYS[1], 0, ARGV[1])
+return 1
+"#;
+
+/// Deletes `KEYS[2]` and unindexes member `ARGV[1]` from `KEYS[1]`;
+/// replies how many live keys were deleted.
+const DELETE_SCRIPT: &str = r#"
+local n = redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return n
+"#;
+
+/// The single-key operations as scripts: one command each, for Redis
+/// Cluster, whose client follows a `MOVED` or `ASK` redirect of a command
+/// but not of the commands inside a `MULTI` (the transaction aborts).
+pub(super) struct OpScripts {
+    get: Script,
+    put: Script,
+    delete: Script,
+}
+
+impl OpScripts {
+    pub(super) async fn load<C>(conn: &mut C) -> Result<Self, Error>
+    where
+        C: ConnectionLike + Send,
+    {
+        Ok(OpScripts {
+            get: Script::load(conn, GET_SCRIPT).await?,
+            put: Script::load(conn, PUT_SCRIPT).await?,
+            delete: Script::load(conn, DELETE_SCRIPT).await?,
+        })
+    }
+}
+
+impl Keyspace {
+    /// [`run`](Keyspace::run) with one script per operation instead of a
+    /// transaction: the same keys, atomic in the same way.
+    pub(super) async fn run_scripted<C>(
+        &self,
+        conn: &mut C,
+        scripts: &OpScripts,
+        op: Op,
+    ) -> Result<Outcome, Error>
+    where
+        C: ConnectionLike + Send,
+    {
+        match op {
+            Op::Get { key } => {
+                let vkey = self.values.clone() + &key;
+                match scripts.get.run(conn, &vkey, &[]).await? {
+                    Value::Array(reply) => match <[Value; 2]>::try_from(reply) {
+                        Ok([Value::BulkString(v), Value::Int(pttl)]) => {
+                            Ok(Outcome::Get(Some(record(Bytes::from(v), pttl))))
+                        }
+                        Ok(other) => Err(unexpected("get", &other)),
+                        Err(empty) if empty.is_empty() => Ok(Outcome::Get(None)),
+                        Err(other) => Err(unexpected("get", &other)),
+                    },
+                    other => Err(unexpected("get", &other)),
+                }
+            }
+            Op::Put { key, value, ttl } => {
+                let vkey = self.values.clone() + &key;
+                let px = px_millis(ttl).map(|ms| ms.to_string()).unwrap_or_default();
+                scripts
+                    .put
+                    .run_keys(
+                        conn,
+                        &[&self.index, &vkey],
+                        &[key.as_bytes(), &value[..], px.as_bytes()],
+                    )
+                    .await?;
+                Ok(Outcome::Put)
+            }
+            Op::Delete { key } => {
+                let vkey = self.values.clone() + &key;
+                match scripts
+                    .delete
+                    .run_keys(conn, &[&self.index, &vkey], &[key.as_bytes()])
+                    .await?
+                {
+                    Value::Int(n) => Ok(Outcome::Delete(n > 0)),
+                    other => Err(unexpected("delete", &other)),
+                }
+            }
+            op => self.run(conn, op).await,
+        }
     }
 }
 

@@ -14,7 +14,8 @@
 //! A key's shard is a stable hash of the key (FNV-1a, modulo `shards`), the
 //! same in every instance and build. A shard's value keys and index share
 //! the hash tag `{N:sS}`, so each single-key operation touches one slot and
-//! stays atomic (MULTI/EXEC, or one script), while the shards' tags hash to
+//! stays atomic (one Lua script each: the client follows a `MOVED` redirect
+//! of a command, not of the commands inside a `MULTI`), while the shards' tags hash to
 //! slots all over the cluster. A scan reads every shard's index from the
 //! cursor on (`limit + 1` live keys each, concurrently), merges them in
 //! ascending byte order and answers the first `limit`: as every key lives in
@@ -37,8 +38,8 @@ use deadpool_redis::Runtime;
 use tokio::time::Instant;
 
 use super::redis::{
-    check_key_prefix, map_pool, map_redis, ns_tag, Keyspace, PurgeLease, Registry, Script,
-    DEFAULT_PURGE_LEASE, PURGE_SCRIPT, SCAN_SCRIPT,
+    check_key_prefix, map_pool, map_redis, ns_tag, Keyspace, OpScripts, PurgeLease, Registry,
+    Script, DEFAULT_PURGE_LEASE, PURGE_SCRIPT, SCAN_SCRIPT,
 };
 use super::toolkit::{fetch_count, redact_url, scan_page, until, KeyRange};
 use super::{
@@ -184,10 +185,11 @@ impl RedisClusterConnector {
             let scan = Script::load(&mut *conn, SCAN_SCRIPT).await?;
             let purge = Script::load(&mut *conn, PURGE_SCRIPT).await?;
             let lease = PurgeLease::load(&mut *conn, &c.key_prefix, self.purge_lease).await?;
-            Ok((scan, purge, lease))
+            let ops = OpScripts::load(&mut *conn).await?;
+            Ok((scan, purge, lease, ops))
         })
         .await;
-        let (scan, purge, lease) = match loaded {
+        let (scan, purge, lease, ops) = match loaded {
             Ok(loaded) => loaded,
             Err(e) => {
                 pool.close();
@@ -201,6 +203,7 @@ impl RedisClusterConnector {
             command_timeout: c.command_timeout,
             scan: Arc::new(scan),
             purge,
+            ops,
             lease,
             registry: Registry::new(&c.key_prefix),
         })
@@ -247,6 +250,8 @@ struct ClusterBackend {
     command_timeout: Duration,
     scan: Arc<Script>,
     purge: Script,
+    /// Get, Put and Delete as scripts, not transactions: see [`OpScripts`].
+    ops: OpScripts,
     lease: PurgeLease,
     registry: Registry,
 }
@@ -303,7 +308,7 @@ impl ClusterBackend {
         if matches!(op, Op::Put { .. }) {
             self.registry.register(&mut **conn, namespace).await?;
         }
-        keyspace.run(&mut **conn, op).await
+        keyspace.run_scripted(&mut **conn, &self.ops, op).await
     }
 
     /// Reads `limit + 1` live keys from every shard at once and merges them.

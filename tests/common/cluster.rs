@@ -78,14 +78,25 @@ impl ThrowawayCluster {
         Ok(cluster)
     }
 
-    /// Waits until every running node says `cluster_state:ok` and the
-    /// cluster has [`MASTERS`] masters serving.
+    /// Waits until every running node says `cluster_state:ok`, every
+    /// replica has synced with its master, and the cluster has [`MASTERS`] masters, all of them running (after a kill:
+    /// a replica has taken over).
     pub fn wait_until_ok(&self, patience: Duration) -> anyhow::Result<()> {
         wait_for(patience, || {
             self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
                 cli(n.port, &["CLUSTER", "INFO"])
                     .is_ok_and(|info| info.contains("cluster_state:ok"))
-            }) && self.masters().is_ok_and(|m| m.len() == MASTERS)
+                    // A replica that has not synced yet cannot take over
+                    // from its master.
+                    && cli(n.port, &["INFO", "replication"]).is_ok_and(|info| {
+                        info.contains("role:master") || info.contains("master_link_status:up")
+                    })
+            }) && self.masters().is_ok_and(|m| {
+                // A killed master counts until the others mark it failed.
+                m.len() == MASTERS
+                    && m.iter()
+                        .all(|p| self.nodes.iter().any(|n| n.port == *p && n.child.is_some()))
+            })
         })
         .context("the redis cluster did not reach cluster_state:ok")
     }
@@ -246,7 +257,9 @@ fn wait_for(patience: Duration, mut ready: impl FnMut() -> bool) -> anyhow::Resu
 }
 
 /// `n` ports that are free, each with its cluster bus port (+10000) free
-/// too. Chosen from 20000..30000 so that the bus port stays in range,
+/// too. Chosen from 10000..22000, so that neither the port nor its bus port
+/// is in Linux's ephemeral range (32768 and up), where an outgoing
+/// connection could take it between this check and the server's bind;
 /// starting at a point of this process's own.
 fn free_port_pairs(n: usize) -> anyhow::Result<Vec<u16>> {
     use std::net::TcpListener;
@@ -260,7 +273,7 @@ fn free_port_pairs(n: usize) -> anyhow::Result<Vec<u16>> {
             .map_or(0, |d| d.subsec_nanos() as usize);
     let mut ports = Vec::new();
     for i in 0..10_000 {
-        let port = 20_000 + ((start + i * 13) % 10_000) as u16;
+        let port = 10_000 + ((start + i * 13) % 12_000) as u16;
         let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
         if !ports.contains(&port) && free(port) && free(port + 10_000) {
             ports.push(port);
