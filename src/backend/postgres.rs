@@ -717,16 +717,21 @@ impl Backend for PostgresBackend {
             // Giving the purge lock up before ending its session lets
             // another instance take over at its next purge (the server
             // releases a closed session's locks only once its process has
-            // ended, a moment later).
-            if let Some((mut conn, held)) = self.purge_session.lock().await.take() {
-                if held {
-                    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-                        .bind(self.sql.purge_lock)
-                        .execute(&mut conn)
-                        .await;
+            // ended, a moment later). Bounded: a purge stuck on an
+            // unanswering server must not hold the stop up; dropping the
+            // backend drops the session anyway.
+            let release = async {
+                if let Some((mut conn, held)) = self.purge_session.lock().await.take() {
+                    if held {
+                        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                            .bind(self.sql.purge_lock)
+                            .execute(&mut conn)
+                            .await;
+                    }
+                    let _ = conn.close().await;
                 }
-                let _ = conn.close().await;
-            }
+            };
+            let _ = tokio::time::timeout(self.connect_timeout, release).await;
             self.purge_leader.store(false, Ordering::Release);
             self.pool.close().await;
         })
