@@ -474,3 +474,45 @@ async fn a_master_killed_under_load_fails_requests_only_during_failover() {
     b.close().await;
     drop(cluster);
 }
+
+#[test]
+fn redis_cluster_settings_are_parsed_and_bounded() {
+    // The shipped defaults, plus a backend and a namespace.
+    let defaults = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/settings/default.toml"
+    ))
+    .expect("settings/default.toml");
+    let section = |extra: &str| {
+        format!(
+            "{defaults}\n[backends.c]\nkind = \"redis_cluster\"\nurls = [\"redis://127.0.0.1:7000\", \"redis://127.0.0.1:7001\"]\n{extra}\n\
+             [namespaces.n]\nbackend = \"c\"\n"
+        )
+    };
+    let s = prism::Settings::from_toml(&section("shards = 64")).expect("valid settings");
+    let b = &s.backends["c"];
+    assert_eq!(b.kind_name(), "redis_cluster");
+    assert_eq!(b.pool.pool_size, 16);
+    let prism::settings::BackendKind::RedisCluster(c) = &b.kind else {
+        panic!("{:?}", b.kind);
+    };
+    assert_eq!(
+        (c.shards, c.urls.len(), c.key_prefix.as_str()),
+        (64, 2, "prism")
+    );
+
+    for (extra, key) in [
+        ("shards = 0", "backends.c.shards"),
+        ("shards = 1025", "backends.c.shards"),
+        ("key_prefix = \"a{b\"", "backends.c.key_prefix"),
+        ("url = \"redis://127.0.0.1:6379\"", "backends.c.url"),
+    ] {
+        let e = prism::Settings::from_toml(&section(extra)).expect_err(extra);
+        assert!(e.to_string().contains(key), "{extra}: {e}");
+    }
+    let e = prism::Settings::from_toml(&format!(
+        "{defaults}\n[backends.c]\nkind = \"redis_cluster\"\nurls = []\n[namespaces.n]\nbackend = \"c\"\n"
+    ))
+    .expect_err("no seed url");
+    assert!(e.to_string().contains("backends.c.urls"), "{e}");
+}
