@@ -5,6 +5,7 @@
 pub mod memory;
 pub mod postgres;
 pub mod redis;
+pub mod redis_cluster;
 pub mod sqlite;
 pub mod toolkit;
 
@@ -285,6 +286,16 @@ pub trait Backend: Send + Sync + 'static {
     /// Deletes expired entries; returns how many. Expired entries are already
     /// invisible to every operation: this only reclaims space.
     fn purge_expired(&self) -> BoxFuture<'_, Result<u64, Error>>;
+
+    /// Whether this backend's last [`purge_expired`](Backend::purge_expired)
+    /// purged (`Some(true)`) or left purging to another Prism instance that
+    /// holds the store's purge lease or lock (`Some(false)`), so that
+    /// several instances over one database purge one at a time. `None`
+    /// (the default): the backend purges without coordination, as a store
+    /// local to one instance does.
+    fn purge_leader(&self) -> Option<bool> {
+        None
+    }
 
     /// A cheap round trip proving the backend answers.
     fn health(&self) -> BoxFuture<'_, Result<(), Error>>;

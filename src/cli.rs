@@ -340,6 +340,9 @@ pub fn summary(settings: &Settings, files: &[PathBuf], overrides: &[String]) -> 
             BackendKind::Memory | BackendKind::Custom(_) => String::new(),
             BackendKind::Postgres(s) => format!(" schema={} table={}", s.schema, s.table),
             BackendKind::Redis(s) => format!(" key_prefix={}", s.key_prefix),
+            BackendKind::RedisCluster(s) => {
+                format!(" key_prefix={} shards={}", s.key_prefix, s.shards)
+            }
         };
         out.push_str(&format!(
             "  {name:<16} {:<7} pool_size={} mailbox={}{detail}\n",

@@ -35,6 +35,13 @@ pub const BACKEND_UP: &str = "prism_backend_up";
 /// Requests denied by authentication or authorization, by `reason`.
 pub const AUTH_DENIED_TOTAL: &str = "prism_auth_denied_total";
 
+/// 1 when this instance purges a backend shared with other instances (it
+/// holds the purge lease or lock), 0 when another instance does, by
+/// `backend`; absent for backends that purge without coordination.
+pub const PURGE_LEADER: &str = "prism_purge_leader";
+/// Purges this instance ran, by `backend`.
+pub const PURGES_TOTAL: &str = "prism_purges_total";
+
 /// The `namespace` label of a request that named no configured namespace.
 /// Not a valid namespace name, so it cannot collide with one; a single value
 /// keeps clients from creating a series per made-up name.
@@ -57,7 +64,7 @@ enum Kind {
 }
 
 /// The HELP text of every series.
-const DESCRIPTIONS: [(Kind, &str, Option<Unit>, &str); 8] = [
+const DESCRIPTIONS: [(Kind, &str, Option<Unit>, &str); 10] = [
     (
         Kind::Counter,
         REQUESTS_TOTAL,
@@ -105,6 +112,18 @@ const DESCRIPTIONS: [(Kind, &str, Option<Unit>, &str); 8] = [
         AUTH_DENIED_TOTAL,
         Some(Unit::Count),
         "Requests denied by authentication or authorization, by reason (missing, malformed, unknown_token, unknown_certificate, forbidden).",
+    ),
+    (
+        Kind::Gauge,
+        PURGE_LEADER,
+        None,
+        "1 when this instance purges the shared backend (holds its purge lease or lock), 0 when another instance does.",
+    ),
+    (
+        Kind::Counter,
+        PURGES_TOTAL,
+        Some(Unit::Count),
+        "Purges of expired entries this instance ran, by backend.",
     ),
 ];
 
@@ -271,6 +290,27 @@ impl Metrics {
             .increment(1);
     }
 
+    /// Sets the purge series of one backend: whether this instance purges
+    /// it (left out when `leader` is `None`: nothing coordinates its
+    /// purges) and how many purges it ran.
+    pub fn observe_purge(&self, backend: &str, leader: Option<bool>, purges: u64) {
+        let name: SharedString = backend.to_owned().into();
+        if let Some(leader) = leader {
+            self.recorder
+                .register_gauge(
+                    &Key::from_parts(PURGE_LEADER, vec![Label::new("backend", name.clone())]),
+                    &METADATA,
+                )
+                .set(if leader { 1.0 } else { 0.0 });
+        }
+        self.recorder
+            .register_counter(
+                &Key::from_parts(PURGES_TOTAL, vec![Label::new("backend", name)]),
+                &METADATA,
+            )
+            .absolute(purges);
+    }
+
     /// Sets the number of live sessions.
     pub fn observe_sessions(&self, active: usize) {
         self.recorder
@@ -367,5 +407,30 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("prism_sessions_active 3"), "{text}");
+    }
+
+    #[test]
+    fn purge_leadership_shows_only_for_coordinated_backends() {
+        let m = Metrics::new();
+        m.observe_purge("pg", Some(true), 4);
+        m.observe_purge("pg", Some(false), 5);
+        m.observe_purge("memory", None, 7);
+        let text = m.render();
+        assert!(
+            text.contains(r#"prism_purge_leader{backend="pg"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"prism_purges_total{backend="pg"} 5"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"prism_purge_leader{backend="memory"}"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"prism_purges_total{backend="memory"} 7"#),
+            "{text}"
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! the backends supervisor) when an operation panics or the backend stays
 //! unhealthy.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,7 +97,16 @@ pub struct BackendHealth {
     clear: AtomicBool,
     state: std::sync::Mutex<BreakerState>,
     last_error: std::sync::Mutex<Option<String>>,
+    /// [`PURGE_UNCOORDINATED`], [`PURGE_LEADER`] or [`PURGE_STANDBY`]: what
+    /// the last purge found.
+    purge_role: AtomicU8,
+    /// Purges this instance ran (as leader, or uncoordinated).
+    purges: AtomicU64,
 }
+
+const PURGE_UNCOORDINATED: u8 = 0;
+const PURGE_LEADER: u8 = 1;
+const PURGE_STANDBY: u8 = 2;
 
 impl Default for BackendHealth {
     fn default() -> Self {
@@ -130,6 +139,39 @@ impl BackendHealth {
             clear: AtomicBool::new(true),
             state: std::sync::Mutex::new(BreakerState::Closed { failures: 0 }),
             last_error: std::sync::Mutex::new(None),
+            purge_role: AtomicU8::new(PURGE_UNCOORDINATED),
+            purges: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether this instance purges the backend (`Some(true)`: it holds the
+    /// purge lease or lock) or leaves it to another instance
+    /// (`Some(false)`), as of the last purge; `None` for a backend that
+    /// purges without coordination (or before the first purge).
+    pub fn purge_leader(&self) -> Option<bool> {
+        match self.purge_role.load(Ordering::Acquire) {
+            PURGE_LEADER => Some(true),
+            PURGE_STANDBY => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Purges this instance has run on the backend since it started.
+    pub fn purges(&self) -> u64 {
+        self.purges.load(Ordering::Acquire)
+    }
+
+    /// Records a finished purge: the backend's leadership, and a purge run
+    /// here unless another instance holds the lease or lock.
+    fn record_purge(&self, leader: Option<bool>) {
+        let role = match leader {
+            Some(true) => PURGE_LEADER,
+            Some(false) => PURGE_STANDBY,
+            None => PURGE_UNCOORDINATED,
+        };
+        self.purge_role.store(role, Ordering::Release);
+        if leader != Some(false) {
+            self.purges.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -553,11 +595,18 @@ impl Actor for PoolActor {
                 let name = self.backend_name.clone();
                 let me = ctx.addr();
                 let generation = self.generation;
+                let health = self.health.clone();
                 self.tasks.spawn(async move {
                     let _permit = permit;
+                    // Over a shared database, the backend purges only while
+                    // this instance holds the purge lease or lock.
                     match backend.purge_expired().await {
-                        Ok(0) => {}
-                        Ok(n) => debug!(backend = %name, purged = n, "expired entries purged"),
+                        Ok(n) => {
+                            health.record_purge(backend.purge_leader());
+                            if n > 0 {
+                                debug!(backend = %name, purged = n, "expired entries purged");
+                            }
+                        }
                         Err(e) => warn!(backend = %name, error = %e.chain(), "purge failed"),
                     }
                     let _ = me.tell(PoolMsg::PurgeDone { generation }).await;

@@ -28,8 +28,8 @@ use std::time::Duration;
 
 pub use auth::{parse_sha256, AuthMode, AuthSettings, Grant, Principal};
 pub use backend::{
-    BackendKind, BackendSettings, CustomSettings, PoolSettings, PostgresSettings, RedisSettings,
-    SqliteSettings,
+    BackendKind, BackendSettings, CustomSettings, PoolSettings, PostgresSettings,
+    RedisClusterSettings, RedisSettings, SqliteSettings,
 };
 pub use error::{env_var_name, Error};
 pub use load::{files, load, load_with, Loader};

@@ -1,6 +1,7 @@
 //! The conformance suite of `prism::testing` against every built-in
 //! backend: memory, SQLite, PostgreSQL (127.0.0.1:5432, database `test`) and
-//! Redis (127.0.0.1:6379). Each check, on the backend itself and through a
+//! Redis (127.0.0.1:6379), and Redis Cluster (a throwaway cluster of three
+//! masters and three replicas, shared by the checks). Each check, on the backend itself and through a
 //! gateway over gRPC, gets a fresh store: a new SQLite file, a PostgreSQL
 //! table or a Redis key prefix of its own, removed afterwards.
 
@@ -117,6 +118,35 @@ mod redis {
         Subject::new(connector)
             .backend_settings(&format!("pool_size = {POOL_SIZE}"))
             .keep(drop_keys)
+    }
+
+    prism::conformance_suite!(subject);
+}
+
+#[allow(dead_code)]
+#[path = "common/cluster.rs"]
+mod cluster;
+
+mod redis_cluster {
+    use prism::backend::redis_cluster::{RedisClusterConfig, RedisClusterConnector};
+
+    use super::cluster;
+    use super::*;
+
+    /// A key prefix of its own on the shared throwaway cluster, which dies
+    /// with the test process: nothing to clean up.
+    async fn subject() -> Subject {
+        let cluster = tokio::task::spawn_blocking(cluster::shared)
+            .await
+            .expect("start the cluster");
+        let connector = RedisClusterConnector::new(RedisClusterConfig {
+            urls: cluster.urls(),
+            key_prefix: format!("prism-conf-{}", unique_suffix()),
+            max_size: POOL_SIZE as usize,
+            ..RedisClusterConfig::default()
+        })
+        .expect("redis cluster config");
+        Subject::new(connector).backend_settings(&format!("pool_size = {POOL_SIZE}"))
     }
 
     prism::conformance_suite!(subject);

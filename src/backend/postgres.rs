@@ -12,9 +12,15 @@
 //! connection busy until the statement ends; the statement timeout makes
 //! the server cancel it at about the same moment, so the connection comes
 //! back to the pool instead of waiting behind, say, a row lock.
+//!
+//! Purges run on one instance at a time: the one whose dedicated session
+//! holds the table's purge lock (`pg_try_advisory_lock`). The lock lives as
+//! long as that session, so when its instance stops or loses the database,
+//! another instance takes it at its next purge.
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +30,8 @@ use sqlx::Connection as _;
 use tokio::time::Instant;
 
 use super::toolkit::{
-    fetch_count, purge_in_batches, redact_url, scan_page, sql_item, stored_ttl, until, Batch,
-    KeyRange, Migration, Schema,
+    fetch_count, instance_id, purge_in_batches, redact_url, scan_page, sql_item, stored_ttl, until,
+    Batch, KeyRange, Migration, Schema,
 };
 use super::{
     context, Backend, BoxFuture, ConfigError, Connector, Error, Op, Outcome, PoolStats, Record,
@@ -208,6 +214,10 @@ impl PostgresConnector {
             pool,
             sql: Arc::clone(&self.sql),
             statement_timeout: self.config.statement_timeout,
+            options: self.options.clone(),
+            connect_timeout: self.config.acquire_timeout,
+            purge_session: tokio::sync::Mutex::new(None),
+            purge_leader: AtomicBool::new(false),
         })
     }
 }
@@ -254,6 +264,8 @@ struct Sql {
     versions: String,
     /// Serialises migrations of this table across processes.
     migration_lock: i64,
+    /// Held by the one instance that purges this table.
+    purge_lock: i64,
     get: String,
     put: String,
     delete: String,
@@ -290,6 +302,7 @@ impl Sql {
             table: table.to_owned(),
             versions: format!("{}.{}", quote(schema), quote(&format!("{table}_schema_version"))),
             migration_lock: advisory_lock_key(&format!("prism/migrate/{schema}.{table}")),
+            purge_lock: advisory_lock_key(&format!("prism/purge/{schema}.{table}")),
             get: format!(
                 "SELECT value, (EXTRACT(EPOCH FROM (expires_at - now())) * 1000000)::bigint \
                  FROM {t} WHERE namespace = $1 AND key = $2 AND {live}"
@@ -465,6 +478,14 @@ struct PostgresBackend {
     pool: PgPool,
     sql: Arc<Sql>,
     statement_timeout: Option<Duration>,
+    options: PgConnectOptions,
+    connect_timeout: Duration,
+    /// A session of its own for purges, outside the pool, and whether it
+    /// holds the table's purge lock. The lock is a session lock: it is held
+    /// exactly as long as this connection lives, so it must not go back to
+    /// a pool. Only the pool actor's purge (one at a time) takes the mutex.
+    purge_session: tokio::sync::Mutex<Option<(PgConnection, bool)>>,
+    purge_leader: AtomicBool,
 }
 
 impl PostgresBackend {
@@ -575,9 +596,53 @@ impl PostgresBackend {
         }
     }
 
+    /// Purges when this backend holds (or can take) the table's purge
+    /// lock, on the session that holds it; otherwise leaves it to the
+    /// holder. A session that fails is dropped, which releases the lock.
     async fn purge(&self) -> Result<u64, Error> {
-        let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
-        set_statement_timeout(&mut conn, self.statement_timeout).await?;
+        let mut session = self.purge_session.lock().await;
+        let result = self.purge_on(&mut session).await;
+        let leader = result.is_ok() && session.as_ref().is_some_and(|(_, held)| *held);
+        if result.is_err() {
+            *session = None;
+        }
+        let was = self.purge_leader.swap(leader, Ordering::AcqRel);
+        if leader != was {
+            let table = format!("{}.{}", self.sql.schema, self.sql.table);
+            if leader {
+                tracing::info!(%table, instance_id = %instance_id(), "purge lock acquired");
+            } else {
+                tracing::info!(%table, instance_id = %instance_id(), "purge lock lost");
+            }
+        }
+        result
+    }
+
+    async fn purge_on(&self, session: &mut Option<(PgConnection, bool)>) -> Result<u64, Error> {
+        if session.is_none() {
+            let conn = tokio::time::timeout(
+                self.connect_timeout,
+                PgConnection::connect_with(&self.options),
+            )
+            .await
+            .map_err(|_| Error::unavailable("timed out connecting to postgres"))?
+            .map_err(map_sqlx)?;
+            *session = Some((conn, false));
+        }
+        let Some((conn, held)) = session.as_mut() else {
+            return Ok(0);
+        };
+        set_statement_timeout(conn, self.statement_timeout).await?;
+        if !*held {
+            *held = sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+                .bind(self.sql.purge_lock)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(map_sqlx)?;
+            if !*held {
+                return Ok(0);
+            }
+        }
         let statement = self.sql.purge.as_str();
         let mut state = (&mut *conn, statement);
         purge_in_batches(&mut state, |(conn, statement)| {
@@ -643,8 +708,33 @@ impl Backend for PostgresBackend {
         Box::pin(self.ping())
     }
 
+    fn purge_leader(&self) -> Option<bool> {
+        Some(self.purge_leader.load(Ordering::Acquire))
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
-        Box::pin(self.pool.close())
+        Box::pin(async {
+            // Giving the purge lock up before ending its session lets
+            // another instance take over at its next purge (the server
+            // releases a closed session's locks only once its process has
+            // ended, a moment later). Bounded: a purge stuck on an
+            // unanswering server must not hold the stop up; dropping the
+            // backend drops the session anyway.
+            let release = async {
+                if let Some((mut conn, held)) = self.purge_session.lock().await.take() {
+                    if held {
+                        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                            .bind(self.sql.purge_lock)
+                            .execute(&mut conn)
+                            .await;
+                    }
+                    let _ = conn.close().await;
+                }
+            };
+            let _ = tokio::time::timeout(self.connect_timeout, release).await;
+            self.purge_leader.store(false, Ordering::Release);
+            self.pool.close().await;
+        })
     }
 
     fn connections(&self) -> PoolStats {

@@ -7,7 +7,9 @@
 //! - `P:{N}:v:<key>`: the value, a string, with `PX` when the key has a TTL;
 //! - `P:{N}:idx`: every key of the namespace, all with score 0, so that
 //!   `ZRANGEBYLEX` walks them in bytewise order: the order scans promise;
-//! - `P:namespaces`: the namespaces ever written, for purge to visit.
+//! - `P:namespaces`: the namespaces ever written, for purge to visit;
+//! - `P:purge-lease`: the id of the backend that purges; the others skip
+//!   their purges while it is set (see `PurgeLease`).
 //!
 //! The `{N}` hash tag puts all of a namespace's keys in one Redis Cluster
 //! slot, so each operation's keys can be changed together atomically (MULTI
@@ -17,16 +19,19 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use deadpool_redis::redis::aio::ConnectionLike;
 use deadpool_redis::redis::{self, IntoConnectionInfo, RedisError, Value};
 use deadpool_redis::{Connection, Manager, Pool, PoolError, Runtime, TimeoutType};
 use tokio::time::Instant;
 
 use super::toolkit::{
-    fetch_count, purge_in_batches, redact_url, scan_page, stored_ttl, until, Batch, KeyRange,
+    fetch_count, instance_id, purge_in_batches, redact_url, scan_page, stored_ttl, until, Batch,
+    KeyRange,
 };
 use super::{
     context, Backend, BoxFuture, ConfigError, Connector, Error, Item, Op, Outcome, PoolStats,
@@ -90,6 +95,7 @@ impl fmt::Debug for RedisConfig {
 #[derive(Clone, Debug)]
 pub struct RedisConnector {
     config: RedisConfig,
+    purge_lease: Duration,
 }
 
 impl RedisConnector {
@@ -98,22 +104,25 @@ impl RedisConnector {
     /// key prefix is empty or holds a hash-tag brace. Nothing is connected
     /// until [`Connector::connect`].
     pub fn new(config: RedisConfig) -> Result<Self, ConfigError> {
-        if config.key_prefix.is_empty() || config.key_prefix.contains(['{', '}']) {
-            return Err(ConfigError::new(
-                "key_prefix",
-                format!(
-                    "invalid redis key prefix {:?}: must be non-empty and contain no '{{' or '}}'",
-                    config.key_prefix
-                ),
-            ));
-        }
+        check_key_prefix(&config.key_prefix)?;
         config.url.as_str().into_connection_info().map_err(|e| {
             ConfigError::new(
                 "url",
                 format!("invalid redis url {}: {e}", redact_url(&config.url)),
             )
         })?;
-        Ok(RedisConnector { config })
+        Ok(RedisConnector {
+            config,
+            purge_lease: DEFAULT_PURGE_LEASE,
+        })
+    }
+
+    /// How long the purge lease lasts unless its holder renews it (default
+    /// [`DEFAULT_PURGE_LEASE`]): the longest another Prism instance waits to
+    /// take purging over from one that stopped without giving it up.
+    pub fn with_purge_lease(mut self, ttl: Duration) -> Self {
+        self.purge_lease = ttl;
+        self
     }
 
     /// The settings this connector was made with.
@@ -148,10 +157,11 @@ impl RedisConnector {
             let mut conn = pool.get().await.map_err(map_pool)?;
             let scan = Script::load(&mut conn, SCAN_SCRIPT).await?;
             let purge = Script::load(&mut conn, PURGE_SCRIPT).await?;
-            Ok::<_, Error>((scan, purge))
+            let lease = PurgeLease::load(&mut conn, &c.key_prefix, self.purge_lease).await?;
+            Ok::<_, Error>((scan, purge, lease))
         };
-        let (scan, purge) = match loaded.await {
-            Ok(scripts) => scripts,
+        let (scan, purge, lease) = match loaded.await {
+            Ok(loaded) => loaded,
             Err(e) => {
                 pool.close();
                 return Err(e);
@@ -163,9 +173,24 @@ impl RedisConnector {
             command_timeout: c.command_timeout,
             scan,
             purge,
-            registered: Mutex::new(HashSet::new()),
+            lease,
+            registry: Registry::new(&c.key_prefix),
         })
     }
+}
+
+/// A key prefix must be non-empty and hold no hash-tag brace: the tags
+/// Prism writes after it must be the first braces of each key.
+pub(super) fn check_key_prefix(prefix: &str) -> Result<(), ConfigError> {
+    if prefix.is_empty() || prefix.contains(['{', '}']) {
+        return Err(ConfigError::new(
+            "key_prefix",
+            format!(
+                "invalid redis key prefix {prefix:?}: must be non-empty and contain no '{{' or '}}'"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl Connector for RedisConnector {
@@ -183,14 +208,18 @@ impl Connector for RedisConnector {
 
 /// A Lua script, run by its SHA1 digest. The digest comes from `SCRIPT LOAD`
 /// at connect; a server that has lost its script cache since (restart,
-/// failover, `SCRIPT FLUSH`) gets the source again.
-struct Script {
+/// failover, `SCRIPT FLUSH`), or a cluster node that never had it, gets the
+/// source again.
+pub(super) struct Script {
     source: &'static str,
     sha: String,
 }
 
 impl Script {
-    async fn load(conn: &mut Connection, source: &'static str) -> Result<Script, Error> {
+    pub(super) async fn load<C>(conn: &mut C, source: &'static str) -> Result<Script, Error>
+    where
+        C: ConnectionLike + Send,
+    {
         let sha: String = redis::cmd("SCRIPT")
             .arg("LOAD")
             .arg(source)
@@ -200,11 +229,34 @@ impl Script {
         Ok(Script { source, sha })
     }
 
-    /// Runs the script on one key (the namespace's index) and `args`.
-    async fn run(&self, conn: &mut Connection, key: &str, args: &[&[u8]]) -> Result<Value, Error> {
+    /// Runs the script on one key (the index or lease it works on, which
+    /// also routes it to its cluster node) and `args`.
+    pub(super) async fn run<C>(
+        &self,
+        conn: &mut C,
+        key: &str,
+        args: &[&[u8]],
+    ) -> Result<Value, Error>
+    where
+        C: ConnectionLike + Send,
+    {
+        self.run_keys(conn, &[key], args).await
+    }
+
+    /// Runs the script on `keys` (all in one slot; the first routes it)
+    /// and `args`.
+    pub(super) async fn run_keys<C>(
+        &self,
+        conn: &mut C,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<Value, Error>
+    where
+        C: ConnectionLike + Send,
+    {
         let invocation = |command: &str, script: &[u8]| {
             let mut cmd = redis::cmd(command);
-            cmd.arg(script).arg(1).arg(key);
+            cmd.arg(script).arg(keys.len()).arg(keys);
             for arg in args {
                 cmd.arg(*arg);
             }
@@ -237,7 +289,7 @@ impl Script {
 ///
 /// The value keys are derived from `ARGV[1]` rather than declared: they share
 /// the index's hash tag, so they live in its cluster slot.
-const SCAN_SCRIPT: &str = r#"
+pub(super) const SCAN_SCRIPT: &str = r#"
 local idx = KEYS[1]
 local vprefix = ARGV[1]
 local min = ARGV[2]
@@ -286,7 +338,7 @@ return out
 /// `ZRANGEBYLEX` min), those whose value key (`ARGV[1]` + entry) is gone.
 /// Replies `{removed, done, last}`; when not done, the next batch starts
 /// after `last`.
-const PURGE_SCRIPT: &str = r#"
+pub(super) const PURGE_SCRIPT: &str = r#"
 local idx = KEYS[1]
 local vprefix = ARGV[1]
 local batch = tonumber(ARGV[3])
@@ -316,7 +368,7 @@ const SCAN_STALE_BUDGET: usize = 1000;
 /// the braces keeps the mapping one-to-one and the tag closed by our own
 /// `}`: an unescaped `}` would end the tag early, and could make two
 /// namespaces' keys collide.
-fn ns_tag(namespace: &str) -> String {
+pub(super) fn ns_tag(namespace: &str) -> String {
     let mut tag = String::with_capacity(namespace.len());
     for c in namespace.chars() {
         match c {
@@ -329,6 +381,502 @@ fn ns_tag(namespace: &str) -> String {
     tag
 }
 
+/// A sorted-set index and the value keys it lists, under one hash tag, so
+/// that an operation's keys are in one cluster slot and change together
+/// atomically (MULTI or a script). The single-node backend has one per
+/// namespace; the cluster backend one per shard of a namespace.
+pub(super) struct Keyspace {
+    /// The sorted set of keys.
+    pub(super) index: String,
+    /// Prefix of the value keys: the value of `key` is at `values + key`.
+    pub(super) values: String,
+}
+
+impl Keyspace {
+    /// The keyspace whose keys start with `P:{tag}:`; `tag` must already be
+    /// escaped (see [`ns_tag`]).
+    pub(super) fn new(prefix: &str, tag: &str) -> Self {
+        Keyspace {
+            index: format!("{prefix}:{{{tag}}}:idx"),
+            values: format!("{prefix}:{{{tag}}}:v:"),
+        }
+    }
+
+    /// Runs one single-key operation (not a scan, which may span keyspaces).
+    pub(super) async fn run<C>(&self, conn: &mut C, op: Op) -> Result<Outcome, Error>
+    where
+        C: ConnectionLike + Send,
+    {
+        match op {
+            Op::Get { key } => {
+                let vkey = self.values.clone() + &key;
+                let (value, pttl): (Option<Bytes>, i64) = redis::pipe()
+                    .atomic()
+                    .cmd("GET")
+                    .arg(&vkey)
+                    .cmd("PTTL")
+                    .arg(&vkey)
+                    .query_async(conn)
+                    .await
+                    .map_err(map_redis)?;
+                Ok(Outcome::Get(value.map(|value| record(value, pttl))))
+            }
+            Op::Put { key, value, ttl } => {
+                let vkey = self.values.clone() + &key;
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                // SET without KEEPTTL replaces any previous expiry.
+                let set = pipe.cmd("SET").arg(&vkey).arg(&value[..]);
+                // Redis rejects expiry times past its clock range: a huge
+                // TTL is stored as none.
+                if let Some(ms) = px_millis(ttl) {
+                    set.arg("PX").arg(ms);
+                }
+                pipe.cmd("ZADD").arg(&self.index).arg(0).arg(&key);
+                let () = pipe.query_async(conn).await.map_err(map_redis)?;
+                Ok(Outcome::Put)
+            }
+            Op::Delete { key } => {
+                let vkey = self.values.clone() + &key;
+                // DEL counts only a live key: an expired one is reclaimed
+                // first and does not count.
+                let (deleted, _removed): (i64, i64) = redis::pipe()
+                    .atomic()
+                    .cmd("DEL")
+                    .arg(&vkey)
+                    .cmd("ZREM")
+                    .arg(&self.index)
+                    .arg(&key)
+                    .query_async(conn)
+                    .await
+                    .map_err(map_redis)?;
+                Ok(Outcome::Delete(deleted > 0))
+            }
+            Op::Exists { key } => {
+                let vkey = self.values.clone() + &key;
+                let n: i64 = redis::cmd("EXISTS")
+                    .arg(&vkey)
+                    .query_async(conn)
+                    .await
+                    .map_err(map_redis)?;
+                Ok(Outcome::Exists(n > 0))
+            }
+            Op::Scan { .. } => Err(Error::internal("a scan is not a single-key operation")),
+        }
+    }
+
+    /// Up to `wanted` live keys of `range` in ascending byte order (with
+    /// their values unless `keys_only`), removing the index entries of
+    /// expired keys on the way. Fewer than `wanted` means the range has no
+    /// more live keys.
+    pub(super) async fn scan<C>(
+        &self,
+        conn: &mut C,
+        script: &Script,
+        range: &KeyRange<'_>,
+        wanted: usize,
+        keys_only: bool,
+    ) -> Result<Vec<Item>, Error>
+    where
+        C: ConnectionLike + Send,
+    {
+        if range.is_empty() || wanted == 0 {
+            return Ok(Vec::new());
+        }
+        // The range in ZRANGEBYLEX syntax.
+        let mut min = match range.lower() {
+            lower if range.lower_is_exclusive() => format!("({lower}"),
+            "" => "-".to_owned(),
+            lower => format!("[{lower}"),
+        };
+        let max = range
+            .upper()
+            .map_or_else(|| "+".to_owned(), |s| format!("({s}"));
+        let keys_only_arg: &[u8] = if keys_only { b"1" } else { b"0" };
+        let mut items: Vec<Item> = Vec::new();
+        loop {
+            let left = wanted - items.len();
+            let budget = left.saturating_add(SCAN_STALE_BUDGET);
+            let reply = script
+                .run(
+                    conn,
+                    &self.index,
+                    &[
+                        self.values.as_bytes(),
+                        min.as_bytes(),
+                        max.as_bytes(),
+                        left.to_string().as_bytes(),
+                        keys_only_arg,
+                        budget.to_string().as_bytes(),
+                    ],
+                )
+                .await?;
+            let page = ScanReply::parse(reply, keys_only)?;
+            items.extend(page.items);
+            if page.exhausted || items.len() >= wanted {
+                return Ok(items);
+            }
+            // Not exhausted and not full: the script stopped at its budget
+            // after examining at least one entry, so `last` moves forward.
+            min = format!("({}", page.last);
+        }
+    }
+
+    /// Removes the index entries whose value key has expired, in batches;
+    /// returns how many.
+    pub(super) async fn purge<C>(&self, conn: &mut C, script: &Script) -> Result<u64, Error>
+    where
+        C: ConnectionLike + Send,
+    {
+        let batch = PURGE_BATCH.to_string();
+        let mut cursor = PurgeCursor {
+            conn,
+            script,
+            keyspace: self,
+            batch: &batch,
+            min: "-".to_owned(),
+        };
+        purge_in_batches(&mut cursor, |c| {
+            Box::pin(async move {
+                let reply = c
+                    .script
+                    .run(
+                        c.conn,
+                        &c.keyspace.index,
+                        &[
+                            c.keyspace.values.as_bytes(),
+                            c.min.as_bytes(),
+                            c.batch.as_bytes(),
+                        ],
+                    )
+                    .await?;
+                let (removed, done, last) = parse_purge_reply(reply)?;
+                c.min = format!("({last}");
+                Ok(Batch {
+                    removed,
+                    last: done,
+                })
+            })
+        })
+        .await
+    }
+}
+
+/// A value and its `PTTL` as a record.
+fn record(value: Bytes, pttl: i64) -> Record {
+    Record {
+        value,
+        // -1: no expiry. A live key reports at least 1ms: PTTL rounds down,
+        // and zero would read as "expired".
+        ttl: u64::try_from(pttl)
+            .ok()
+            .map(|ms| Duration::from_millis(ms.max(1))),
+    }
+}
+
+/// The `PX` of a write with `ttl`, `None` for no expiry. Redis rejects
+/// expiry times past its clock range, so a huge TTL is stored as none; a
+/// positive TTL is rounded up so that it never expires on write.
+fn px_millis(ttl: Option<Duration>) -> Option<u64> {
+    stored_ttl(ttl).map(|ttl| {
+        u64::try_from(ttl.as_nanos().div_ceil(1_000_000))
+            .unwrap_or(u64::MAX)
+            .max(1)
+    })
+}
+
+/// Reads a value and its remaining TTL: `{}` when absent, else
+/// `{value, pttl}`.
+const GET_SCRIPT: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  return {}
+end
+return {v, redis.call('PTTL', KEYS[1])}
+"#;
+
+/// Writes value `ARGV[2]` to `KEYS[2]` (with `PX ARGV[3]` unless empty) and
+/// indexes member `ARGV[1]` in `KEYS[1]`.
+const PUT_SCRIPT: &str = r#"
+if ARGV[3] == '' then
+  redis.call('SET', KEYS[2], ARGV[2])
+else
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+end
+redis.call('ZADD', KEYS[1], 0, ARGV[1])
+return 1
+"#;
+
+/// Deletes `KEYS[2]` and unindexes member `ARGV[1]` from `KEYS[1]`;
+/// replies how many live keys were deleted.
+const DELETE_SCRIPT: &str = r#"
+local n = redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return n
+"#;
+
+/// The single-key operations as scripts: one command each, for Redis
+/// Cluster, whose client follows a `MOVED` or `ASK` redirect of a command
+/// but not of the commands inside a `MULTI` (the transaction aborts).
+pub(super) struct OpScripts {
+    get: Script,
+    put: Script,
+    delete: Script,
+}
+
+impl OpScripts {
+    pub(super) async fn load<C>(conn: &mut C) -> Result<Self, Error>
+    where
+        C: ConnectionLike + Send,
+    {
+        Ok(OpScripts {
+            get: Script::load(conn, GET_SCRIPT).await?,
+            put: Script::load(conn, PUT_SCRIPT).await?,
+            delete: Script::load(conn, DELETE_SCRIPT).await?,
+        })
+    }
+}
+
+impl Keyspace {
+    /// [`run`](Keyspace::run) with one script per operation instead of a
+    /// transaction: the same keys, atomic in the same way.
+    pub(super) async fn run_scripted<C>(
+        &self,
+        conn: &mut C,
+        scripts: &OpScripts,
+        op: Op,
+    ) -> Result<Outcome, Error>
+    where
+        C: ConnectionLike + Send,
+    {
+        match op {
+            Op::Get { key } => {
+                let vkey = self.values.clone() + &key;
+                match scripts.get.run(conn, &vkey, &[]).await? {
+                    Value::Array(reply) => match <[Value; 2]>::try_from(reply) {
+                        Ok([Value::BulkString(v), Value::Int(pttl)]) => {
+                            Ok(Outcome::Get(Some(record(Bytes::from(v), pttl))))
+                        }
+                        Ok(other) => Err(unexpected("get", &other)),
+                        Err(empty) if empty.is_empty() => Ok(Outcome::Get(None)),
+                        Err(other) => Err(unexpected("get", &other)),
+                    },
+                    other => Err(unexpected("get", &other)),
+                }
+            }
+            Op::Put { key, value, ttl } => {
+                let vkey = self.values.clone() + &key;
+                let px = px_millis(ttl).map(|ms| ms.to_string()).unwrap_or_default();
+                scripts
+                    .put
+                    .run_keys(
+                        conn,
+                        &[&self.index, &vkey],
+                        &[key.as_bytes(), &value[..], px.as_bytes()],
+                    )
+                    .await?;
+                Ok(Outcome::Put)
+            }
+            Op::Delete { key } => {
+                let vkey = self.values.clone() + &key;
+                match scripts
+                    .delete
+                    .run_keys(conn, &[&self.index, &vkey], &[key.as_bytes()])
+                    .await?
+                {
+                    Value::Int(n) => Ok(Outcome::Delete(n > 0)),
+                    other => Err(unexpected("delete", &other)),
+                }
+            }
+            op => self.run(conn, op).await,
+        }
+    }
+}
+
+/// Where a purge of one index is: batches continue after `min`.
+struct PurgeCursor<'a, C> {
+    conn: &'a mut C,
+    script: &'a Script,
+    keyspace: &'a Keyspace,
+    batch: &'a str,
+    min: String,
+}
+
+/// The set of namespaces ever written (`P:namespaces`), for purge to visit.
+pub(super) struct Registry {
+    key: String,
+    /// Namespaces this backend has added; a `std` lock, held for one set
+    /// operation and never across an await.
+    known: Mutex<HashSet<String>>,
+}
+
+impl Registry {
+    pub(super) fn new(prefix: &str) -> Self {
+        Registry {
+            key: format!("{prefix}:namespaces"),
+            known: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Adds `namespace`, once per backend: the registry is one key outside
+    /// the namespace's slot, so it cannot join the namespace's MULTI, and a
+    /// registered namespace stays registered.
+    pub(super) async fn register<C>(&self, conn: &mut C, namespace: &str) -> Result<(), Error>
+    where
+        C: ConnectionLike + Send,
+    {
+        let known = self
+            .known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(namespace);
+        if known {
+            return Ok(());
+        }
+        let _: i64 = redis::cmd("SADD")
+            .arg(&self.key)
+            .arg(namespace)
+            .query_async(conn)
+            .await
+            .map_err(map_redis)?;
+        self.known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(namespace.to_owned());
+        Ok(())
+    }
+
+    /// Every registered namespace.
+    pub(super) async fn members<C>(&self, conn: &mut C) -> Result<Vec<String>, Error>
+    where
+        C: ConnectionLike + Send,
+    {
+        redis::cmd("SMEMBERS")
+            .arg(&self.key)
+            .query_async(conn)
+            .await
+            .map_err(map_redis)
+    }
+}
+
+/// Takes the lease when it is free or renews it when this holder has it;
+/// replies 1 when the caller holds the lease afterwards, else 0.
+const LEASE_SCRIPT: &str = r#"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// Gives the lease up if this holder has it.
+const RELEASE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// How long the purge lease lasts unless renewed, by default: the holder
+/// renews it at each purge, so an instance that stops purging (it died, or
+/// lost Redis) leaves it to another within this time.
+pub const DEFAULT_PURGE_LEASE: Duration = Duration::from_secs(10);
+
+/// The purge lease (`P:purge-lease`): the Prism instance whose id it holds
+/// purges; the others skip their purges until it expires. One key, in one
+/// slot, taken with `SET NX PX` semantics in a script.
+pub(super) struct PurgeLease {
+    key: String,
+    holder: String,
+    ttl: Duration,
+    acquire: Script,
+    release: Script,
+    held: AtomicBool,
+}
+
+impl PurgeLease {
+    /// The lease of the backend with key prefix `prefix`; `holder` names
+    /// this backend: the instance id and this backend's incarnation.
+    pub(super) async fn load<C>(conn: &mut C, prefix: &str, ttl: Duration) -> Result<Self, Error>
+    where
+        C: ConnectionLike + Send,
+    {
+        Ok(PurgeLease {
+            key: format!("{prefix}:purge-lease"),
+            holder: lease_holder(),
+            ttl,
+            acquire: Script::load(conn, LEASE_SCRIPT).await?,
+            release: Script::load(conn, RELEASE_SCRIPT).await?,
+            held: AtomicBool::new(false),
+        })
+    }
+
+    /// Takes or renews the lease; true when this backend holds it and so
+    /// should purge now. Logs when the lease is won or lost.
+    pub(super) async fn acquire<C>(&self, conn: &mut C) -> Result<bool, Error>
+    where
+        C: ConnectionLike + Send,
+    {
+        let ms = u64::try_from(self.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let reply = self
+            .acquire
+            .run(
+                conn,
+                &self.key,
+                &[self.holder.as_bytes(), ms.to_string().as_bytes()],
+            )
+            .await;
+        let held = matches!(reply, Ok(Value::Int(1)));
+        let was = self.held.swap(held, Ordering::AcqRel);
+        if held != was {
+            if held {
+                tracing::info!(lease = %self.key, holder = %self.holder, "purge lease acquired");
+            } else {
+                tracing::info!(lease = %self.key, holder = %self.holder, "purge lease lost");
+            }
+        }
+        match reply {
+            Ok(Value::Int(_)) => Ok(held),
+            Ok(other) => Err(unexpected("lease", &other)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// True when the last [`acquire`](Self::acquire) won the lease.
+    pub(super) fn is_held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Gives the lease up, if held, so another instance takes over at its
+    /// next purge instead of after the lease's TTL.
+    pub(super) async fn release<C>(&self, conn: &mut C)
+    where
+        C: ConnectionLike + Send,
+    {
+        if self.held.swap(false, Ordering::AcqRel) {
+            let _ = self
+                .release
+                .run(conn, &self.key, &[self.holder.as_bytes()])
+                .await;
+        }
+    }
+}
+
+/// The id a backend holds a lease with: the instance id and a number of
+/// this process, so that two backends of one process (a restarted pool, two
+/// gateways in a test) are distinct holders.
+fn lease_holder() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{}/{}", instance_id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 /// A pool of connections to one Redis server.
 struct RedisBackend {
     pool: Pool,
@@ -336,22 +884,23 @@ struct RedisBackend {
     command_timeout: Duration,
     scan: Script,
     purge: Script,
-    /// Namespaces this backend has added to the registry; a `std` lock, held
-    /// for one set operation and never across an await.
-    registered: Mutex<HashSet<String>>,
+    lease: PurgeLease,
+    registry: Registry,
 }
 
 impl RedisBackend {
+    fn keyspace(&self, namespace: &str) -> Keyspace {
+        Keyspace::new(&self.prefix, &ns_tag(namespace))
+    }
+
+    #[cfg(test)]
     fn index_key(&self, namespace: &str) -> String {
-        format!("{}:{{{}}}:idx", self.prefix, ns_tag(namespace))
+        self.keyspace(namespace).index
     }
 
+    #[cfg(test)]
     fn value_prefix(&self, namespace: &str) -> String {
-        format!("{}:{{{}}}:v:", self.prefix, ns_tag(namespace))
-    }
-
-    fn registry_key(&self) -> String {
-        format!("{}:namespaces", self.prefix)
+        self.keyspace(namespace).values
     }
 
     /// Runs `op`, giving up at `deadline`. A connection whose command timed
@@ -379,215 +928,43 @@ impl RedisBackend {
     }
 
     async fn run(&self, conn: &mut Connection, namespace: &str, op: Op) -> Result<Outcome, Error> {
+        let keyspace = self.keyspace(namespace);
         match op {
-            Op::Get { key } => {
-                let vkey = self.value_prefix(namespace) + &key;
-                let (value, pttl): (Option<Bytes>, i64) = redis::pipe()
-                    .atomic()
-                    .cmd("GET")
-                    .arg(&vkey)
-                    .cmd("PTTL")
-                    .arg(&vkey)
-                    .query_async(conn)
-                    .await
-                    .map_err(map_redis)?;
-                Ok(Outcome::Get(value.map(|value| {
-                    Record {
-                        value,
-                        // -1: no expiry. A live key reports at least 1ms: PTTL
-                        // rounds down, and zero would read as "expired".
-                        ttl: u64::try_from(pttl)
-                            .ok()
-                            .map(|ms| Duration::from_millis(ms.max(1))),
-                    }
-                })))
-            }
-            Op::Put { key, value, ttl } => {
-                self.register(conn, namespace).await?;
-                let vkey = self.value_prefix(namespace) + &key;
-                let mut pipe = redis::pipe();
-                pipe.atomic();
-                // SET without KEEPTTL replaces any previous expiry.
-                let set = pipe.cmd("SET").arg(&vkey).arg(&value[..]);
-                // Redis rejects expiry times past its clock range: a huge
-                // TTL is stored as none.
-                if let Some(ttl) = stored_ttl(ttl) {
-                    // Rounded up so a positive TTL never expires on write.
-                    let ms = u64::try_from(ttl.as_nanos().div_ceil(1_000_000))
-                        .unwrap_or(u64::MAX)
-                        .max(1);
-                    set.arg("PX").arg(ms);
-                }
-                pipe.cmd("ZADD")
-                    .arg(self.index_key(namespace))
-                    .arg(0)
-                    .arg(&key);
-                let () = pipe.query_async(conn).await.map_err(map_redis)?;
-                Ok(Outcome::Put)
-            }
-            Op::Delete { key } => {
-                let vkey = self.value_prefix(namespace) + &key;
-                // DEL counts only a live key: an expired one is reclaimed
-                // first and does not count.
-                let (deleted, _removed): (i64, i64) = redis::pipe()
-                    .atomic()
-                    .cmd("DEL")
-                    .arg(&vkey)
-                    .cmd("ZREM")
-                    .arg(self.index_key(namespace))
-                    .arg(&key)
-                    .query_async(conn)
-                    .await
-                    .map_err(map_redis)?;
-                Ok(Outcome::Delete(deleted > 0))
-            }
-            Op::Exists { key } => {
-                let vkey = self.value_prefix(namespace) + &key;
-                let n: i64 = redis::cmd("EXISTS")
-                    .arg(&vkey)
-                    .query_async(conn)
-                    .await
-                    .map_err(map_redis)?;
-                Ok(Outcome::Exists(n > 0))
-            }
             Op::Scan {
                 prefix,
                 after,
                 limit,
                 keys_only,
             } => {
-                self.scan(conn, namespace, &prefix, after.as_deref(), limit, keys_only)
-                    .await
+                let range = KeyRange::new(&prefix, after.as_deref());
+                // One item past the page tells whether more follow.
+                let items = keyspace
+                    .scan(conn, &self.scan, &range, fetch_count(limit), keys_only)
+                    .await?;
+                scan_page(items.into_iter().map(Ok::<_, Error>), limit)
             }
-        }
-    }
-
-    /// Adds the namespace to the registry purge walks, once per backend:
-    /// the registry is one key outside the namespace's slot, so it cannot
-    /// join the namespace's MULTI, and a registered namespace stays
-    /// registered.
-    async fn register(&self, conn: &mut Connection, namespace: &str) -> Result<(), Error> {
-        let known = self
-            .registered
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(namespace);
-        if known {
-            return Ok(());
-        }
-        let _: i64 = redis::cmd("SADD")
-            .arg(self.registry_key())
-            .arg(namespace)
-            .query_async(conn)
-            .await
-            .map_err(map_redis)?;
-        self.registered
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(namespace.to_owned());
-        Ok(())
-    }
-
-    async fn scan(
-        &self,
-        conn: &mut Connection,
-        namespace: &str,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-        keys_only: bool,
-    ) -> Result<Outcome, Error> {
-        let range = KeyRange::new(prefix, after);
-        if range.is_empty() {
-            return scan_page(std::iter::empty::<Result<Item, Error>>(), limit);
-        }
-        let index = self.index_key(namespace);
-        let value_prefix = self.value_prefix(namespace);
-        // The range in ZRANGEBYLEX syntax.
-        let mut min = match range.lower() {
-            lower if range.lower_is_exclusive() => format!("({lower}"),
-            "" => "-".to_owned(),
-            lower => format!("[{lower}"),
-        };
-        let max = range
-            .upper()
-            .map_or_else(|| "+".to_owned(), |s| format!("({s}"));
-        // One item past the page tells whether more follow.
-        let wanted_total = fetch_count(limit);
-        let keys_only_arg: &[u8] = if keys_only { b"1" } else { b"0" };
-        let mut items: Vec<Item> = Vec::new();
-        loop {
-            let wanted = wanted_total - items.len();
-            let budget = wanted.saturating_add(SCAN_STALE_BUDGET);
-            let reply = self
-                .scan
-                .run(
-                    conn,
-                    &index,
-                    &[
-                        value_prefix.as_bytes(),
-                        min.as_bytes(),
-                        max.as_bytes(),
-                        wanted.to_string().as_bytes(),
-                        keys_only_arg,
-                        budget.to_string().as_bytes(),
-                    ],
-                )
-                .await?;
-            let page = ScanReply::parse(reply, keys_only)?;
-            items.extend(page.items);
-            if page.exhausted || items.len() >= wanted_total {
-                break;
+            op @ Op::Put { .. } => {
+                self.registry.register(conn, namespace).await?;
+                keyspace.run(conn, op).await
             }
-            // Not exhausted and not full: the script stopped at its budget
-            // after examining at least one entry, so `last` moves forward.
-            min = format!("({}", page.last);
+            op => keyspace.run(conn, op).await,
         }
-        scan_page(items.into_iter().map(Ok), limit)
     }
 
+    /// Purges every namespace when this backend holds the purge lease;
+    /// otherwise leaves it to the holder.
     async fn purge_all(&self) -> Result<u64, Error> {
         let deadline = Instant::now() + self.command_timeout;
         let mut conn = self.checkout(deadline).await?;
-        let namespaces: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.registry_key())
-            .query_async(&mut conn)
-            .await
-            .map_err(map_redis)?;
-        let batch = PURGE_BATCH.to_string();
+        if !self.lease.acquire(&mut conn).await? {
+            return Ok(0);
+        }
         let mut purged = 0u64;
-        for namespace in namespaces {
-            let mut cursor = PurgeCursor {
-                conn: &mut conn,
-                script: &self.purge,
-                index: self.index_key(&namespace),
-                value_prefix: self.value_prefix(&namespace),
-                batch: &batch,
-                min: "-".to_owned(),
-            };
-            purged += purge_in_batches(&mut cursor, |c| {
-                Box::pin(async move {
-                    let reply = c
-                        .script
-                        .run(
-                            c.conn,
-                            &c.index,
-                            &[
-                                c.value_prefix.as_bytes(),
-                                c.min.as_bytes(),
-                                c.batch.as_bytes(),
-                            ],
-                        )
-                        .await?;
-                    let (removed, done, last) = parse_purge_reply(reply)?;
-                    c.min = format!("({last}");
-                    Ok(Batch {
-                        removed,
-                        last: done,
-                    })
-                })
-            })
-            .await?;
+        for namespace in self.registry.members(&mut conn).await? {
+            purged += self
+                .keyspace(&namespace)
+                .purge(&mut conn, &self.purge)
+                .await?;
         }
         Ok(purged)
     }
@@ -601,16 +978,20 @@ impl RedisBackend {
             .map_err(map_redis)?;
         Ok(())
     }
-}
 
-/// Where a purge of one namespace's index is: batches continue after `min`.
-struct PurgeCursor<'a> {
-    conn: &'a mut Connection,
-    script: &'a Script,
-    index: String,
-    value_prefix: String,
-    batch: &'a str,
-    min: String,
+    async fn shut(&self) {
+        let deadline = Instant::now() + self.command_timeout;
+        if let Ok(mut conn) = self.checkout(deadline).await {
+            let _ = until(deadline, async {
+                self.lease.release(&mut conn).await;
+                Ok(())
+            })
+            .await;
+        }
+        // Closing drops the idle connections and refuses new checkouts;
+        // connections in use close when their operation returns them.
+        self.pool.close();
+    }
 }
 
 /// A parsed reply of [`SCAN_SCRIPT`].
@@ -679,7 +1060,7 @@ fn string(value: Value) -> Result<String, Error> {
     }
 }
 
-fn unexpected(what: &str, value: &dyn fmt::Debug) -> Error {
+pub(super) fn unexpected(what: &str, value: &dyn fmt::Debug) -> Error {
     Error::internal(format!("unexpected redis {what} reply: {value:?}"))
 }
 
@@ -698,7 +1079,7 @@ const TRANSIENT_CODES: &[&str] = &[
 /// Command errors: a reply that did not come in time is a timeout, a lost or
 /// refused connection or a server that cannot serve for now is unavailable,
 /// anything else is internal.
-fn map_redis(e: RedisError) -> Error {
+pub(super) fn map_redis(e: RedisError) -> Error {
     if e.is_timeout() {
         Error::Timeout
     } else if e.is_io_error()
@@ -714,7 +1095,7 @@ fn map_redis(e: RedisError) -> Error {
 
 /// Pool errors: not getting a connection, for whatever reason, makes the
 /// backend unavailable, except for errors of our own making.
-fn map_pool(e: PoolError) -> Error {
+pub(super) fn map_pool(e: PoolError) -> Error {
     let unavailable = |message: &str, e: PoolError| Error::Unavailable(context(message, e));
     match e {
         PoolError::Timeout(TimeoutType::Wait) => unavailable("redis connection pool exhausted", e),
@@ -760,10 +1141,11 @@ impl Backend for RedisBackend {
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
-        // Closing drops the idle connections and refuses new checkouts;
-        // connections in use close when their operation returns them.
-        self.pool.close();
-        Box::pin(async {})
+        Box::pin(self.shut())
+    }
+
+    fn purge_leader(&self) -> Option<bool> {
+        Some(self.lease.is_held())
     }
 
     fn connections(&self) -> PoolStats {

@@ -178,6 +178,37 @@ pub async fn purge_in_batches<S>(
     }
 }
 
+/// This Prism instance's id: host name, process id and a random part, made
+/// once per process (and logged then). Purge leases are held in its name,
+/// so the logs and the lease keys tell which instance purges.
+pub fn instance_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_owned());
+        // A randomly keyed hasher is the standard library's source of
+        // randomness; mixed with the clock, two processes that reuse a pid
+        // still differ.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        hasher.write_u128(nanos);
+        let id = format!(
+            "{host}-{}-{:08x}",
+            std::process::id(),
+            hasher.finish() & 0xffff_ffff
+        );
+        tracing::info!(instance_id = %id, "instance id chosen");
+        id
+    })
+}
+
 /// `url` with the password of its user info, if any, replaced by `***`, for
 /// logs, errors and debug output.
 pub fn redact_url(url: &str) -> String {
@@ -330,7 +361,9 @@ mod tests {
 
     use bytes::Bytes;
 
-    use super::{prefix_successor, redact_url, scan_page, stored_ttl, Batch, KeyRange, MAX_TTL};
+    use super::{
+        instance_id, prefix_successor, redact_url, scan_page, stored_ttl, Batch, KeyRange, MAX_TTL,
+    };
     use crate::backend::{Item, Outcome};
 
     #[test]
@@ -423,6 +456,13 @@ mod tests {
             }
         );
         assert!(Batch::of(9, 10).last);
+    }
+
+    #[test]
+    fn the_instance_id_names_the_host_and_process_and_stays_the_same() {
+        let id = instance_id();
+        assert!(id.contains(&format!("-{}-", std::process::id())), "{id}");
+        assert_eq!(instance_id(), id);
     }
 
     #[test]

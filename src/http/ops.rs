@@ -136,6 +136,7 @@ async fn metrics(req: HttpRequest, state: web::Data<AdminState>) -> HttpResponse
     }
     for b in state.backends.iter() {
         m.observe_backend(&b.name, b.health.is_up(), b.health.connections());
+        m.observe_purge(&b.name, b.health.purge_leader(), b.health.purges());
     }
     m.observe_sessions(state.core.sessions().len());
     HttpResponse::Ok()

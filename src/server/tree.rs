@@ -11,6 +11,7 @@ use super::{Error, Gateway};
 use crate::backend::memory::MemoryConnector;
 use crate::backend::postgres::PostgresConnector;
 use crate::backend::redis::RedisConnector;
+use crate::backend::redis_cluster::RedisClusterConnector;
 use crate::backend::sqlite::SqliteConnector;
 use crate::backend::Connector;
 use crate::kv::{Core, Draining, Namespace};
@@ -46,6 +47,9 @@ impl Gateway {
             }
             BackendKind::Redis(s) => {
                 Arc::new(RedisConnector::new(s.config(&b.pool)).map_err(invalid)?)
+            }
+            BackendKind::RedisCluster(s) => {
+                Arc::new(RedisClusterConnector::new(s.config(&b.pool)).map_err(invalid)?)
             }
             BackendKind::Custom(c) => {
                 let factory = self.kinds.get(&c.kind).ok_or_else(|| {

@@ -17,6 +17,7 @@ use super::load::{from_config, origin_of};
 use super::raw::{bound, duration, number};
 use crate::backend::postgres::{PostgresConfig, PostgresConnector};
 use crate::backend::redis::{RedisConfig, RedisConnector};
+use crate::backend::redis_cluster::{RedisClusterConfig, RedisClusterConnector};
 use crate::backend::toolkit::redact_url;
 
 /// One configured backend.
@@ -66,6 +67,8 @@ pub enum BackendKind {
     Postgres(PostgresSettings),
     /// Redis server.
     Redis(RedisSettings),
+    /// Redis Cluster, each namespace sharded over every node.
+    RedisCluster(RedisClusterSettings),
     /// A kind registered by the program embedding Prism
     /// ([`super::Loader::kind`] and `Gateway::kind`).
     Custom(CustomSettings),
@@ -79,6 +82,7 @@ impl BackendKind {
             BackendKind::Memory => "memory",
             BackendKind::Postgres(_) => "postgres",
             BackendKind::Redis(_) => "redis",
+            BackendKind::RedisCluster(_) => "redis_cluster",
             BackendKind::Custom(c) => &c.kind,
         }
     }
@@ -159,6 +163,46 @@ pub struct RedisSettings {
     /// deadline.
     #[serde(with = "humantime_serde", default = "five_seconds")]
     pub command_timeout: Duration,
+}
+
+/// `kind = "redis_cluster"`
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisClusterSettings {
+    /// Seed node URLs, e.g. `["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]`.
+    pub urls: Vec<String>,
+    /// Prefix of every Redis key Prism writes.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// Longest wait for a pooled cluster connection.
+    #[serde(with = "humantime_serde", default = "five_seconds")]
+    pub acquire_timeout: Duration,
+    /// Longest wait to connect to the cluster.
+    #[serde(with = "humantime_serde", default = "five_seconds")]
+    pub connect_timeout: Duration,
+    /// Longest wait for an operation without a deadline of its own (purge,
+    /// health), on top of each request's own deadline.
+    #[serde(with = "humantime_serde", default = "five_seconds")]
+    pub command_timeout: Duration,
+    /// Index shards per namespace (1..=1024): a namespace's keys spread over
+    /// this many hash tags, and so over the cluster's nodes.
+    #[serde(default = "default_shards")]
+    pub shards: u16,
+}
+
+impl fmt::Debug for RedisClusterSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("RedisClusterSettings")
+            .field("urls", &urls)
+            .field("key_prefix", &self.key_prefix)
+            .field("shards", &self.shards)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_shards() -> u16 {
+    16
 }
 
 /// A backend of a kind registered by the embedding program: its kind name
@@ -269,6 +313,8 @@ enum Kind {
     Memory,
     Postgres,
     Redis,
+    #[serde(rename = "redis_cluster")]
+    RedisCluster,
 }
 
 impl Kind {
@@ -279,6 +325,7 @@ impl Kind {
             "memory" => fields_of::<MemorySettings>(),
             "postgres" => fields_of::<PostgresSettings>(),
             "redis" => fields_of::<RedisSettings>(),
+            "redis_cluster" => fields_of::<RedisClusterSettings>(),
             _ => &[],
         }
     }
@@ -363,7 +410,7 @@ pub(super) fn parse_backend(
     let pool: RawPool = deserialize(key, pool_table, root)?;
     let pool_size = pool.pool_size.unwrap_or(match kind.as_str() {
         "postgres" => 20,
-        "redis" => 16,
+        "redis" | "redis_cluster" => 16,
         _ => 8,
     });
     let pool = PoolSettings {
@@ -433,6 +480,21 @@ pub(super) fn parse_backend(
             check_connector(key, &pool, &kind)?;
             kind
         }
+        "redis_cluster" => {
+            let s: RedisClusterSettings = deserialize(key, own_table, root)?;
+            number(
+                &k("shards"),
+                s.shards,
+                1,
+                u64::from(crate::backend::redis_cluster::MAX_SHARDS),
+            )?;
+            duration(&k("acquire_timeout"), s.acquire_timeout, bound::TIMEOUT)?;
+            duration(&k("connect_timeout"), s.connect_timeout, bound::TIMEOUT)?;
+            duration(&k("command_timeout"), s.command_timeout, bound::TIMEOUT)?;
+            let kind = BackendKind::RedisCluster(s);
+            check_connector(key, &pool, &kind)?;
+            kind
+        }
         _ => BackendKind::Custom(CustomSettings {
             kind,
             key: key.to_owned(),
@@ -484,6 +546,7 @@ fn check_connector(key: &str, pool: &PoolSettings, kind: &BackendKind) -> Result
     let checked = match kind {
         BackendKind::Postgres(s) => PostgresConnector::new(s.config(pool)).map(drop),
         BackendKind::Redis(s) => RedisConnector::new(s.config(pool)).map(drop),
+        BackendKind::RedisCluster(s) => RedisClusterConnector::new(s.config(pool)).map(drop),
         _ => Ok(()),
     };
     checked.map_err(|e| Error::invalid(format!("{key}.{}", e.field), e.message))
@@ -518,6 +581,21 @@ impl RedisSettings {
             recycle_timeout: self.connect_timeout,
             key_prefix: self.key_prefix.clone(),
             command_timeout: self.command_timeout,
+        }
+    }
+}
+
+impl RedisClusterSettings {
+    /// The connector's configuration.
+    pub fn config(&self, pool: &PoolSettings) -> RedisClusterConfig {
+        RedisClusterConfig {
+            urls: self.urls.clone(),
+            max_size: pool.pool_size as usize,
+            wait_timeout: self.acquire_timeout,
+            create_timeout: self.connect_timeout,
+            key_prefix: self.key_prefix.clone(),
+            command_timeout: self.command_timeout,
+            shards: self.shards,
         }
     }
 }
@@ -594,7 +672,11 @@ mod tests {
 
     #[test]
     fn kinds_and_their_keys_are_read_from_the_types() {
-        assert_eq!(Kind::names(), ["sqlite", "memory", "postgres", "redis"]);
+        assert_eq!(
+            Kind::names(),
+            ["sqlite", "memory", "postgres", "redis", "redis_cluster"]
+        );
+        assert!(Kind::fields("redis_cluster").contains(&"shards"));
         assert!(Kind::fields("sqlite").contains(&"busy_timeout"));
         assert!(Kind::fields("postgres").contains(&"statement_timeout"));
         assert!(Kind::fields("memory").is_empty());

@@ -8,12 +8,15 @@
 //!   follow its log, signal it and wait for its exit;
 //! - [`db`]: the shared PostgreSQL and Redis (URLs, unique names, clean-up,
 //!   row locks);
+//! - [`cluster`]: a throwaway Redis Cluster (three masters, three replicas);
 //! - [`throwaway`]: PostgreSQL and Redis servers of a test's own, to stop
 //!   and start;
 //! - [`faulty`]: a backend that is slow, blocks, fails or panics on purpose.
 #![allow(dead_code)]
 
 pub mod binary;
+#[cfg(unix)]
+pub mod cluster;
 pub mod db;
 pub mod faulty;
 pub mod http;
