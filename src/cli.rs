@@ -94,6 +94,45 @@ pub enum Command {
     Kv(KvArgs),
     /// Load-test a running gateway; prints throughput and latency.
     Bench(BenchArgs),
+    /// Make tokens for principals ([auth.principals.<name>] token_sha256).
+    #[command(subcommand)]
+    Auth(AuthCommand),
+}
+
+/// `prism auth`
+#[derive(Debug, Clone, Subcommand)]
+pub enum AuthCommand {
+    /// Read a token on stdin and print its token_sha256.
+    HashToken,
+    /// Print a fresh random token (256 bits) and its token_sha256.
+    NewToken,
+}
+
+/// `prism auth ...`: prints to stdout and returns the exit code.
+pub fn auth(command: &AuthCommand) -> u8 {
+    match command {
+        AuthCommand::HashToken => {
+            let mut token = String::new();
+            if let Err(e) = io::Read::read_to_string(&mut io::stdin(), &mut token) {
+                eprintln!("error: cannot read the token from stdin: {e}");
+                return EXIT_USAGE;
+            }
+            if token.trim().is_empty() {
+                eprintln!(
+                    "error: no token on stdin; e.g. echo -n \"$TOKEN\" | prism auth hash-token"
+                );
+                return EXIT_USAGE;
+            }
+            println!("{}", crate::auth::hash_token(&token));
+            EXIT_OK
+        }
+        AuthCommand::NewToken => {
+            let (token, hash) = crate::auth::new_token();
+            println!("token        = {token}");
+            println!("token_sha256 = {hash}");
+            EXIT_OK
+        }
+    }
 }
 
 /// `--settings` after the command name.
@@ -151,6 +190,9 @@ pub struct KvArgs {
     /// Sent as x-client-id metadata (the session the gateway admits the request under).
     #[arg(long, global = true, env = "PRISM_CLIENT_ID")]
     pub client_id: Option<String>,
+    /// Bearer token of a principal (when the gateway runs with auth.mode = "token").
+    #[arg(long, global = true, env = "PRISM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Deadline of each request (sent as grpc-timeout), e.g. 500ms, 5s; more than 0, at most 1h.
     #[arg(long, global = true, default_value = "5s", value_parser = parse_timeout)]
     pub timeout: Duration,
@@ -261,6 +303,9 @@ pub struct BenchArgs {
     /// Sent as x-client-id metadata.
     #[arg(long, env = "PRISM_CLIENT_ID")]
     pub client_id: Option<String>,
+    /// Bearer token of a principal (when the gateway runs with auth.mode = "token").
+    #[arg(long, env = "PRISM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -275,6 +320,7 @@ impl BenchArgs {
                 addr: self.addr.clone(),
                 client_id: self.client_id.clone(),
                 timeout: Some(self.timeout),
+                token: self.token.clone(),
                 ..ClientOptions::default()
             },
             namespace: self.namespace.clone(),
@@ -490,6 +536,7 @@ async fn run_kv(args: &KvArgs) -> Result<(), Failure> {
         client_id: args.client_id.clone(),
         timeout: Some(args.timeout),
         connect_timeout: args.timeout,
+        token: args.token.clone(),
     };
     let client = Client::connect(&options).await.map_err(Failure::Client)?;
     let mut out = io::stdout();

@@ -36,6 +36,8 @@ pub struct ClientOptions {
     pub timeout: Option<Duration>,
     /// How long establishing the connection may take.
     pub connect_timeout: Duration,
+    /// Sent as `authorization: Bearer <token>` metadata.
+    pub token: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -45,6 +47,7 @@ impl Default for ClientOptions {
             client_id: None,
             timeout: Some(Duration::from_secs(5)),
             connect_timeout: Duration::from_secs(5),
+            token: None,
         }
     }
 }
@@ -63,6 +66,9 @@ pub enum Error {
     /// The client id cannot be sent as gRPC metadata.
     #[error("invalid client id {0:?}: must be printable ASCII")]
     ClientId(String),
+    /// The token cannot be sent as gRPC metadata (it is not shown).
+    #[error("invalid token: must be non-empty printable ASCII")]
+    Token,
     /// The gateway could not be reached.
     #[error("cannot connect to {addr}: {message}")]
     Connect {
@@ -77,7 +83,7 @@ impl Error {
     /// The gRPC code that best describes the error, for uniform reporting.
     pub fn code(&self) -> Code {
         match self {
-            Error::Address { .. } | Error::ClientId(_) => Code::InvalidArgument,
+            Error::Address { .. } | Error::ClientId(_) | Error::Token => Code::InvalidArgument,
             Error::Connect { .. } => Code::Unavailable,
         }
     }
@@ -88,6 +94,7 @@ impl Error {
 pub struct Client {
     inner: KeyValueClient<Channel>,
     client_id: Option<MetadataValue<Ascii>>,
+    authorization: Option<MetadataValue<Ascii>>,
     timeout: Option<Duration>,
 }
 
@@ -96,6 +103,7 @@ impl Client {
     pub async fn connect(options: &ClientOptions) -> Result<Self, Error> {
         // Bad options are reported before the network is touched.
         client_id(options)?;
+        authorization(options)?;
         let addr = normalize_addr(&options.addr);
         let endpoint = endpoint(&addr, options)?;
         let connect_error = |message: String| Error::Connect {
@@ -120,12 +128,14 @@ impl Client {
     /// A client over an existing channel (several clients may share one).
     pub fn from_channel(channel: Channel, options: &ClientOptions) -> Result<Self, Error> {
         let client_id = client_id(options)?;
+        let authorization = authorization(options)?;
         let inner = KeyValueClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
         Ok(Client {
             inner,
             client_id,
+            authorization,
             timeout: options.timeout,
         })
     }
@@ -202,6 +212,9 @@ impl Client {
         if let Some(id) = &self.client_id {
             request.metadata_mut().insert(CLIENT_ID_HEADER, id.clone());
         }
+        if let Some(auth) = &self.authorization {
+            request.metadata_mut().insert("authorization", auth.clone());
+        }
         request
     }
 
@@ -238,6 +251,22 @@ fn client_id(options: &ClientOptions) -> Result<Option<MetadataValue<Ascii>>, Er
         .flatten()
         .map(Some)
         .ok_or_else(|| Error::ClientId(id.to_owned()))
+}
+
+/// The `authorization` value of `options`' token, checked (and marked
+/// sensitive, so it is never printed by the transport's debug output).
+fn authorization(options: &ClientOptions) -> Result<Option<MetadataValue<Ascii>>, Error> {
+    let Some(token) = options.token.as_deref() else {
+        return Ok(None);
+    };
+    let value = format!("Bearer {}", token.trim());
+    let printable = !token.trim().is_empty() && value.bytes().all(|b| (0x20..0x7f).contains(&b));
+    let mut value = printable
+        .then(|| value.parse::<MetadataValue<Ascii>>().ok())
+        .flatten()
+        .ok_or(Error::Token)?;
+    value.set_sensitive(true);
+    Ok(Some(value))
 }
 
 /// `host:port` → `http://host:port`; URIs with a scheme are kept.

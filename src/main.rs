@@ -25,6 +25,7 @@ async fn main() -> ExitCode {
         Command::CheckConfig(_) => cli::check_config(cli.settings_dir()),
         Command::Kv(args) => cli::kv(&args).await,
         Command::Bench(args) => cli::bench(&args).await,
+        Command::Auth(command) => cli::auth(&command),
     };
     ExitCode::from(code)
 }

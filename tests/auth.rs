@@ -309,3 +309,63 @@ async fn tokens_never_reach_the_log() {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
     }
 }
+
+#[tokio::test]
+async fn the_cli_makes_tokens_and_calls_with_one() {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    // new-token prints a token and its hash; hash-token agrees.
+    let out = common::binary::output({
+        let mut cmd = common::binary::prism();
+        cmd.args(["auth", "new-token"]);
+        cmd
+    })
+    .await;
+    assert!(out.status.success());
+    let text = common::binary::stdout(&out);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim_start_matches([' ', '=']).trim().to_owned())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    let (token, hash) = (field("token "), field("token_sha256"));
+    assert_eq!(hash, hash_token(&token));
+    let mut child = common::binary::prism()
+        .args(["auth", "hash-token"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(token.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), hash);
+
+    // `prism kv --token` reaches a gateway that requires one.
+    let (server, _, _) = start().await;
+    let kv = |token: Option<&str>| {
+        let mut cmd = common::binary::prism();
+        cmd.args(["kv", "--addr", &server.addr.to_string()]);
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        cmd.args(["put", "orders", "cli", "v"]);
+        common::binary::output(cmd)
+    };
+    let out = kv(Some(WRITER)).await;
+    assert!(out.status.success(), "{}", common::binary::stderr(&out));
+    let out = kv(None).await;
+    assert!(!out.status.success());
+    let err = common::binary::stderr(&out);
+    assert!(err.contains("UNAUTHENTICATED"), "{err}");
+    let out = kv(Some(READER)).await;
+    let err = common::binary::stderr(&out);
+    assert!(err.contains("PERMISSION_DENIED"), "{err}");
+    assert!(!err.contains(READER), "the token is echoed: {err}");
+    server.stop().await.unwrap();
+}
