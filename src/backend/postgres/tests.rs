@@ -1,0 +1,582 @@
+//! Tests of the postgres backend against the real server.
+use std::time::Duration;
+
+use bytes::Bytes;
+use sqlx::{Connection, Executor, PgConnection};
+use tokio::time::Instant;
+
+use super::{PostgresBackend, PostgresConfig, PostgresConnector, MIGRATIONS};
+use crate::backend::{Backend, Connector, Error, Op, Outcome};
+use crate::testing::Cleanup;
+
+/// The test database; `PRISM_TEST_POSTGRES_URL` overrides it. Tests fail
+/// (never skip) when it is not up.
+fn url() -> String {
+    std::env::var("PRISM_TEST_POSTGRES_URL").unwrap_or_else(|_| PostgresConfig::default().url)
+}
+
+/// A table name no other test (or test run) uses: purge is table-wide,
+/// so unique namespaces would not isolate tests.
+fn unique_table() -> String {
+    format!("prism_kv_t{}", crate::testing::unique_suffix())
+}
+
+fn config(table: &str) -> PostgresConfig {
+    PostgresConfig {
+        url: url(),
+        table: table.into(),
+        max_connections: 4,
+        min_connections: 1,
+        ..PostgresConfig::default()
+    }
+}
+
+/// Drops a test's tables when the test ends, passed or failed.
+struct DropTables {
+    table: String,
+    _cleanup: Cleanup,
+}
+
+impl DropTables {
+    fn new(table: &str) -> Self {
+        let name = table.to_owned();
+        let cleanup = Cleanup::new(move || async move {
+            let Ok(mut conn) = PgConnection::connect(&url()).await else {
+                return;
+            };
+            let _ = conn
+                .execute(
+                    format!(
+                        "SET lock_timeout = '5s'; \
+                         DROP TABLE IF EXISTS public.\"{name}\"; \
+                         DROP TABLE IF EXISTS public.\"{name}_schema_version\""
+                    )
+                    .as_str(),
+                )
+                .await;
+            let _ = conn.close().await;
+        });
+        DropTables {
+            table: table.to_owned(),
+            _cleanup: cleanup,
+        }
+    }
+}
+
+async fn fresh_concrete() -> (PostgresBackend, DropTables) {
+    let table = unique_table();
+    let guard = DropTables::new(&table);
+    let backend = PostgresConnector::new(config(&table))
+        .expect("valid config")
+        .open()
+        .await
+        .expect("connect to the test postgres (is it running?)");
+    (backend, guard)
+}
+
+async fn admin() -> PgConnection {
+    PgConnection::connect(&url())
+        .await
+        .expect("connect to the test postgres")
+}
+
+async fn versions(table: &str) -> Vec<i64> {
+    let mut conn = admin().await;
+    let v = sqlx::query_scalar(&format!(
+        "SELECT version FROM public.\"{table}_schema_version\" ORDER BY version"
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .expect("versions");
+    let _ = conn.close().await;
+    v
+}
+
+fn put_op(key: &str, value: &'static [u8]) -> Op {
+    Op::Put {
+        key: key.into(),
+        value: Bytes::from_static(value),
+        ttl: None,
+    }
+}
+
+#[tokio::test]
+async fn schema_migration_is_idempotent_across_connects() {
+    let all: Vec<i64> = MIGRATIONS.iter().map(|m| m.version).collect();
+    assert!(
+        all.windows(2).all(|w| w[1] == w[0] + 1),
+        "versions must be consecutive"
+    );
+    assert_eq!(all.first(), Some(&1));
+
+    let (first, guard) = fresh_concrete().await;
+    assert_eq!(versions(&guard.table).await, all);
+    first.exec("ns", put_op("k", b"v")).await.expect("put");
+    first.pool.close().await;
+
+    let connector = PostgresConnector::new(config(&guard.table)).expect("config");
+    for _ in 0..2 {
+        let again = connector.connect().await.expect("reconnect");
+        assert_eq!(versions(&guard.table).await, all, "a migration ran twice");
+        assert_eq!(
+            again
+                .exec("ns", Op::Exists { key: "k".into() })
+                .await
+                .expect("exists"),
+            Outcome::Exists(true),
+            "reconnect lost data"
+        );
+        again.close().await;
+    }
+}
+
+#[tokio::test]
+async fn concurrent_first_connects_migrate_exactly_once() {
+    let table = unique_table();
+    let guard = DropTables::new(&table);
+    let connector = PostgresConnector::new(config(&table)).expect("config");
+    let starts: Vec<_> = (0..6)
+        .map(|_| {
+            let connector = connector.clone();
+            tokio::spawn(async move { connector.connect().await })
+        })
+        .collect();
+    let mut backends = Vec::new();
+    for start in starts {
+        backends.push(
+            start
+                .await
+                .expect("connect task")
+                .expect("a concurrent connect failed"),
+        );
+    }
+    let all: Vec<i64> = MIGRATIONS.iter().map(|m| m.version).collect();
+    assert_eq!(versions(&guard.table).await, all);
+    for (i, b) in backends.iter().enumerate() {
+        b.exec("ns", put_op(&format!("k{i}"), b"v"))
+            .await
+            .expect("put");
+    }
+    for b in backends {
+        b.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_start_waits_for_another_instances_migration() {
+    let table = unique_table();
+    let _guard = DropTables::new(&table);
+    let connector = PostgresConnector::new(config(&table)).expect("config");
+    // Another instance in the middle of migrating this table.
+    let mut other = admin().await;
+    other.execute("BEGIN").await.expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(connector.sql.migration_lock)
+        .execute(&mut other)
+        .await
+        .expect("lock");
+    let start = tokio::spawn({
+        let connector = connector.clone();
+        async move { connector.connect().await }
+    });
+    // Wait until the start queues on the lock, as the server sees it
+    // (from a session of its own: a transaction sees one snapshot of
+    // the activity view).
+    let mut observer = admin().await;
+    let patience = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event = 'advisory' AND query LIKE '%pg_advisory_xact_lock%' \
+             AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut observer)
+        .await
+        .expect("pg_stat_activity");
+        if waiting > 0 {
+            break;
+        }
+        assert!(!start.is_finished(), "started during another's migration");
+        assert!(
+            Instant::now() < patience,
+            "the start never queued on the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!start.is_finished(), "started during another's migration");
+    let _ = observer.close().await;
+    other.execute("COMMIT").await.expect("commit");
+    let _ = other.close().await;
+    let b = start.await.expect("start task").expect("connect");
+    assert_eq!(
+        versions(&table).await,
+        MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>()
+    );
+    b.close().await;
+}
+
+#[tokio::test]
+async fn a_schema_newer_than_this_build_is_refused() {
+    let (b, guard) = fresh_concrete().await;
+    b.pool.close().await;
+    let mut conn = admin().await;
+    sqlx::query(&format!(
+        "INSERT INTO public.\"{}_schema_version\" (version, name) VALUES (9999, 'future')",
+        guard.table
+    ))
+    .execute(&mut conn)
+    .await
+    .expect("insert");
+    let _ = conn.close().await;
+    match PostgresConnector::new(config(&guard.table))
+        .expect("config")
+        .connect()
+        .await
+    {
+        Err(e @ Error::Internal(_)) => {
+            let msg = e.chain().to_string();
+            assert!(msg.contains("9999"), "{msg}");
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a newer schema was accepted"),
+    }
+}
+
+#[test]
+fn invalid_identifiers_are_rejected_with_a_clear_message() {
+    for (schema, table, what) in [
+        ("public", "prism-kv", "table"),
+        ("public", "kv\"; DROP TABLE x; --", "table"),
+        ("public", "1kv", "table"),
+        ("public", "", "table"),
+        ("public", &"t".repeat(49), "table"),
+        ("my schema", "prism_kv", "schema"),
+        ("", "prism_kv", "schema"),
+        (&"s".repeat(64), "prism_kv", "schema"),
+    ] {
+        let config = PostgresConfig {
+            schema: schema.into(),
+            table: table.into(),
+            ..PostgresConfig::default()
+        };
+        match PostgresConnector::new(config) {
+            Err(e) => {
+                assert_eq!(e.field, what);
+                let msg = e.to_string();
+                assert!(msg.contains(&format!("invalid postgres {what}")), "{msg}");
+                assert!(
+                    msg.contains(&format!(
+                        "{:?}",
+                        if what == "table" { table } else { schema }
+                    )),
+                    "{msg}"
+                );
+            }
+            Ok(_) => panic!("{schema:?}.{table:?} was accepted"),
+        }
+    }
+    for (schema, table) in [
+        ("public", "prism_kv"),
+        ("_S1", "T_2"),
+        ("a", &"t".repeat(48)),
+    ] {
+        let config = PostgresConfig {
+            schema: schema.into(),
+            table: table.into(),
+            ..PostgresConfig::default()
+        };
+        assert!(PostgresConnector::new(config).is_ok(), "{schema}.{table}");
+    }
+    for url in ["mysql://u:secret@h/db", "postgres://u:secret@h:port/db"] {
+        let bad_url = PostgresConfig {
+            url: url.into(),
+            ..PostgresConfig::default()
+        };
+        match PostgresConnector::new(bad_url) {
+            Err(e) => {
+                assert_eq!(e.field, "url");
+                let msg = e.to_string();
+                assert!(msg.contains("invalid postgres url"), "{msg}");
+                assert!(!msg.contains("secret"), "the password leaked: {msg}");
+            }
+            Ok(other) => panic!("{url}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_config_is_shown_without_its_password() {
+    // The redaction itself is tested with the toolkit.
+    let config = PostgresConfig {
+        url: "postgres://u:hunter2@h/db".into(),
+        ..PostgresConfig::default()
+    };
+    assert!(!format!("{config:?}").contains("hunter2"));
+}
+
+#[tokio::test]
+async fn a_custom_schema_is_created_and_used() {
+    let table = unique_table();
+    let schema = format!("s_{table}");
+    let b = PostgresConnector::new(PostgresConfig {
+        schema: schema.clone(),
+        ..config(&table)
+    })
+    .expect("config")
+    .connect()
+    .await
+    .expect("connect");
+    b.exec("ns", put_op("k", b"v")).await.expect("put");
+    b.close().await;
+    let mut conn = admin().await;
+    let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM \"{schema}\".\"{table}\""))
+        .fetch_one(&mut conn)
+        .await
+        .expect("count");
+    assert_eq!(rows, 1);
+    conn.execute(format!("DROP SCHEMA \"{schema}\" CASCADE").as_str())
+        .await
+        .expect("drop schema");
+    let _ = conn.close().await;
+}
+
+/// Holds a row lock on `ns/key` of `table` in an open transaction until
+/// dropped (or rolled back).
+async fn lock_row(table: &str, key: &str) -> PgConnection {
+    let mut conn = admin().await;
+    conn.execute("BEGIN").await.expect("begin");
+    let locked: Option<i32> = sqlx::query_scalar(&format!(
+        "SELECT 1 FROM public.\"{table}\" WHERE namespace = 'ns' AND key = $1 FOR UPDATE"
+    ))
+    .bind(key)
+    .fetch_optional(&mut conn)
+    .await
+    .expect("lock");
+    assert_eq!(locked, Some(1), "no row to lock");
+    conn
+}
+
+/// Statements on `table` still running on the server, other than ours.
+async fn active_statements(table: &str) -> i64 {
+    let mut conn = admin().await;
+    let n = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE state = 'active' AND pid <> pg_backend_pid() AND query LIKE $1",
+    )
+    .bind(format!("%\"{table}\"%"))
+    .fetch_one(&mut conn)
+    .await
+    .expect("pg_stat_activity");
+    let _ = conn.close().await;
+    n
+}
+
+#[tokio::test]
+async fn a_deadline_cancels_the_statement_on_the_server() {
+    let (b, guard) = fresh_concrete().await;
+    b.exec("ns", put_op("k", b"v1")).await.expect("put");
+    let mut holder = lock_row(&guard.table, "k").await;
+
+    // The lock is held throughout: the operation can only end by its
+    // deadline, and its statement can only leave the server by being
+    // cancelled there.
+    let deadline = Instant::now() + Duration::from_millis(100);
+    let res = tokio::time::timeout(
+        Duration::from_secs(10),
+        b.exec_until("ns", put_op("k", b"v2"), deadline),
+    )
+    .await
+    .expect("the deadline was not honoured");
+    assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
+
+    let patience = Instant::now() + Duration::from_secs(10);
+    while active_statements(&guard.table).await > 0 {
+        assert!(
+            Instant::now() < patience,
+            "the statement kept running on the server"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Its connection came back to the pool and serves other keys.
+    b.exec_until(
+        "ns",
+        put_op("other", b"x"),
+        Instant::now() + Duration::from_secs(5),
+    )
+    .await
+    .expect("put after a cancelled statement");
+
+    holder.execute("ROLLBACK").await.expect("rollback");
+    let _ = holder.close().await;
+    match b.exec("ns", Op::Get { key: "k".into() }).await {
+        Ok(Outcome::Get(Some(r))) => {
+            assert_eq!(
+                r.value,
+                Bytes::from_static(b"v1"),
+                "the cancelled put applied"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    b.pool.close().await;
+}
+
+#[tokio::test]
+async fn a_deadline_bounds_the_wait_for_a_connection() {
+    let table = unique_table();
+    let guard = DropTables::new(&table);
+    let b = PostgresConnector::new(PostgresConfig {
+        max_connections: 1,
+        min_connections: 1,
+        ..config(&table)
+    })
+    .expect("config")
+    .open()
+    .await
+    .expect("connect");
+    b.exec("ns", put_op("k", b"v")).await.expect("put");
+    let mut holder = lock_row(&guard.table, "k").await;
+    // The only connection is stuck behind the lock until its own
+    // deadline; the second operation's deadline comes first.
+    let stuck = b.exec_until(
+        "ns",
+        put_op("k", b"w"),
+        Instant::now() + Duration::from_secs(3),
+    );
+    let waiting = b.exec_until(
+        "ns",
+        Op::Exists { key: "k".into() },
+        Instant::now() + Duration::from_millis(100),
+    );
+    let (stuck, waiting) = tokio::join!(stuck, waiting);
+    assert!(matches!(waiting, Err(Error::Timeout)), "{waiting:?}");
+    assert!(matches!(stuck, Err(Error::Timeout)), "{stuck:?}");
+    holder.execute("ROLLBACK").await.expect("rollback");
+    let _ = holder.close().await;
+    b.pool.close().await;
+}
+
+#[tokio::test]
+async fn the_configured_statement_timeout_bounds_operations_without_a_deadline() {
+    let table = unique_table();
+    let guard = DropTables::new(&table);
+    let b = PostgresConnector::new(PostgresConfig {
+        statement_timeout: Some(Duration::from_millis(100)),
+        ..config(&table)
+    })
+    .expect("config")
+    .open()
+    .await
+    .expect("connect");
+    b.exec("ns", put_op("k", b"v")).await.expect("put");
+    let mut holder = lock_row(&guard.table, "k").await;
+    let res = tokio::time::timeout(
+        Duration::from_secs(10),
+        b.exec("ns", Op::Delete { key: "k".into() }),
+    )
+    .await
+    .expect("the statement timeout was not honoured");
+    assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
+    holder.execute("ROLLBACK").await.expect("rollback");
+    let _ = holder.close().await;
+    b.pool.close().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_unavailable() {
+    let connector = PostgresConnector::new(PostgresConfig {
+        url: "postgres://postgres@127.0.0.1:1/test".into(),
+        acquire_timeout: Duration::from_secs(2),
+        ..PostgresConfig::default()
+    })
+    .expect("config");
+    let started = Instant::now();
+    match connector.connect().await {
+        Err(Error::Unavailable(_)) => {}
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("connected to port 1"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn scan_is_an_ordered_primary_key_range() {
+    let (b, _guard) = fresh_concrete().await;
+    let mut conn = b.pool.acquire().await.expect("conn");
+    // Planner settings that make any sort or sequential scan visible
+    // on a small table.
+    conn.execute("SET enable_seqscan = off; SET enable_sort = off")
+        .await
+        .expect("settings");
+    for (keys_only, exclusive, upper) in [
+        (false, false, true),
+        (true, true, true),
+        (false, true, false),
+    ] {
+        let sql = format!(
+            "EXPLAIN {}",
+            b.sql.scan[super::scan_index(keys_only, exclusive, upper)]
+        );
+        let mut query = sqlx::query_scalar::<_, String>(&sql)
+            .bind("ns")
+            .bind("a")
+            .bind(10i64);
+        if upper {
+            query = query.bind("b");
+        }
+        let plan = query.fetch_all(&mut *conn).await.expect("plan").join("\n");
+        assert!(plan.contains("Index"), "{plan}");
+        assert!(!plan.contains("Sort"), "scan sorts: {plan}");
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+        let cond = if exclusive { "(key > " } else { "(key >= " };
+        assert!(plan.contains(cond), "{plan}");
+        if upper {
+            assert!(plan.contains("(key < "), "{plan}");
+        }
+        assert!(!plan.to_lowercase().contains("like"), "{plan}");
+    }
+    drop(conn);
+    b.pool.close().await;
+}
+
+#[tokio::test]
+async fn connections_report_the_pool() {
+    let (b, _guard) = fresh_concrete().await;
+    b.health().await.expect("health");
+    let stats = b.connections();
+    assert!(stats.in_use + stats.idle >= 1, "{stats:?}");
+    assert!(stats.in_use + stats.idle <= 4, "{stats:?}");
+    assert!(!b.is_inline());
+    b.close().await;
+    assert!(b.health().await.is_err(), "a closed backend still answers");
+}
+
+#[tokio::test]
+async fn huge_ttls_mean_no_expiry() {
+    let (b, _guard) = fresh_concrete().await;
+    for ttl in [
+        Duration::MAX,
+        Duration::from_secs(u64::MAX / 2),
+        crate::backend::toolkit::MAX_TTL * 2,
+    ] {
+        b.exec(
+            "ns",
+            Op::Put {
+                key: "k".into(),
+                value: Bytes::from_static(b"v"),
+                ttl: Some(ttl),
+            },
+        )
+        .await
+        .expect("put");
+        match b.exec("ns", Op::Get { key: "k".into() }).await {
+            Ok(Outcome::Get(Some(r))) => assert_eq!(r.ttl, None),
+            other => panic!("{other:?}"),
+        }
+    }
+    b.pool.close().await;
+}
