@@ -54,6 +54,9 @@ where
     }
 }
 
+/// How long a clean-up may take before it is given up.
+const CLEANUP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Runs an asynchronous clean-up when dropped, whether the test passed or
 /// failed: removes the tables or keys a test made on a shared server.
 pub struct Cleanup {
@@ -88,7 +91,11 @@ impl Drop for Cleanup {
             else {
                 return;
             };
-            rt.block_on(work());
+            // Bounded: a server that stops answering must not hang the
+            // test run; what is left behind has names no other test uses.
+            rt.block_on(async {
+                let _ = tokio::time::timeout(CLEANUP_PATIENCE, work()).await;
+            });
         });
         let _ = cleanup.join();
     }

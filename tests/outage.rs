@@ -124,7 +124,7 @@ acquire_timeout = "1s"
         gateway_waits_for_a_lock(&pg.url(), Duration::from_secs(5)).await,
         "the gateway's put never waited for the lock"
     );
-    let watcher = sqlx::PgPool::connect(&pg.url()).await.expect("connect");
+    let watcher = common::db::bounded_pool(&pg.url()).await.expect("connect");
     let processes: Vec<i32> =
         sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()")
             .fetch_all(&watcher)

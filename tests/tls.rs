@@ -615,7 +615,7 @@ async fn postgres_connections_use_tls_with_sslmode_require() {
     })
     .unwrap();
     let backend = connector.connect().await.unwrap();
-    let pool = sqlx::PgPool::connect(&base).await.unwrap();
+    let pool = common::db::bounded_pool(&base).await.unwrap();
     let ssl: Vec<bool> = sqlx::query_scalar(
         "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = $1",
     )

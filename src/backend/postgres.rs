@@ -19,6 +19,7 @@
 //! another instance takes it at its next purge.
 
 use std::fmt;
+use std::future::Future;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -30,8 +31,8 @@ use sqlx::Connection as _;
 use tokio::time::Instant;
 
 use super::toolkit::{
-    fetch_count, instance_id, purge_in_batches, redact_url, scan_page, sql_item, stored_ttl, until,
-    Batch, KeyRange, Migration, Schema,
+    fetch_count, instance_id, purge_in_batches, redact_url, scan_page, sql_item, stored_ttl, Batch,
+    KeyRange, Migration, Schema,
 };
 use super::{
     context, Backend, BoxFuture, ConfigError, Connector, Error, Op, Outcome, PoolStats, Record,
@@ -493,106 +494,66 @@ impl PostgresBackend {
     /// one: on the client, by giving up at the deadline (waiting for a
     /// connection included), and on the server, by a statement timeout of
     /// the time left.
+    ///
+    /// A query future dropped mid-flight can leave its connection waiting
+    /// for answers that never come, so the attempt is never cut short: at
+    /// the deadline the caller gets `Timeout` and the attempt goes on in the
+    /// background, where the statement timeout ends it at about the same
+    /// moment and its connection goes back to the pool in a known state.
     async fn exec_bounded(
         &self,
         namespace: &str,
         op: Op,
         deadline: Option<Instant>,
     ) -> Result<Outcome, Error> {
-        let work = async {
-            let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
+        let work = self.attempt(namespace, op, deadline);
+        let Some(deadline) = deadline else {
+            return work.await;
+        };
+        let mut work = Box::pin(work);
+        tokio::select! {
+            biased;
+            out = &mut work => out,
+            () = tokio::time::sleep_until(deadline) => {
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(ABANDONED_GRACE, work).await;
+                });
+                Err(Error::Timeout)
+            }
+        }
+    }
+
+    /// One operation on a pooled connection, owning everything it needs so
+    /// that it can finish after its caller has gone.
+    fn attempt(
+        &self,
+        namespace: &str,
+        op: Op,
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Result<Outcome, Error>> + Send + 'static {
+        let pool = self.pool.clone();
+        let sql = Arc::clone(&self.sql);
+        let statement_timeout = self.statement_timeout;
+        let namespace = namespace.to_owned();
+        async move {
+            let mut conn = Checkout::new(pool.acquire().await.map_err(map_sqlx)?);
             let timeout = match deadline {
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
+                        conn.finished();
                         return Err(Error::Timeout);
                     }
-                    Some(self.statement_timeout.map_or(left, |t| t.min(left)))
+                    Some(statement_timeout.map_or(left, |t| t.min(left)))
                 }
-                None => self.statement_timeout,
+                None => statement_timeout,
             };
-            set_statement_timeout(&mut conn, timeout).await?;
-            self.run(&mut conn, namespace, op).await.map_err(map_sqlx)
-        };
-        match deadline {
-            Some(deadline) => until(deadline, work).await,
-            None => work.await,
-        }
-    }
-
-    async fn run(
-        &self,
-        conn: &mut PgConnection,
-        namespace: &str,
-        op: Op,
-    ) -> Result<Outcome, sqlx::Error> {
-        let sql = &*self.sql;
-        match op {
-            Op::Get { key } => {
-                let row: Option<(Vec<u8>, Option<i64>)> = sqlx::query_as(&sql.get)
-                    .bind(namespace)
-                    .bind(key.as_str())
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                Ok(Outcome::Get(row.map(|(value, ttl_us)| Record {
-                    value: Bytes::from(value),
-                    // The liveness filter guarantees a positive remainder;
-                    // the floor keeps a live key from reporting zero.
-                    ttl: ttl_us.map(|us| Duration::from_micros(us.max(1).unsigned_abs())),
-                })))
-            }
-            Op::Put { key, value, ttl } => {
-                sqlx::query(&sql.put)
-                    .bind(namespace)
-                    .bind(key.as_str())
-                    .bind(&value[..])
-                    .bind(ttl_interval(ttl))
-                    .execute(&mut *conn)
-                    .await?;
-                Ok(Outcome::Put)
-            }
-            Op::Delete { key } => {
-                // One statement removes the row, expired or not, and tells
-                // whether it was live.
-                let live: Option<bool> = sqlx::query_scalar(&sql.delete)
-                    .bind(namespace)
-                    .bind(key.as_str())
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                Ok(Outcome::Delete(live == Some(true)))
-            }
-            Op::Exists { key } => {
-                let row: Option<i32> = sqlx::query_scalar(&sql.exists)
-                    .bind(namespace)
-                    .bind(key.as_str())
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                Ok(Outcome::Exists(row.is_some()))
-            }
-            Op::Scan {
-                prefix,
-                after,
-                limit,
-                keys_only,
-            } => {
-                let range = KeyRange::new(&prefix, after.as_deref());
-                // One row past the page tells whether more follow.
-                let fetch = i64::try_from(fetch_count(limit)).unwrap_or(i64::MAX);
-                let index = scan_index(
-                    keys_only,
-                    range.lower_is_exclusive(),
-                    range.upper().is_some(),
-                );
-                let mut query = sqlx::query(&sql.scan[index])
-                    .bind(namespace)
-                    .bind(range.lower())
-                    .bind(fetch);
-                if let Some(upper) = range.upper() {
-                    query = query.bind(upper);
-                }
-                let rows = query.fetch_all(&mut *conn).await?;
-                scan_page(rows.iter().map(|row| sql_item(row, keys_only)), limit)
-            }
+            let out = match set_statement_timeout(&mut conn, timeout).await {
+                Ok(()) => run(&sql, &mut conn, &namespace, op).await.map_err(map_sqlx),
+                Err(e) => Err(e),
+            };
+            conn.finished();
+            out
         }
     }
 
@@ -660,13 +621,140 @@ impl PostgresBackend {
     }
 
     async fn ping(&self) -> Result<(), Error> {
-        let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
+        let mut conn = Checkout::new(self.pool.acquire().await.map_err(map_sqlx)?);
         set_statement_timeout(&mut conn, self.statement_timeout).await?;
         sqlx::query("SELECT 1")
             .execute(&mut *conn)
             .await
             .map_err(map_sqlx)?;
+        conn.finished();
         Ok(())
+    }
+}
+
+/// Runs one operation's statement on `conn`.
+async fn run(
+    sql: &Sql,
+    conn: &mut PgConnection,
+    namespace: &str,
+    op: Op,
+) -> Result<Outcome, sqlx::Error> {
+    match op {
+        Op::Get { key } => {
+            let row: Option<(Vec<u8>, Option<i64>)> = sqlx::query_as(&sql.get)
+                .bind(namespace)
+                .bind(key.as_str())
+                .fetch_optional(&mut *conn)
+                .await?;
+            Ok(Outcome::Get(row.map(|(value, ttl_us)| Record {
+                value: Bytes::from(value),
+                // The liveness filter guarantees a positive remainder;
+                // the floor keeps a live key from reporting zero.
+                ttl: ttl_us.map(|us| Duration::from_micros(us.max(1).unsigned_abs())),
+            })))
+        }
+        Op::Put { key, value, ttl } => {
+            sqlx::query(&sql.put)
+                .bind(namespace)
+                .bind(key.as_str())
+                .bind(&value[..])
+                .bind(ttl_interval(ttl))
+                .execute(&mut *conn)
+                .await?;
+            Ok(Outcome::Put)
+        }
+        Op::Delete { key } => {
+            // One statement removes the row, expired or not, and tells
+            // whether it was live.
+            let live: Option<bool> = sqlx::query_scalar(&sql.delete)
+                .bind(namespace)
+                .bind(key.as_str())
+                .fetch_optional(&mut *conn)
+                .await?;
+            Ok(Outcome::Delete(live == Some(true)))
+        }
+        Op::Exists { key } => {
+            let row: Option<i32> = sqlx::query_scalar(&sql.exists)
+                .bind(namespace)
+                .bind(key.as_str())
+                .fetch_optional(&mut *conn)
+                .await?;
+            Ok(Outcome::Exists(row.is_some()))
+        }
+        Op::Scan {
+            prefix,
+            after,
+            limit,
+            keys_only,
+        } => {
+            let range = KeyRange::new(&prefix, after.as_deref());
+            // One row past the page tells whether more follow.
+            let fetch = i64::try_from(fetch_count(limit)).unwrap_or(i64::MAX);
+            let index = scan_index(
+                keys_only,
+                range.lower_is_exclusive(),
+                range.upper().is_some(),
+            );
+            let mut query = sqlx::query(&sql.scan[index])
+                .bind(namespace)
+                .bind(range.lower())
+                .bind(fetch);
+            if let Some(upper) = range.upper() {
+                query = query.bind(upper);
+            }
+            let rows = query.fetch_all(&mut *conn).await?;
+            scan_page(rows.iter().map(|row| sql_item(row, keys_only)), limit)
+        }
+    }
+}
+
+/// How long an operation whose caller gave up at its deadline may go on
+/// in the background before its connection is closed instead.
+const ABANDONED_GRACE: Duration = Duration::from_secs(5);
+
+/// A pooled connection that goes back to the pool only when its user
+/// finished with it. Dropped in the middle of a statement (its future
+/// cancelled), it is closed instead: its protocol state is unknown, and a
+/// connection returned in that state can wait forever for answers that
+/// never come, taking its pool slot with it.
+struct Checkout {
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    finished: bool,
+}
+
+impl Checkout {
+    fn new(conn: sqlx::pool::PoolConnection<sqlx::Postgres>) -> Self {
+        Checkout {
+            conn,
+            finished: false,
+        }
+    }
+
+    /// Marks the connection as fit to go back to the pool.
+    fn finished(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl std::ops::Deref for Checkout {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Checkout {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.conn.close_on_drop();
+        }
     }
 }
 

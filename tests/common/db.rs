@@ -29,9 +29,31 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}_{n}", std::process::id())
 }
 
+/// How long a test's own statement or connect may take: a server that
+/// stops answering fails the test instead of hanging it.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Options for the tests' own sessions on `url`: statements and connects
+/// are bounded by [`PATIENCE`].
+pub fn bounded(url: &str) -> sqlx::postgres::PgConnectOptions {
+    use std::str::FromStr as _;
+    sqlx::postgres::PgConnectOptions::from_str(url)
+        .expect("test postgres url")
+        .options([("statement_timeout", "10s")])
+}
+
+/// A pool of the tests' own bounded sessions on `url`.
+pub async fn bounded_pool(url: &str) -> anyhow::Result<sqlx::PgPool> {
+    sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(PATIENCE)
+        .connect_with(bounded(url))
+        .await
+        .context("connect to the test postgres")
+}
+
 /// Drops a gateway's table (and its schema version table) on `url`.
 pub async fn drop_table(url: &str, table: &str) {
-    if let Ok(pool) = sqlx::PgPool::connect(url).await {
+    if let Ok(Ok(pool)) = tokio::time::timeout(PATIENCE, bounded_pool(url)).await {
         for t in [table.to_owned(), format!("{table}_schema_version")] {
             let _ = sqlx::query(&format!("DROP TABLE IF EXISTS \"{t}\""))
                 .execute(&pool)
@@ -89,7 +111,11 @@ pub struct RowLock(sqlx::PgConnection);
 
 impl RowLock {
     pub async fn take(url: &str, table: &str, namespace: &str, key: &str) -> anyhow::Result<Self> {
-        let mut conn = sqlx::PgConnection::connect(url).await.context("connect")?;
+        let mut conn =
+            tokio::time::timeout(PATIENCE, sqlx::PgConnection::connect_with(&bounded(url)))
+                .await
+                .context("connect timed out")?
+                .context("connect")?;
         sqlx::query("BEGIN")
             .execute(&mut conn)
             .await
@@ -114,7 +140,7 @@ impl RowLock {
 /// Polls until a query of the gateway (`application_name` prism) on `url`
 /// waits for a lock, for up to `within`.
 pub async fn gateway_waits_for_a_lock(url: &str, within: Duration) -> bool {
-    let Ok(pool) = sqlx::PgPool::connect(url).await else {
+    let Ok(Ok(pool)) = tokio::time::timeout(PATIENCE, bounded_pool(url)).await else {
         return false;
     };
     let waiting = eventually(within, || async {

@@ -150,22 +150,36 @@ impl ThrowawayPostgres {
             .context("empty postmaster.pid")?
             .trim()
             .to_owned();
-        let children: Vec<String> = processes.iter().map(i32::to_string).collect();
+        // Only this server's own children: a process that ended since it
+        // was listed may have left its pid to an unrelated one, which must
+        // never be frozen.
+        let children: Vec<String> = processes
+            .iter()
+            .filter(|pid| parent_of(**pid).is_some_and(|p| p.to_string() == postmaster))
+            .map(i32::to_string)
+            .collect();
         // Some children may have ended already: kill's status is ignored.
         let signal = |sig: &str, pids: &[String]| {
             let mut kill = Command::new("kill");
             kill.arg(sig).args(pids);
             run_checked(kill)
         };
-        let _ = signal("-STOP", &children).await;
-        signal("-KILL", std::slice::from_ref(&postmaster)).await?;
+        if !children.is_empty() {
+            let _ = signal("-STOP", &children).await;
+        }
+        let killed = signal("-KILL", std::slice::from_ref(&postmaster)).await;
         let addr = format!("127.0.0.1:{}", self.port);
         let gone = eventually(Duration::from_secs(5), || async {
             tokio::net::TcpStream::connect(&addr).await.is_err()
         })
         .await;
+        // Frozen children are killed whatever happened above: none may
+        // outlive the test.
+        if !children.is_empty() {
+            let _ = signal("-KILL", &children).await;
+        }
+        killed?;
         ensure!(gone, "postmaster {postmaster} still accepts connections");
-        let _ = signal("-KILL", &children).await;
         Ok(())
     }
 }
@@ -190,6 +204,15 @@ impl Drop for ThrowawayPostgres {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// The parent of process `pid`, from `/proc/<pid>/stat`.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: the fields
+    // after the last ')' are the state, then the parent's pid.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The newest PostgreSQL's binaries.

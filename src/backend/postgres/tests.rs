@@ -2,6 +2,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use std::str::FromStr as _;
+
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, Executor, PgConnection};
 use tokio::time::Instant;
 
@@ -41,7 +44,9 @@ impl DropTables {
     fn new(table: &str) -> Self {
         let name = table.to_owned();
         let cleanup = Cleanup::new(move || async move {
-            let Ok(mut conn) = PgConnection::connect(&url()).await else {
+            let Ok(Ok(mut conn)) =
+                tokio::time::timeout(PATIENCE, PgConnection::connect_with(&admin_options())).await
+            else {
                 return;
             };
             let _ = conn
@@ -74,9 +79,21 @@ async fn fresh_concrete() -> (PostgresBackend, DropTables) {
     (backend, guard)
 }
 
+/// How long a test's own statement or connect may take: a server that
+/// stops answering fails the test instead of hanging it.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// The test's own sessions: their statements are bounded by `PATIENCE`.
+fn admin_options() -> PgConnectOptions {
+    PgConnectOptions::from_str(&url())
+        .expect("test postgres url")
+        .options([("statement_timeout", "10s")])
+}
+
 async fn admin() -> PgConnection {
-    PgConnection::connect(&url())
+    tokio::time::timeout(PATIENCE, PgConnection::connect_with(&admin_options()))
         .await
+        .expect("connecting to the test postgres timed out")
         .expect("connect to the test postgres")
 }
 
@@ -218,7 +235,7 @@ async fn a_start_waits_for_another_instances_migration() {
 #[tokio::test]
 async fn a_schema_newer_than_this_build_is_refused() {
     let (b, guard) = fresh_concrete().await;
-    b.pool.close().await;
+    close(&b.pool).await;
     let mut conn = admin().await;
     sqlx::query(&format!(
         "INSERT INTO public.\"{}_schema_version\" (version, name) VALUES (9999, 'future')",
@@ -408,7 +425,10 @@ async fn a_deadline_cancels_the_statement_on_the_server() {
 
     holder.execute("ROLLBACK").await.expect("rollback");
     let _ = holder.close().await;
-    match b.exec("ns", Op::Get { key: "k".into() }).await {
+    match b
+        .exec_until("ns", Op::Get { key: "k".into() }, Instant::now() + PATIENCE)
+        .await
+    {
         Ok(Outcome::Get(Some(r))) => {
             assert_eq!(
                 r.value,
@@ -418,7 +438,7 @@ async fn a_deadline_cancels_the_statement_on_the_server() {
         }
         other => panic!("{other:?}"),
     }
-    b.pool.close().await;
+    close(&b.pool).await;
 }
 
 #[tokio::test]
@@ -453,7 +473,7 @@ async fn a_deadline_bounds_the_wait_for_a_connection() {
     assert!(matches!(stuck, Err(Error::Timeout)), "{stuck:?}");
     holder.execute("ROLLBACK").await.expect("rollback");
     let _ = holder.close().await;
-    b.pool.close().await;
+    close(&b.pool).await;
 }
 
 #[tokio::test]
@@ -479,7 +499,7 @@ async fn the_configured_statement_timeout_bounds_operations_without_a_deadline()
     assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
     holder.execute("ROLLBACK").await.expect("rollback");
     let _ = holder.close().await;
-    b.pool.close().await;
+    close(&b.pool).await;
 }
 
 #[tokio::test]
@@ -540,7 +560,7 @@ async fn scan_is_an_ordered_primary_key_range() {
         assert!(!plan.to_lowercase().contains("like"), "{plan}");
     }
     drop(conn);
-    b.pool.close().await;
+    close(&b.pool).await;
 }
 
 #[tokio::test]
@@ -578,5 +598,78 @@ async fn huge_ttls_mean_no_expiry() {
             other => panic!("{other:?}"),
         }
     }
-    b.pool.close().await;
+    close(&b.pool).await;
+}
+
+/// Closes a test's pool, which waits for every connection to come back:
+/// one that never does fails the test, showing what the server's sessions
+/// were doing, instead of hanging it.
+async fn close(pool: &sqlx::PgPool) {
+    if tokio::time::timeout(PATIENCE, pool.close()).await.is_ok() {
+        return;
+    }
+    let mut conn = admin().await;
+    let sessions: Vec<(i32, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT pid, state, wait_event, left(query, 100) FROM pg_stat_activity \
+         WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap_or_default();
+    panic!(
+        "a connection never came back to the pool (size {}, idle {}); sessions: {sessions:?}",
+        pool.size(),
+        pool.num_idle()
+    );
+}
+
+#[tokio::test]
+async fn connections_of_operations_cut_off_at_their_deadline_come_back_to_the_pool() {
+    let table = unique_table();
+    let guard = DropTables::new(&table);
+    let b = PostgresConnector::new(PostgresConfig {
+        max_connections: 2,
+        min_connections: 1,
+        ..config(&table)
+    })
+    .expect("config")
+    .open()
+    .await
+    .expect("connect to the test postgres");
+    b.exec("ns", put_op("k", b"v1")).await.expect("put");
+    let holder = lock_row(&guard.table, "k").await;
+
+    // Every put waits for the lock until its deadline; the deadlines end
+    // at many different points of their connection's exchange with the
+    // server (waiting for a connection, setting the timeout, the statement).
+    let b = std::sync::Arc::new(b);
+    let mut cut_off = tokio::task::JoinSet::new();
+    for i in 0..40u64 {
+        let b = std::sync::Arc::clone(&b);
+        let deadline = Instant::now() + Duration::from_millis(20 + (i * 7) % 90);
+        cut_off.spawn(async move { b.exec_until("ns", put_op("k", b"v2"), deadline).await });
+    }
+    while let Some(res) = cut_off.join_next().await {
+        let res = res.expect("put task");
+        assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
+    }
+    drop(holder);
+
+    // Both connections serve again, and the pool closes: none was lost.
+    let mut after = tokio::task::JoinSet::new();
+    for i in 0..2 {
+        let b = std::sync::Arc::clone(&b);
+        after.spawn(async move {
+            b.exec_until(
+                "ns",
+                put_op(&format!("after{i}"), b"x"),
+                Instant::now() + PATIENCE,
+            )
+            .await
+        });
+    }
+    while let Some(res) = after.join_next().await {
+        res.expect("put task").expect("put after the cut-offs");
+    }
+    close(&b.pool).await;
 }
