@@ -563,6 +563,15 @@ backend = "mem"
     }
 
     #[test]
+    fn a_section_of_a_text_without_a_file_is_not_blamed_on_the_environment() {
+        let text = format!("{ORDERS}\n[backends.memm]\npool_size = 4\n");
+        let err = Settings::from_toml(&text).expect_err("no kind");
+        assert_eq!(err.key(), Some("backends.memm.kind"), "{err}");
+        assert_eq!(err.origin(), None, "{err}");
+        assert!(!err.to_string().contains("environment"), "{err}");
+    }
+
+    #[test]
     fn a_missing_key_names_the_file_of_its_section() {
         let dir = settings_dir(&ORDERS.replace("grpc_addr = \"127.0.0.1:0\"\n", ""));
         let file = file_in(dir.path());

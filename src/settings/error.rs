@@ -245,7 +245,9 @@ fn expected_at(key: &str, root: &Value) -> (Option<String>, Option<String>) {
     {
         return (Some(file.to_owned()), None);
     }
-    if leaves.is_empty() {
+    // Values of a text without a file (`Settings::from_toml`) have no
+    // origin at all: nothing to tell then.
+    if leaves.is_empty() || leaves.iter().any(|(_, v)| v.origin().is_none()) {
         return (section.origin().map(str::to_owned), None);
     }
     let vars: Vec<String> = leaves
