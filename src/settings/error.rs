@@ -153,10 +153,10 @@ impl Error {
         match &mut self {
             Error::Invalid { key, origin, .. }
             | Error::BadValue { key, origin, .. }
-            | Error::UnknownKey { key, origin, .. } => {
-                if origin.is_none() {
-                    *origin = lookup(root, key).and_then(origin_of);
-                }
+            | Error::UnknownKey { key, origin, .. }
+                if origin.is_none() =>
+            {
+                *origin = lookup(root, key).and_then(origin_of);
             }
             Error::Missing { key, origin, hint } if origin.is_none() => {
                 (*origin, *hint) = expected_at(key, root);
