@@ -10,9 +10,11 @@
 //! - TTLs: any `ttl_ms` is refused past 100 years, or stored and reported
 //!   back at most as long as asked and never 0 for a live key, on memory,
 //!   SQLite, PostgreSQL and Redis;
-//! - settings: arbitrary TOML-ish text and arbitrary values of numeric and
-//!   duration keys, from a file or a variable, load or give a settings
-//!   error naming the key, never a panic.
+//! - settings: arbitrary values of numeric and duration keys, from a file
+//!   or a variable, load or give a settings error naming the key; arbitrary
+//!   TOML-ish text loads, or is a syntax error naming the line, or an error
+//!   naming a key; never a panic. (Note: the `config` crate turns `true`
+//!   into 1 and truncates floats for integer keys, so those load.)
 //!
 //! Each property runs a modest number of cases so the file finishes in
 //! seconds; a failure prints the smallest input proptest found.
