@@ -386,3 +386,199 @@ fn principals_are_checked_when_loaded() {
         assert!(err.to_string().contains("default.toml"), "{err}");
     }
 }
+
+// Edge cases of the settings files themselves, each checked through the
+// loader and through `prism check-config`, which must exit 64 naming the
+// key and the file or variable.
+
+mod edge_cases {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::process::Command;
+
+    use super::common::binary::{prism, run, stderr};
+    use super::*;
+
+    /// `prism check-config --settings <dir>` with `vars` set: its exit code
+    /// and stderr. Nothing may be printed on stdout when it fails.
+    fn check_config(mut cmd: Command, dir: &Path, vars: &[(&str, &str)]) -> (Option<i32>, String) {
+        cmd.args(["check-config", "--settings"]).arg(dir);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let out = run(&mut cmd);
+        let err = stderr(&out);
+        if out.status.code() != Some(0) {
+            assert!(out.stdout.is_empty(), "stdout on error: {err}");
+        }
+        (out.status.code(), err)
+    }
+
+    /// How a message names `dir`'s default.toml: the `config` crate may
+    /// shorten the path to a relative one, which ends with this.
+    fn file_in(dir: &Path) -> String {
+        let name = dir.file_name().expect("dir name").to_string_lossy();
+        format!("{name}/default.toml")
+    }
+
+    fn assert_refused(code: Option<i32>, err: &str, expected: &[&str]) {
+        assert_eq!(code, Some(64), "stderr: {err}");
+        assert!(err.starts_with("error: "), "{err}");
+        for e in expected {
+            assert!(err.contains(e), "stderr lacks {e:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_empty_settings_file_names_the_file_and_the_first_missing_key() {
+        let dir = settings_dir("# nothing set yet\n\n");
+        let file = file_in(dir.path());
+        let err = load(dir.path()).expect_err("an empty file is refused");
+        assert!(matches!(err, Error::Missing { .. }), "{err:?}");
+        assert_eq!(err.key(), Some("server"), "{err}");
+        assert!(err.origin().is_some_and(|o| o.ends_with(&file)), "{err}");
+        assert!(err.to_string().contains("sets any key"), "{err}");
+
+        let (code, err) = check_config(prism(), dir.path(), &[]);
+        assert_refused(code, &err, &["`server`", &file]);
+    }
+
+    #[test]
+    fn a_directory_in_place_of_the_settings_file_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("default.toml")).expect("mkdir");
+        let file = dir.path().join("default.toml").display().to_string();
+        let err = load(dir.path()).expect_err("a directory is no file");
+        assert!(matches!(err, Error::Read { .. }), "{err:?}");
+        assert!(err.to_string().contains("is a directory"), "{err}");
+        let (code, err) = check_config(prism(), dir.path(), &[]);
+        assert_refused(code, &err, &[&file, "is a directory"]);
+
+        // The other way round: the file named where the directory belongs.
+        let dir = settings_dir(&default_toml());
+        let file = dir.path().join("default.toml");
+        let err = load(&file).expect_err("a file is no directory");
+        assert!(matches!(err, Error::NotADirectory { .. }), "{err:?}");
+        let (code, err) = check_config(prism(), &file, &[]);
+        assert_refused(
+            code,
+            &err,
+            &[&file.display().to_string(), "not a directory", "--settings"],
+        );
+    }
+
+    /// Root reads any file whatever its mode, so as root the binary runs
+    /// as `nobody`, which may enter the directory but not read the file.
+    #[test]
+    fn an_unreadable_settings_file_is_named() {
+        let dir = settings_dir(&default_toml());
+        let file = dir.path().join("default.toml");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod dir");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o000))
+            .expect("chmod file");
+        let as_root = nix_is_root();
+        let cmd = if as_root {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "nobody", "--", env!("CARGO_BIN_EXE_prism")])
+                .env_clear()
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .stdin(std::process::Stdio::null());
+            cmd
+        } else {
+            let err = load(dir.path()).expect_err("an unreadable file is refused");
+            assert!(matches!(err, Error::Read { .. }), "{err:?}");
+            prism()
+        };
+        let (code, err) = check_config(cmd, dir.path(), &[]);
+        assert_refused(
+            code,
+            &err,
+            &[&file.display().to_string(), "Permission denied"],
+        );
+    }
+
+    fn nix_is_root() -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+    }
+
+    const ORDERS: &str = r#"
+[server]
+grpc_addr = "127.0.0.1:0"
+http_addr = "127.0.0.1:0"
+
+[backends.mem]
+kind = "memory"
+
+[namespaces.orders]
+backend = "mem"
+"#;
+
+    #[test]
+    fn a_misspelt_namespace_in_a_variable_names_the_variable_and_the_namespace_meant() {
+        let dir = settings_dir(ORDERS);
+        let file = file_in(dir.path());
+        let var = ("PRISM__NAMESPACES__ORDRES__TIMEOUT", "1s");
+        let err = load_env(dir.path(), &[var]).expect_err("a half-defined namespace");
+        assert_eq!(err.key(), Some("namespaces.ordres.backend"), "{err}");
+        let message = err.to_string();
+        for expected in [
+            "PRISM__NAMESPACES__ORDRES__TIMEOUT",
+            "`namespaces.orders`",
+            &file,
+        ] {
+            assert!(message.contains(expected), "lacks {expected:?}: {message}");
+        }
+        let (code, err) = check_config(prism(), dir.path(), &[var]);
+        assert_refused(
+            code,
+            &err,
+            &[
+                "`namespaces.ordres.backend`",
+                "PRISM__NAMESPACES__ORDRES__TIMEOUT",
+                "namespaces.orders",
+            ],
+        );
+
+        // Spelt right, the same variable overrides the file's namespace.
+        let var = ("PRISM__NAMESPACES__ORDERS__TIMEOUT", "1s");
+        let s = load_env(dir.path(), &[var]).expect("an override loads");
+        assert_eq!(s.namespaces["orders"].timeout, Duration::from_secs(1));
+        let (code, err) = check_config(prism(), dir.path(), &[var]);
+        assert_eq!(code, Some(0), "{err}");
+    }
+
+    #[test]
+    fn a_misspelt_backend_in_a_variable_names_the_variable_and_the_backend_meant() {
+        let dir = settings_dir(ORDERS);
+        let err = load_env(dir.path(), &[("PRISM__BACKENDS__MEMM__POOL_SIZE", "4")])
+            .expect_err("a half-defined backend");
+        assert_eq!(err.key(), Some("backends.memm.kind"), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("PRISM__BACKENDS__MEMM__POOL_SIZE")
+                && message.contains("`backends.mem`"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_section_of_a_text_without_a_file_is_not_blamed_on_the_environment() {
+        let text = format!("{ORDERS}\n[backends.memm]\npool_size = 4\n");
+        let err = Settings::from_toml(&text).expect_err("no kind");
+        assert_eq!(err.key(), Some("backends.memm.kind"), "{err}");
+        assert_eq!(err.origin(), None, "{err}");
+        assert!(!err.to_string().contains("environment"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_key_names_the_file_of_its_section() {
+        let dir = settings_dir(&ORDERS.replace("grpc_addr = \"127.0.0.1:0\"\n", ""));
+        let file = file_in(dir.path());
+        let err = load(dir.path()).expect_err("no grpc_addr");
+        assert_eq!(err.key(), Some("server.grpc_addr"), "{err}");
+        assert!(err.origin().is_some_and(|o| o.ends_with(&file)), "{err}");
+        let (code, err) = check_config(prism(), dir.path(), &[]);
+        assert_refused(code, &err, &["`server.grpc_addr`", &file]);
+    }
+}

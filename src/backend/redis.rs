@@ -28,6 +28,7 @@ use deadpool_redis::redis::aio::ConnectionLike;
 use deadpool_redis::redis::{self, IntoConnectionInfo, RedisError, Value};
 use deadpool_redis::{Connection, Manager, Pool, PoolError, Runtime, TimeoutType};
 use tokio::time::Instant;
+use tracing::{debug, warn};
 
 use super::toolkit::{
     fetch_count, instance_id, purge_in_batches, redact_url, scan_page, stored_ttl, until, Batch,
@@ -91,12 +92,21 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
-/// Connects to Redis. Cheap to clone.
+/// Connects to Redis. Cheap to clone (clones share whether the server's
+/// eviction policy was checked).
 #[derive(Clone, Debug)]
 pub struct RedisConnector {
     config: RedisConfig,
     purge_lease: Duration,
+    /// The backend's name in the settings, for log lines.
+    name: Arc<str>,
+    /// Set once the first connect has asked the server for its
+    /// `maxmemory-policy`, so that restarts do not repeat the warning.
+    policy_checked: Arc<AtomicBool>,
 }
+
+/// The only `maxmemory-policy` under which Redis keeps every key Prism wrote.
+pub const REQUIRED_EVICTION_POLICY: &str = "noeviction";
 
 impl RedisConnector {
     /// A connector for `config`. Fails, naming the field (`url` or
@@ -114,7 +124,15 @@ impl RedisConnector {
         Ok(RedisConnector {
             config,
             purge_lease: DEFAULT_PURGE_LEASE,
+            name: "redis".into(),
+            policy_checked: Arc::default(),
         })
+    }
+
+    /// Names the backend in this connector's log lines (default `redis`).
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = name.into();
+        self
     }
 
     /// How long the purge lease lasts unless its holder renews it (default
@@ -155,6 +173,9 @@ impl RedisConnector {
         // server fails the start, and load the scripts while at it.
         let loaded = async {
             let mut conn = pool.get().await.map_err(map_pool)?;
+            if !self.policy_checked.swap(true, Ordering::Relaxed) {
+                self.check_eviction_policy(&mut conn).await;
+            }
             let scan = Script::load(&mut conn, SCAN_SCRIPT).await?;
             let purge = Script::load(&mut conn, PURGE_SCRIPT).await?;
             let lease = PurgeLease::load(&mut conn, &c.key_prefix, self.purge_lease).await?;
@@ -176,6 +197,47 @@ impl RedisConnector {
             lease,
             registry: Registry::new(&c.key_prefix),
         })
+    }
+}
+
+impl RedisConnector {
+    /// Warns when the server may evict keys. A value and its entry in the
+    /// namespace's scan index are separate keys: under an evicting policy
+    /// Redis may drop one without the other (scans then skip live keys),
+    /// or drop values that have no TTL and the purge lease. Prism never sets
+    /// the policy itself (the server may be shared); a server that hides
+    /// `CONFIG` (renamed, disabled, or not granted by its ACL) is not
+    /// checked.
+    async fn check_eviction_policy<C: ConnectionLike>(&self, conn: &mut C) {
+        let reply: Result<std::collections::HashMap<String, String>, RedisError> =
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory-policy")
+                .query_async(conn)
+                .await;
+        let backend = &*self.name;
+        match reply.map(|mut config| config.remove("maxmemory-policy")) {
+            Ok(Some(policy)) if policy.eq_ignore_ascii_case(REQUIRED_EVICTION_POLICY) => {
+                debug!(backend, maxmemory_policy = %policy, "redis eviction policy checked");
+            }
+            Ok(Some(policy)) => warn!(
+                backend,
+                url = %redact_url(&self.config.url),
+                maxmemory_policy = %policy,
+                required = REQUIRED_EVICTION_POLICY,
+                reason = "under memory pressure redis may evict a value apart from its scan index entry, so scans skip live keys, or evict keys without a ttl and the purge lease",
+                "redis may evict keys; set maxmemory-policy noeviction"
+            ),
+            Ok(None) => {
+                debug!(
+                    backend,
+                    "redis did not report its maxmemory-policy; eviction is not checked"
+                );
+            }
+            Err(e) => {
+                debug!(backend, error = %e, "cannot read the redis maxmemory-policy; eviction is not checked");
+            }
+        }
     }
 }
 

@@ -45,9 +45,11 @@ impl Gateway {
             BackendKind::Postgres(s) => {
                 Arc::new(PostgresConnector::new(s.config(&b.pool)).map_err(invalid)?)
             }
-            BackendKind::Redis(s) => {
-                Arc::new(RedisConnector::new(s.config(&b.pool)).map_err(invalid)?)
-            }
+            BackendKind::Redis(s) => Arc::new(
+                RedisConnector::new(s.config(&b.pool))
+                    .map_err(invalid)?
+                    .named(name),
+            ),
             BackendKind::RedisCluster(s) => {
                 Arc::new(RedisClusterConnector::new(s.config(&b.pool)).map_err(invalid)?)
             }

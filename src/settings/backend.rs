@@ -354,7 +354,7 @@ pub(super) fn parse_backend(
     };
     let kind_key = format!("{key}.kind");
     let kind = match table.remove("kind").map(|v| v.kind) {
-        None => return Err(Error::Missing { key: kind_key }),
+        None => return Err(Error::missing(kind_key)),
         Some(ValueKind::String(s)) => s,
         Some(_) => return Err(Error::bad_value(&kind_key, "must be a string")),
     };

@@ -97,7 +97,7 @@ impl Loader {
     /// Settings from one TOML text.
     pub fn from_toml(&self, toml: &str) -> Result<Settings, Error> {
         let builder = Config::builder().add_source(config::File::from_str(toml, FileFormat::Toml));
-        self.build(builder)
+        self.build(builder, &[])
     }
 
     /// [`load_with`], knowing this loader's kinds.
@@ -110,26 +110,16 @@ impl Loader {
     where
         I: IntoIterator<Item = (String, String)>,
     {
+        if dir.is_file() {
+            return Err(Error::NotADirectory {
+                path: dir.display().to_string(),
+                file: DEFAULT_FILE,
+            });
+        }
         let files = files(dir, env_name)?;
         let mut builder = Config::builder();
         for file in &files {
-            // Checked here rather than left to `config`, whose message does not
-            // say which directory it looked in or that a folder is no file.
-            match std::fs::metadata(file) {
-                Err(e) => {
-                    return Err(Error::Read {
-                        path: file.display().to_string(),
-                        reason: e.to_string(),
-                    })
-                }
-                Ok(m) if !m.is_file() => {
-                    return Err(Error::Read {
-                        path: file.display().to_string(),
-                        reason: "not a regular file".into(),
-                    })
-                }
-                Ok(_) => {}
-            }
+            check_readable(file)?;
             builder = builder.add_source(
                 config::File::from(file.as_path())
                     .format(FileFormat::Toml)
@@ -148,21 +138,48 @@ impl Loader {
                 .ignore_empty(true)
                 .source(Some(vars)),
         );
-        self.build(builder)
+        let layers: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        self.build(builder, &layers)
     }
 
+    /// Builds the layers into settings; `layers` names the files read, for
+    /// an error about a key that none of them has.
     fn build(
         &self,
         builder: config::ConfigBuilder<config::builder::DefaultState>,
+        layers: &[String],
     ) -> Result<Settings, Error> {
         let config = builder.build().map_err(|e| from_config(e, None))?;
         let root = config.cache.clone();
-        let raw: RawSettings = config
-            .try_deserialize()
-            .map_err(|e| from_config(e, Some(&root)))?;
+        let raw: RawSettings = config.try_deserialize().map_err(|e| {
+            from_config(e, Some(&root))
+                .locate(&root)
+                .in_layers(layers, &root)
+        })?;
         raw.validate(&root, &self.kinds)
-            .map_err(|e| e.locate(&root))
+            .map_err(|e| e.locate(&root).in_layers(layers, &root))
     }
+}
+
+/// Checks that `file` is a regular file this process can read. Checked
+/// here rather than left to `config`, whose messages do not say which
+/// directory it looked in, that a folder is no file, or which file it could
+/// not open.
+fn check_readable(file: &Path) -> Result<(), Error> {
+    let read_error = |reason: String| Error::Read {
+        path: file.display().to_string(),
+        reason,
+    };
+    match std::fs::metadata(file) {
+        Err(e) => return Err(read_error(e.to_string())),
+        Ok(m) if m.is_dir() => return Err(read_error("it is a directory, not a file".into())),
+        Ok(m) if !m.is_file() => return Err(read_error("not a regular file".into())),
+        Ok(_) => {}
+    }
+    // Opening is what fails for a file without read permission.
+    std::fs::File::open(file)
+        .map(drop)
+        .map_err(|e| read_error(e.to_string()))
 }
 
 fn is_override_var(name: &str) -> bool {
@@ -233,7 +250,7 @@ pub(super) fn from_config(error: ConfigError, root: Option<&Value>) -> Error {
             path: uri.unwrap_or_else(|| "(unknown file)".into()),
             message: cause.to_string().trim_end().to_owned(),
         },
-        ConfigError::NotFound(key) => Error::Missing { key },
+        ConfigError::NotFound(key) => Error::missing(key),
         ConfigError::Type {
             origin,
             unexpected,

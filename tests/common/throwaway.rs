@@ -256,10 +256,17 @@ pub struct ThrowawayRedis {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
+    /// More `redis-server` arguments, e.g. `--maxmemory-policy`.
+    args: Vec<String>,
 }
 
 impl ThrowawayRedis {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// A server started with `args` added to its command line (each start).
+    pub async fn start_with(args: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("prism-outage-redis-")
             .tempdir()
@@ -268,6 +275,7 @@ impl ThrowawayRedis {
             dir,
             port: free_port(),
             child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         redis.start_again().await?;
         Ok(redis)
@@ -327,6 +335,7 @@ impl Throwaway for ThrowawayRedis {
                 "--save",
                 "",
             ])
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
