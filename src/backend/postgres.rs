@@ -30,7 +30,7 @@ use sqlx::Connection as _;
 use tokio::time::Instant;
 
 use super::toolkit::{
-    fetch_count, instance_id, purge_in_batches, redact_url, scan_page, sql_item, stored_ttl, until,
+    fetch_count, instance_id, purge_in_batches, redact_url, scan_page_stream, sql_item, stored_ttl, until,
     Batch, KeyRange, Migration, Schema,
 };
 use super::{
@@ -287,12 +287,27 @@ impl Sql {
                     // primary-key index yields exactly the range
                     // (namespace, lower) .. (namespace, upper) in order: no
                     // sort, no visit of keys before the cursor.
+                    //
+                    // `before` is the key and value bytes of the rows ahead
+                    // of a row in the page (a running sum of lengths, which
+                    // PostgreSQL reads from the value's header without
+                    // detoasting it); rows past the first one over the byte
+                    // budget (the last parameter) are never sent.
+                    let size = if keys_only {
+                        "octet_length(key)"
+                    } else {
+                        "octet_length(key) + octet_length(value)"
+                    };
                     scan[scan_index(keys_only, exclusive, upper)] = format!(
-                        "SELECT {cols} FROM {t} WHERE namespace = $1 AND key {op} $2{upper} \
-                         AND {live} ORDER BY key LIMIT $3",
+                        "SELECT {cols} FROM (SELECT {cols}, coalesce(sum({size}) OVER \
+                         (ORDER BY key ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) \
+                         AS before FROM {t} WHERE namespace = $1 AND key {op} $2{upper} \
+                         AND {live} ORDER BY key LIMIT $3) AS page \
+                         WHERE before <= {budget} ORDER BY key",
                         cols = if keys_only { "key" } else { "key, value" },
                         op = if exclusive { ">" } else { ">=" },
                         upper = if upper { " AND key < $4" } else { "" },
+                        budget = if upper { "$5" } else { "$4" },
                     );
                 }
             }
@@ -573,6 +588,7 @@ impl PostgresBackend {
                 prefix,
                 after,
                 limit,
+                max_bytes,
                 keys_only,
             } => {
                 let range = KeyRange::new(&prefix, after.as_deref());
@@ -590,8 +606,13 @@ impl PostgresBackend {
                 if let Some(upper) = range.upper() {
                     query = query.bind(upper);
                 }
-                let rows = query.fetch_all(&mut *conn).await?;
-                scan_page(rows.iter().map(|row| sql_item(row, keys_only)), limit)
+                // The statement itself stops one row past the byte budget
+                // (`$budget`, see `Sql::new`), and the rows are streamed, so
+                // neither the server sends nor the gateway holds more than
+                // the page and one row.
+                let budget = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+                let rows = query.bind(budget).fetch(&mut *conn);
+                scan_page_stream(rows, |row| sql_item(row, keys_only), limit, max_bytes).await
             }
         }
     }
