@@ -291,8 +291,11 @@ impl Sql {
                     // `before` is the key and value bytes of the rows ahead
                     // of a row in the page (a running sum of lengths, which
                     // PostgreSQL reads from the value's header without
-                    // detoasting it); rows past the first one over the byte
-                    // budget (the last parameter) are never sent.
+                    // detoasting it). A row is sent when the rows before it
+                    // fit the byte budget (the last parameter), and so are
+                    // the first two (a page always takes the first, and the
+                    // next tells whether more follow): so no row past the
+                    // one that ends the page is ever sent.
                     let size = if keys_only {
                         "octet_length(key)"
                     } else {
@@ -301,9 +304,10 @@ impl Sql {
                     scan[scan_index(keys_only, exclusive, upper)] = format!(
                         "SELECT {cols} FROM (SELECT {cols}, coalesce(sum({size}) OVER \
                          (ORDER BY key ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) \
-                         AS before FROM {t} WHERE namespace = $1 AND key {op} $2{upper} \
+                         AS before, row_number() OVER (ORDER BY key) AS n \
+                         FROM {t} WHERE namespace = $1 AND key {op} $2{upper} \
                          AND {live} ORDER BY key LIMIT $3) AS page \
-                         WHERE before <= {budget} ORDER BY key",
+                         WHERE before <= {budget} OR n <= 2 ORDER BY key",
                         cols = if keys_only { "key" } else { "key, value" },
                         op = if exclusive { ">" } else { ">=" },
                         upper = if upper { " AND key < $4" } else { "" },

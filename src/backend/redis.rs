@@ -283,7 +283,8 @@ impl Script {
 /// long run of expired entries cannot keep the server busy in one call, and
 /// stopping at the first key whose bytes (key and value) take the page past
 /// `ARGV[7]`: that key is still in the reply (it tells the caller that more
-/// follow), so a reply is at most the byte budget and one value.
+/// follow), so a reply is at most the byte budget and one value; `last` is
+/// then that key.
 ///
 /// Replies `{exhausted, last, key1, value1, key2, ...}` (no values when keys
 /// only): `exhausted` is 1 when the range has no more entries, and `last` is
@@ -316,6 +317,7 @@ while found < wanted and examined < budget do
         out[#out + 1] = m
         bytes = bytes + #m
         if bytes > max_bytes then
+          out[2] = m
           return out
         end
       else
@@ -329,6 +331,7 @@ while found < wanted and examined < budget do
         out[#out + 1] = v
         bytes = bytes + #m + #v
         if bytes > max_bytes then
+          out[2] = m
           return out
         end
       else
@@ -532,11 +535,16 @@ impl Keyspace {
             let page = ScanReply::parse(reply, keys_only)?;
             bytes = page.items.iter().map(item_bytes).fold(bytes, usize::saturating_add);
             items.extend(page.items);
-            if page.exhausted || items.len() >= wanted || bytes > max_bytes {
+            // Past the budget, the page is complete once it holds an item
+            // that does not fit; a first item that alone is over the
+            // budget still needs the next, which tells whether more follow.
+            if page.exhausted || items.len() >= wanted || (bytes > max_bytes && items.len() >= 2)
+            {
                 return Ok(items);
             }
-            // Not exhausted and not full: the script stopped at its budget
-            // after examining at least one entry, so `last` moves forward.
+            // Not exhausted and not full: the script stopped at one of its
+            // budgets after examining at least one entry, so `last` moves
+            // forward.
             min = format!("({}", page.last);
         }
     }
