@@ -69,9 +69,9 @@ impl KvService {
 /// INVALID_ARGUMENT instead of INTERNAL.
 pub type KvServer = DecodeErrors<KeyValueServer<KvService>>;
 
-/// [`KvServer`] over `core`, accepting and sending messages of up to
-/// `max_message` bytes.
-pub fn server(core: Core, max_message: usize) -> KvServer {
+/// [`KvServer`] over `core`, accepting request messages of up to
+/// `max_request` bytes and sending responses of up to `max_response`.
+pub fn server(core: Core, max_request: usize, max_response: usize) -> KvServer {
     let max_value_size = core
         .namespaces()
         .map(|ns| ns.settings.max_value_size)
@@ -79,11 +79,11 @@ pub fn server(core: Core, max_message: usize) -> KvServer {
         .unwrap_or(0);
     DecodeErrors::new(
         KeyValueServer::new(KvService::new(core))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
+            .max_decoding_message_size(max_request)
+            .max_encoding_message_size(max_response),
     )
     .with_message_limit(MessageLimit {
-        max_message,
+        max_message: max_request,
         max_value_size,
     })
 }
@@ -177,7 +177,11 @@ where
 /// encoded`), and OUT_OF_RANGE (the message is over the transport's cap,
 /// the only OUT_OF_RANGE tonic gives while reading a request), naming
 /// `max_value_size` for a Put.
-fn undecodable_is_invalid(headers: &mut http::HeaderMap, is_put: bool, limit: Option<MessageLimit>) {
+fn undecodable_is_invalid(
+    headers: &mut http::HeaderMap,
+    is_put: bool,
+    limit: Option<MessageLimit>,
+) {
     let Some(status) = Status::from_header_map(headers) else {
         return;
     };
@@ -195,10 +199,7 @@ fn undecodable_is_invalid(headers: &mut http::HeaderMap, is_put: bool, limit: Op
                  {max_message} bytes; values are at most max_value_size bytes, \
                  {max_value_size} in the namespace that allows the most"
             ),
-            None => format!(
-                "value too large for max_value_size: {}",
-                status.message()
-            ),
+            None => format!("value too large for max_value_size: {}", status.message()),
         }),
         Code::OutOfRange => Status::invalid_argument(format!(
             "the request message is too large: {}",

@@ -575,6 +575,15 @@ impl Actor for PoolActor {
                             r = tokio::time::timeout_at(deadline, catch_panic(backend.exec_until(&namespace, op, deadline))) => Some(r),
                         };
                         match res {
+                            // The request core gives up at the deadline too,
+                            // and may drop the reply a moment before this
+                            // task's own timer fires: gone at the deadline
+                            // is a timeout, gone before it a caller that
+                            // left, which says nothing about the backend.
+                            None if Instant::now() >= deadline => {
+                                record(&health, &Err(BackendError::Timeout), caller_bound);
+                                debug!("operation ran past its deadline, cancelled");
+                            }
                             None => debug!("caller went away, operation cancelled"),
                             Some(Err(_)) => {
                                 record(&health, &Err(BackendError::Timeout), caller_bound);

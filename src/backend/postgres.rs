@@ -30,8 +30,8 @@ use sqlx::Connection as _;
 use tokio::time::Instant;
 
 use super::toolkit::{
-    fetch_count, instance_id, purge_in_batches, redact_url, scan_page_stream, sql_item, stored_ttl, until,
-    Batch, KeyRange, Migration, Schema,
+    fetch_count, instance_id, purge_in_batches, redact_url, scan_page_stream, sql_item, stored_ttl,
+    until, Batch, KeyRange, Migration, Schema,
 };
 use super::{
     context, Backend, BoxFuture, ConfigError, Connector, Error, Op, Outcome, PoolStats, Record,

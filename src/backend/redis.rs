@@ -30,8 +30,8 @@ use deadpool_redis::{Connection, Manager, Pool, PoolError, Runtime, TimeoutType}
 use tokio::time::Instant;
 
 use super::toolkit::{
-    fetch_count, instance_id, item_bytes, purge_in_batches, redact_url, scan_page, stored_ttl, until, Batch,
-    KeyRange,
+    fetch_count, instance_id, item_bytes, purge_in_batches, redact_url, scan_page, stored_ttl,
+    until, Batch, KeyRange,
 };
 use super::{
     context, Backend, BoxFuture, ConfigError, Connector, Error, Item, Op, Outcome, PoolStats,
@@ -533,13 +533,16 @@ impl Keyspace {
                 )
                 .await?;
             let page = ScanReply::parse(reply, keys_only)?;
-            bytes = page.items.iter().map(item_bytes).fold(bytes, usize::saturating_add);
+            bytes = page
+                .items
+                .iter()
+                .map(item_bytes)
+                .fold(bytes, usize::saturating_add);
             items.extend(page.items);
             // Past the budget, the page is complete once it holds an item
             // that does not fit; a first item that alone is over the
             // budget still needs the next, which tells whether more follow.
-            if page.exhausted || items.len() >= wanted || (bytes > max_bytes && items.len() >= 2)
-            {
+            if page.exhausted || items.len() >= wanted || (bytes > max_bytes && items.len() >= 2) {
                 return Ok(items);
             }
             // Not exhausted and not full: the script stopped at one of its

@@ -16,8 +16,8 @@ use sqlx::sqlite::{
 };
 
 use super::toolkit::{
-    fetch_count, purge_in_batches, scan_page_stream, sql_item, stored_ttl, Batch, KeyRange, Migration,
-    Schema,
+    fetch_count, purge_in_batches, scan_page_stream, sql_item, stored_ttl, Batch, KeyRange,
+    Migration, Schema,
 };
 use super::{context, Backend, BoxFuture, Connector, Error, Op, Outcome, Record};
 
@@ -287,7 +287,10 @@ impl SqliteBackend {
                 // past the page, so a page of large values never sits in
                 // memory whole, beyond its byte budget.
                 let rows = query.fetch(&self.pool);
-                Ok(scan_page_stream(rows, |row| sql_item(row, keys_only), limit, max_bytes).await?)
+                Ok(
+                    scan_page_stream(rows, |row| sql_item(row, keys_only), limit, max_bytes)
+                        .await?,
+                )
             }
         }
     }

@@ -166,7 +166,8 @@ impl PageBuilder {
             return false;
         }
         let size = item_bytes(&item);
-        let over_budget = !self.items.is_empty() && self.bytes.saturating_add(size) > self.max_bytes;
+        let over_budget =
+            !self.items.is_empty() && self.bytes.saturating_add(size) > self.max_bytes;
         if self.items.len() >= self.limit || over_budget {
             self.more = true;
             return false;

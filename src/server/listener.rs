@@ -86,15 +86,17 @@ pub async fn router(
     limits: &GrpcLimits,
     max_value_size: usize,
 ) -> Result<(Router, HealthReporter), Error> {
-    // A scan page holds at most `max_page_bytes` of keys and values, or one
-    // item (a value of at most `max_value_size`): so every page fits, and a
-    // Scan never fails in encoding after the request core counted it OK.
+    // Requests carry at most one value. A response (a scan page) holds at
+    // most `max_page_bytes` of keys and values, or one item (a value of at
+    // most `max_value_size`): so every page fits, and a Scan never fails
+    // in encoding after the request core counted it OK.
     let max_page_bytes = core
         .namespaces()
         .map(|ns| ns.settings.max_page_bytes)
         .max()
         .unwrap_or(0);
-    let max_message = max_value_size.max(max_page_bytes) + MESSAGE_OVERHEAD;
+    let max_request = max_value_size + MESSAGE_OVERHEAD;
+    let max_response = max_value_size.max(max_page_bytes) + MESSAGE_OVERHEAD;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<KeyValueServer<KvService>>().await;
     // Both reflection versions: grpcurl and older tools still ask v1alpha.
@@ -109,7 +111,7 @@ pub async fn router(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| Error::Start(format!("grpc reflection: {e}")))?;
-    let kv = crate::grpc::server(core, max_message);
+    let kv = crate::grpc::server(core, max_request, max_response);
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_pending_accept_reset_streams(Some(limits.max_pending_reset_streams))

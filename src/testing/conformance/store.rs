@@ -59,7 +59,15 @@ async fn scan(
     limit: usize,
     keys_only: bool,
 ) -> (Vec<Item>, bool) {
-    scan_within(b, ns, prefix, after, (limit, DEFAULT_MAX_PAGE_BYTES), keys_only).await
+    scan_within(
+        b,
+        ns,
+        prefix,
+        after,
+        (limit, DEFAULT_MAX_PAGE_BYTES),
+        keys_only,
+    )
+    .await
 }
 
 /// A scan page of at most `limit` items and `max_bytes` bytes.
@@ -415,8 +423,15 @@ async fn pages_within(
     let mut pages: Vec<Vec<Item>> = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let (items, more) =
-            scan_within(b, "ns", prefix, after.as_deref(), (limit, max_bytes), keys_only).await;
+        let (items, more) = scan_within(
+            b,
+            "ns",
+            prefix,
+            after.as_deref(),
+            (limit, max_bytes),
+            keys_only,
+        )
+        .await;
         let bytes: usize = items.iter().map(item_bytes).sum();
         assert!(items.len() <= limit, "page larger than its limit");
         assert!(
@@ -449,9 +464,16 @@ pub async fn scan_pages_stop_at_their_byte_budget(subject: Subject) {
     // 100 KiB holds six 16 KiB values: a page of limit 1000 stops early.
     let pages = pages_within(b, "big/", (1000, 100 * 1024), false).await;
     assert!(pages.len() >= 100 / 6, "{} pages", pages.len());
-    assert!(pages[0].len() == 6, "first page holds {} items", pages[0].len());
+    assert!(
+        pages[0].len() == 6,
+        "first page holds {} items",
+        pages[0].len()
+    );
     let keys: Vec<String> = pages.iter().flatten().map(|i| i.key.clone()).collect();
-    assert!(keys == expected, "pages do not hold every key once, in order");
+    assert!(
+        keys == expected,
+        "pages do not hold every key once, in order"
+    );
     assert!(pages.iter().flatten().all(|i| i.value.len() == value.len()));
     // A budget smaller than one value still progresses: one item a page.
     let pages = pages_within(b, "big/", (1000, item - 1), false).await;
