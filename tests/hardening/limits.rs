@@ -195,6 +195,84 @@ async fn a_put_over_the_transport_cap_is_invalid_naming_max_value_size() {
     server.stop().await.unwrap();
 }
 
+/// One HTTP/2 frame: type, flags, stream 1 unless said, payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len())
+        .expect("small frame")
+        .to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A header as an HPACK literal without indexing (no Huffman coding).
+fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.push(0);
+    for s in [name, value] {
+        out.push(u8::try_from(s.len()).expect("short header"));
+        out.extend_from_slice(s.as_bytes());
+    }
+}
+
+/// A Put whose gRPC frame header claims a 100 MiB message, of which only a
+/// few bytes are ever sent: the gateway answers at once, from the header,
+/// instead of waiting for (and buffering) a message that never comes.
+#[tokio::test]
+async fn a_put_over_the_cap_is_answered_from_its_frame_header_alone() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (server, _dir) = start("").await;
+    let mut conn = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut headers = Vec::new();
+    for (name, value) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/prism.kv.v1.KeyValue/Put"),
+        (":authority", "127.0.0.1"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ] {
+        hpack_literal(&mut headers, name, value);
+    }
+    let mut message = vec![0u8];
+    message.extend_from_slice(&(100u32 << 20).to_be_bytes());
+    message.extend_from_slice(&[0; 16]);
+    let mut request = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    request.extend(frame(4, 0, 0, &[]));
+    request.extend(frame(1, 0x4, 1, &headers)); // END_HEADERS
+    request.extend(frame(0, 0, 1, &message)); // no END_STREAM: more to come
+    conn.write_all(&request).await.unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let mut head = [0u8; 9];
+            conn.read_exact(&mut head).await.expect("a frame");
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            conn.read_exact(&mut payload)
+                .await
+                .expect("a frame payload");
+            match (kind, stream) {
+                // The server's settings: acknowledged.
+                (4, 0) if flags & 1 == 0 => conn.write_all(&frame(4, 1, 0, &[])).await.unwrap(),
+                // Headers or data that end stream 1: the answer.
+                (0 | 1, 1) if flags & 1 == 1 => return "answered",
+                (3, 1) => return "reset",
+                (7, _) => return "goaway",
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        answered,
+        Ok("answered"),
+        "the gateway waited for the body instead of refusing the frame header"
+    );
+    server.stop().await.unwrap();
+}
+
 // 3. The circuit breaker counts the backend's failures, not its callers'
 // deadlines.
 
