@@ -215,7 +215,7 @@ pub enum Op {
         key: String,
     },
     /// Up to `limit` keys with `prefix`, strictly after `after`, in ascending
-    /// byte order.
+    /// byte order, and no more key and value bytes than `max_bytes`.
     Scan {
         /// The prefix; empty for every key.
         prefix: String,
@@ -223,6 +223,11 @@ pub enum Op {
         after: Option<String>,
         /// Page size, at least 1.
         limit: usize,
+        /// Most key and value bytes in the page; a page holds at least one
+        /// item when one matches, however large (see
+        /// [`toolkit::PageBuilder`]). A backend reads no more than the page
+        /// and one item, so a scan's memory is bounded by this.
+        max_bytes: usize,
         /// Leave values out.
         keys_only: bool,
     },

@@ -69,29 +69,64 @@ impl KvService {
 /// INVALID_ARGUMENT instead of INTERNAL.
 pub type KvServer = DecodeErrors<KeyValueServer<KvService>>;
 
-/// [`KvServer`] over `core`, accepting and sending messages of up to
-/// `max_message` bytes.
-pub fn server(core: Core, max_message: usize) -> KvServer {
+/// [`KvServer`] over `core`, accepting request messages of up to
+/// `max_request` bytes and sending responses of up to `max_response`.
+pub fn server(core: Core, max_request: usize, max_response: usize) -> KvServer {
+    let max_value_size = core
+        .namespaces()
+        .map(|ns| ns.settings.max_value_size)
+        .max()
+        .unwrap_or(0);
     DecodeErrors::new(
         KeyValueServer::new(KvService::new(core))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
+            .max_decoding_message_size(max_request)
+            .max_encoding_message_size(max_response),
     )
+    .with_message_limit(MessageLimit {
+        max_message: max_request,
+        max_value_size,
+    })
+}
+
+/// The gRPC path of `KeyValue/Put`.
+const PUT_PATH: &str = "/prism.kv.v1.KeyValue/Put";
+
+/// The transport's cap on request messages, and the largest
+/// `max_value_size` it was sized for, to name in the answer to a Put over
+/// it.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageLimit {
+    /// The largest request message tonic decodes, in bytes.
+    pub max_message: usize,
+    /// The largest `max_value_size` of any namespace.
+    pub max_value_size: usize,
 }
 
 /// A generated gRPC server whose answer to a request that never reached a
 /// handler, because tonic could not decode its message, is
 /// INVALID_ARGUMENT rather than INTERNAL. The one place that mapping is
 /// made.
+///
+/// A request message over the transport's cap is refused by tonic from
+/// its 5-byte frame header, before the message is read (nothing of it is
+/// buffered), with OUT_OF_RANGE; that too is the client's fault, and is
+/// answered INVALID_ARGUMENT, for a Put naming `max_value_size`.
 #[derive(Clone)]
 pub struct DecodeErrors<S> {
     inner: S,
+    limit: Option<MessageLimit>,
 }
 
 impl<S> DecodeErrors<S> {
     /// Wraps `inner`.
     pub fn new(inner: S) -> Self {
-        DecodeErrors { inner }
+        DecodeErrors { inner, limit: None }
+    }
+
+    /// Names `limit` in the answer to a request message over it.
+    pub fn with_message_limit(mut self, limit: MessageLimit) -> Self {
+        self.limit = Some(limit);
+        self
     }
 }
 
@@ -122,33 +157,56 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let reached = Reached(Arc::new(AtomicBool::new(false)));
         req.extensions_mut().insert(reached.clone());
+        let is_put = req.uri().path() == PUT_PATH;
+        let limit = self.limit;
         let call = self.inner.call(req);
         Box::pin(async move {
             let mut response = call.await?;
             if !reached.0.load(Ordering::Acquire) {
-                undecodable_is_invalid(response.headers_mut());
+                undecodable_is_invalid(response.headers_mut(), is_put, limit);
             }
             Ok(response)
         })
     }
 }
 
-/// Rewrites a trailers-only INTERNAL answer given before any handler ran
-/// (the request message did not decode, or there was none) to
-/// INVALID_ARGUMENT, keeping tonic's description of what was wrong (e.g.
+/// Rewrites a trailers-only answer given before any handler ran to
+/// INVALID_ARGUMENT: INTERNAL (the request message did not decode, or there
+/// was none), keeping tonic's description of what was wrong (e.g.
 /// `GetRequest.namespace: invalid string value: data is not UTF-8
-/// encoded`).
-fn undecodable_is_invalid(headers: &mut http::HeaderMap) {
+/// encoded`), and OUT_OF_RANGE (the message is over the transport's cap,
+/// the only OUT_OF_RANGE tonic gives while reading a request), naming
+/// `max_value_size` for a Put.
+fn undecodable_is_invalid(
+    headers: &mut http::HeaderMap,
+    is_put: bool,
+    limit: Option<MessageLimit>,
+) {
     let Some(status) = Status::from_header_map(headers) else {
         return;
     };
-    if status.code() != Code::Internal {
-        return;
-    }
-    let status = Status::invalid_argument(format!(
-        "the request message is invalid: {}",
-        status.message()
-    ));
+    let status = match status.code() {
+        Code::Internal => Status::invalid_argument(format!(
+            "the request message is invalid: {}",
+            status.message()
+        )),
+        Code::OutOfRange if is_put => Status::invalid_argument(match limit {
+            Some(MessageLimit {
+                max_message,
+                max_value_size,
+            }) => format!(
+                "value too large: the request message is over the gateway's limit of \
+                 {max_message} bytes; values are at most max_value_size bytes, \
+                 {max_value_size} in the namespace that allows the most"
+            ),
+            None => format!("value too large for max_value_size: {}", status.message()),
+        }),
+        Code::OutOfRange => Status::invalid_argument(format!(
+            "the request message is too large: {}",
+            status.message()
+        )),
+        _ => return,
+    };
     for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
         headers.remove(name);
     }

@@ -298,8 +298,8 @@ impl Core {
         namespace: &str,
         params: ScanParams,
     ) -> Result<Page, ApiError> {
-        self.run(caller, namespace, "scan", Access::Read, |_| async move {
-            validate::scan_op(params)
+        self.run(caller, namespace, "scan", Access::Read, |ns| async move {
+            validate::scan_op(params, &ns.settings)
         })
         .await
         .and_then(|o| match o {
@@ -372,8 +372,8 @@ impl Core {
                 .get(namespace)
                 .cloned()
                 .ok_or_else(|| ApiError::UnknownNamespace(namespace.to_owned()))?;
-            let deadline = deadline(caller, &ns);
-            let operation = tokio::time::timeout_at(deadline, build(ns.clone()))
+            let deadline = Deadline::of(caller, &ns);
+            let operation = tokio::time::timeout_at(deadline.at, build(ns.clone()))
                 .await
                 .map_err(|_| ApiError::DeadlineExceeded("while reading the request"))??;
             self.call(session, &ns, operation, deadline).await
@@ -418,7 +418,7 @@ impl Core {
         session: &str,
         ns: &Namespace,
         op: Op,
-        deadline: Instant,
+        deadline: Deadline,
     ) -> Result<Outcome, ApiError> {
         let (reply, rx) = oneshot::channel();
         let req = session::Request {
@@ -426,11 +426,12 @@ impl Core {
             health: ns.health.clone(),
             namespace: ns.name.clone(),
             op,
-            deadline,
+            deadline: deadline.at,
+            caller_bound: deadline.caller_bound,
             reply,
         };
         self.inner.sessions.submit(session, req).await?;
-        match tokio::time::timeout_at(deadline, rx).await {
+        match tokio::time::timeout_at(deadline.at, rx).await {
             Ok(Ok(res)) => res,
             // The pool actor dropped the request: it failed (and is being
             // restarted) while the request was queued or running.
@@ -443,14 +444,29 @@ impl Core {
     }
 }
 
-/// The deadline of a request: the caller's timeout, else the namespace's,
-/// from now.
-fn deadline(caller: &Caller, ns: &Namespace) -> Instant {
-    let now = Instant::now();
-    let timeout = caller.timeout.unwrap_or(ns.settings.timeout);
-    // A client may send any deadline; a year is as good as forever.
-    now.checked_add(timeout)
-        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+/// The deadline of a request, and whose it is.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    /// The caller's timeout is shorter than the namespace's: running out
+    /// of time is the caller's choice, not a slow backend (see
+    /// [`session::Request::caller_bound`]).
+    caller_bound: bool,
+}
+
+impl Deadline {
+    /// The caller's timeout, else the namespace's, from now.
+    fn of(caller: &Caller, ns: &Namespace) -> Deadline {
+        let now = Instant::now();
+        let timeout = caller.timeout.unwrap_or(ns.settings.timeout);
+        Deadline {
+            // A client may send any deadline; a year is as good as forever.
+            at: now
+                .checked_add(timeout)
+                .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600)),
+            caller_bound: timeout < ns.settings.timeout,
+        }
+    }
 }
 
 /// A remaining TTL as the API reports it: milliseconds, -1 for no expiry.

@@ -328,6 +328,9 @@ pub enum PoolMsg {
         op: Op,
         /// The request's deadline.
         deadline: Instant,
+        /// The deadline is the caller's, shorter than the namespace's
+        /// timeout: running into it is not a backend failure.
+        caller_bound: bool,
         /// The caller's admission slot, released when the operation ends.
         permit: Option<OwnedSemaphorePermit>,
         /// Where the outcome goes.
@@ -429,10 +432,15 @@ impl PoolActor {
 }
 
 /// Feeds an operation's result to the breaker: only failures of the
-/// backend itself count, not a bad request.
-fn record(health: &BackendHealth, r: &Result<Outcome, BackendError>) {
+/// backend itself count, not a bad request, and a timeout only when the
+/// deadline was the namespace's `timeout` (a bound the backend should
+/// meet), not a shorter one the caller chose (`caller_bound`).
+fn record(health: &BackendHealth, r: &Result<Outcome, BackendError>, caller_bound: bool) {
     match r {
         Ok(_) => health.record_success(),
+        Err(BackendError::Timeout) if caller_bound => {
+            debug!("operation ran past its caller's deadline, not counted against the backend")
+        }
         Err(e @ (BackendError::Unavailable(_) | BackendError::Timeout)) => {
             health.record_failure(&e.chain().to_string())
         }
@@ -497,6 +505,7 @@ impl Actor for PoolActor {
                 namespace,
                 op,
                 deadline,
+                caller_bound,
                 permit,
                 mut reply,
             } => {
@@ -514,7 +523,7 @@ impl Actor for PoolActor {
                     let res = match catch_panic(backend.exec_until(&namespace, op, deadline)).await
                     {
                         Ok(r) => {
-                            record(&self.health, &r);
+                            record(&self.health, &r, caller_bound);
                             r.map_err(|e| map_backend_error(&namespace, e))
                         }
                         Err(panic) => {
@@ -566,9 +575,18 @@ impl Actor for PoolActor {
                             r = tokio::time::timeout_at(deadline, catch_panic(backend.exec_until(&namespace, op, deadline))) => Some(r),
                         };
                         match res {
+                            // The request core gives up at the deadline too,
+                            // and may drop the reply a moment before this
+                            // task's own timer fires: gone at the deadline
+                            // is a timeout, gone before it a caller that
+                            // left, which says nothing about the backend.
+                            None if Instant::now() >= deadline => {
+                                record(&health, &Err(BackendError::Timeout), caller_bound);
+                                debug!("operation ran past its deadline, cancelled");
+                            }
                             None => debug!("caller went away, operation cancelled"),
                             Some(Err(_)) => {
-                                health.record_failure("operation ran past its deadline");
+                                record(&health, &Err(BackendError::Timeout), caller_bound);
                                 let _ = reply.send(Err(ApiError::DeadlineExceeded("in the backend")));
                             }
                             Some(Ok(Err(panic))) => {
@@ -576,7 +594,7 @@ impl Actor for PoolActor {
                                 let _ = me.tell(PoolMsg::Crashed { generation, panic }).await;
                             }
                             Some(Ok(Ok(r))) => {
-                                record(&health, &r);
+                                record(&health, &r, caller_bound);
                                 let _ = reply.send(r.map_err(|e| map_backend_error(&namespace, e)));
                             }
                         }

@@ -40,6 +40,10 @@ pub struct Request {
     pub op: Op,
     /// The request's deadline.
     pub deadline: Instant,
+    /// True when `deadline` is the caller's own, shorter than the
+    /// namespace's `timeout`: a request that runs into it says nothing
+    /// about the backend, so the circuit breaker does not count it.
+    pub caller_bound: bool,
     /// Where the outcome goes; the pool replies to it directly.
     pub reply: Reply<Result<Outcome, ApiError>>,
 }
@@ -84,6 +88,7 @@ impl Session {
             namespace,
             op,
             deadline,
+            caller_bound,
             reply,
         } = req;
         if reply.is_closed() {
@@ -132,6 +137,7 @@ impl Session {
             namespace,
             op,
             deadline,
+            caller_bound,
             permit: Some(permit),
             reply,
         };

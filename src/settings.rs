@@ -243,6 +243,9 @@ pub struct NamespaceSettings {
     pub default_ttl: Option<Duration>,
     /// Largest value accepted, in bytes.
     pub max_value_size: usize,
+    /// Most key and value bytes in one scan page (a page holds at least
+    /// one item, however large).
+    pub max_page_bytes: usize,
 }
 
 /// The file every settings directory must hold.
@@ -258,6 +261,12 @@ pub const ENV_SEPARATOR: &str = "__";
 /// The largest `max_value_size` a namespace may set: 64 MiB, the gRPC message
 /// size the server and the bundled client accept.
 pub const MAX_VALUE_SIZE_LIMIT: usize = 64 * 1024 * 1024;
+
+/// The default `max_page_bytes` of a namespace: 4 MiB.
+pub const DEFAULT_MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// The smallest `max_page_bytes` a namespace may set: 1 KiB. (The largest
+/// is [`MAX_VALUE_SIZE_LIMIT`].)
+pub const MIN_PAGE_BYTES: usize = 1024;
 
 /// Parses a `log.level` filter: a level (`info`) or `EnvFilter` directives
 /// (`prism=debug,warn`). Stricter than `EnvFilter` in one way: a bare word

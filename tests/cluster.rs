@@ -171,6 +171,7 @@ async fn a_scan_across_all_shards_sees_5000_keys_in_order_under_concurrent_write
             prefix: "k/".into(),
             after: after.clone(),
             limit: 97,
+            max_bytes: usize::MAX,
             keys_only: true,
         };
         let Outcome::Scan { items, more } = b.exec("ns", op).await.expect("scan") else {

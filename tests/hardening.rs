@@ -1,10 +1,13 @@
 //! Every bad input gets the documented status: forged cursors, TTLs past
 //! the limit, oversized names and ids, clients without an id, request
 //! messages that do not decode, REST and HTTP edges, the CLI's bounds and
-//! the signals the binary ignores. Each through the real server (in
-//! process) or the real binary.
+//! the signals the binary ignores; and the limits of the request path
+//! (`hardening/limits.rs`). Each through the real server (in process) or
+//! the real binary.
 
 mod common;
+#[path = "hardening/limits.rs"]
+mod limits;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -5,13 +5,12 @@
 //! where it left it. Nothing is persisted across a process restart.
 
 use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::toolkit::{scan_page, stored_ttl, KeyRange};
+use super::toolkit::{stored_ttl, KeyRange, PageBuilder};
 use super::{Backend, BoxFuture, Connector, Error, Item, Op, Outcome, Record};
 
 /// Connects memory backends that all share one store (clones share it too).
@@ -122,8 +121,12 @@ impl MemoryBackend {
                 prefix,
                 after,
                 limit,
+                max_bytes,
                 keys_only,
-            } => self.scan(namespace, &prefix, after.as_deref(), limit, keys_only, now),
+            } => {
+                let page = PageBuilder::new(limit, max_bytes);
+                self.scan(namespace, &prefix, after.as_deref(), page, keys_only, now)
+            }
         }
     }
 
@@ -171,36 +174,33 @@ impl MemoryBackend {
         namespace: &str,
         prefix: &str,
         after: Option<&str>,
-        limit: usize,
+        mut page: PageBuilder,
         keys_only: bool,
         now: Instant,
     ) -> Outcome {
         let range = KeyRange::new(prefix, after);
         let Some(keyspace) = self.store.find(namespace).filter(|_| !range.is_empty()) else {
-            return Outcome::Scan {
-                items: Vec::new(),
-                more: false,
-            };
+            return page.finish();
         };
         let keyspace = keyspace.read().unwrap_or_else(PoisonError::into_inner);
         // `str` orders bytewise, which is the order the API promises.
         let live = keyspace
             .range::<str, _>((range.start(), range.end()))
-            .filter(|(_, e)| e.is_live(now))
-            .map(|(k, e)| {
-                Ok::<_, Infallible>(Item {
-                    key: k.clone(),
-                    value: if keys_only {
-                        Bytes::new()
-                    } else {
-                        e.value.clone()
-                    },
-                })
-            });
-        match scan_page(live, limit) {
-            Ok(page) => page,
-            Err(never) => match never {},
+            .filter(|(_, e)| e.is_live(now));
+        for (k, e) in live {
+            let item = Item {
+                key: k.clone(),
+                value: if keys_only {
+                    Bytes::new()
+                } else {
+                    e.value.clone()
+                },
+            };
+            if !page.offer(item) {
+                break;
+            }
         }
+        page.finish()
     }
 
     fn purge(&self, now: Instant) -> u64 {
@@ -324,6 +324,7 @@ mod tests {
                     prefix: String::new(),
                     after: None,
                     limit: 10_000,
+                    max_bytes: usize::MAX,
                     keys_only: true,
                 },
             )

@@ -31,8 +31,8 @@ use sqlx::Connection as _;
 use tokio::time::Instant;
 
 use super::toolkit::{
-    fetch_count, instance_id, purge_in_batches, redact_url, scan_page, sql_item, stored_ttl, Batch,
-    KeyRange, Migration, Schema,
+    fetch_count, instance_id, purge_in_batches, redact_url, scan_page_stream, sql_item, stored_ttl,
+    Batch, KeyRange, Migration, Schema,
 };
 use super::{
     context, Backend, BoxFuture, ConfigError, Connector, Error, Op, Outcome, PoolStats, Record,
@@ -288,12 +288,31 @@ impl Sql {
                     // primary-key index yields exactly the range
                     // (namespace, lower) .. (namespace, upper) in order: no
                     // sort, no visit of keys before the cursor.
+                    //
+                    // `before` is the key and value bytes of the rows ahead
+                    // of a row in the page (a running sum of lengths, which
+                    // PostgreSQL reads from the value's header without
+                    // detoasting it). A row is sent when the rows before it
+                    // fit the byte budget (the last parameter), and so are
+                    // the first two (a page always takes the first, and the
+                    // next tells whether more follow): so no row past the
+                    // one that ends the page is ever sent.
+                    let size = if keys_only {
+                        "octet_length(key)"
+                    } else {
+                        "octet_length(key) + octet_length(value)"
+                    };
                     scan[scan_index(keys_only, exclusive, upper)] = format!(
-                        "SELECT {cols} FROM {t} WHERE namespace = $1 AND key {op} $2{upper} \
-                         AND {live} ORDER BY key LIMIT $3",
+                        "SELECT {cols} FROM (SELECT {cols}, coalesce(sum({size}) OVER \
+                         (ORDER BY key ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) \
+                         AS before, row_number() OVER (ORDER BY key) AS n \
+                         FROM {t} WHERE namespace = $1 AND key {op} $2{upper} \
+                         AND {live} ORDER BY key LIMIT $3) AS page \
+                         WHERE before <= {budget} OR n <= 2 ORDER BY key",
                         cols = if keys_only { "key" } else { "key, value" },
                         op = if exclusive { ">" } else { ">=" },
                         upper = if upper { " AND key < $4" } else { "" },
+                        budget = if upper { "$5" } else { "$4" },
                     );
                 }
             }
@@ -685,6 +704,7 @@ async fn run(
             prefix,
             after,
             limit,
+            max_bytes,
             keys_only,
         } => {
             let range = KeyRange::new(&prefix, after.as_deref());
@@ -702,8 +722,13 @@ async fn run(
             if let Some(upper) = range.upper() {
                 query = query.bind(upper);
             }
-            let rows = query.fetch_all(&mut *conn).await?;
-            scan_page(rows.iter().map(|row| sql_item(row, keys_only)), limit)
+            // The statement itself stops one row past the byte budget
+            // (`$budget`, see `Sql::new`), and the rows are streamed, so
+            // neither the server sends nor the gateway holds more than
+            // the page and one row.
+            let budget = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+            let rows = query.bind(budget).fetch(&mut *conn);
+            scan_page_stream(rows, |row| sql_item(row, keys_only), limit, max_bytes).await
         }
     }
 }

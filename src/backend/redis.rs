@@ -31,8 +31,8 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::toolkit::{
-    fetch_count, instance_id, purge_in_batches, redact_url, scan_page, stored_ttl, until, Batch,
-    KeyRange,
+    fetch_count, instance_id, item_bytes, purge_in_batches, redact_url, scan_page, stored_ttl,
+    until, Batch, KeyRange,
 };
 use super::{
     context, Backend, BoxFuture, ConfigError, Connector, Error, Item, Op, Outcome, PoolStats,
@@ -342,7 +342,11 @@ impl Script {
 /// removing them: they are garbage, and the check happens atomically with
 /// the read. Collects up to `ARGV[4]` live keys (with their values unless
 /// `ARGV[5]` is "1"), examining at most `ARGV[6]` index entries so that a
-/// long run of expired entries cannot keep the server busy in one call.
+/// long run of expired entries cannot keep the server busy in one call, and
+/// stopping at the first key whose bytes (key and value) take the page past
+/// `ARGV[7]`: that key is still in the reply (it tells the caller that more
+/// follow), so a reply is at most the byte budget and one value; `last` is
+/// then that key.
 ///
 /// Replies `{exhausted, last, key1, value1, key2, ...}` (no values when keys
 /// only): `exhausted` is 1 when the range has no more entries, and `last` is
@@ -359,9 +363,11 @@ local max = ARGV[3]
 local wanted = tonumber(ARGV[4])
 local keys_only = ARGV[5] == '1'
 local budget = tonumber(ARGV[6])
+local max_bytes = tonumber(ARGV[7])
 local out = {0, ''}
 local found = 0
 local examined = 0
+local bytes = 0
 while found < wanted and examined < budget do
   local n = math.min(wanted - found, budget - examined)
   local members = redis.call('ZRANGEBYLEX', idx, min, max, 'LIMIT', 0, n)
@@ -371,6 +377,11 @@ while found < wanted and examined < budget do
       if redis.call('EXISTS', vkey) == 1 then
         found = found + 1
         out[#out + 1] = m
+        bytes = bytes + #m
+        if bytes > max_bytes then
+          out[2] = m
+          return out
+        end
       else
         redis.call('ZREM', idx, m)
       end
@@ -380,6 +391,11 @@ while found < wanted and examined < budget do
         found = found + 1
         out[#out + 1] = m
         out[#out + 1] = v
+        bytes = bytes + #m + #v
+        if bytes > max_bytes then
+          out[2] = m
+          return out
+        end
       else
         redis.call('ZREM', idx, m)
       end
@@ -529,14 +545,16 @@ impl Keyspace {
 
     /// Up to `wanted` live keys of `range` in ascending byte order (with
     /// their values unless `keys_only`), removing the index entries of
-    /// expired keys on the way. Fewer than `wanted` means the range has no
-    /// more live keys.
+    /// expired keys on the way, and stopping at the first key that takes
+    /// their bytes past `max_bytes` (it is included). Fewer than `wanted`
+    /// within `max_bytes` means the range has no more live keys.
     pub(super) async fn scan<C>(
         &self,
         conn: &mut C,
         script: &Script,
         range: &KeyRange<'_>,
         wanted: usize,
+        max_bytes: usize,
         keys_only: bool,
     ) -> Result<Vec<Item>, Error>
     where
@@ -556,9 +574,11 @@ impl Keyspace {
             .map_or_else(|| "+".to_owned(), |s| format!("({s}"));
         let keys_only_arg: &[u8] = if keys_only { b"1" } else { b"0" };
         let mut items: Vec<Item> = Vec::new();
+        let mut bytes = 0usize;
         loop {
             let left = wanted - items.len();
             let budget = left.saturating_add(SCAN_STALE_BUDGET);
+            let bytes_left = max_bytes.saturating_sub(bytes);
             let reply = script
                 .run(
                     conn,
@@ -570,16 +590,26 @@ impl Keyspace {
                         left.to_string().as_bytes(),
                         keys_only_arg,
                         budget.to_string().as_bytes(),
+                        bytes_left.to_string().as_bytes(),
                     ],
                 )
                 .await?;
             let page = ScanReply::parse(reply, keys_only)?;
+            bytes = page
+                .items
+                .iter()
+                .map(item_bytes)
+                .fold(bytes, usize::saturating_add);
             items.extend(page.items);
-            if page.exhausted || items.len() >= wanted {
+            // Past the budget, the page is complete once it holds an item
+            // that does not fit; a first item that alone is over the
+            // budget still needs the next, which tells whether more follow.
+            if page.exhausted || items.len() >= wanted || (bytes > max_bytes && items.len() >= 2) {
                 return Ok(items);
             }
-            // Not exhausted and not full: the script stopped at its budget
-            // after examining at least one entry, so `last` moves forward.
+            // Not exhausted and not full: the script stopped at one of its
+            // budgets after examining at least one entry, so `last` moves
+            // forward.
             min = format!("({}", page.last);
         }
     }
@@ -996,14 +1026,22 @@ impl RedisBackend {
                 prefix,
                 after,
                 limit,
+                max_bytes,
                 keys_only,
             } => {
                 let range = KeyRange::new(&prefix, after.as_deref());
                 // One item past the page tells whether more follow.
                 let items = keyspace
-                    .scan(conn, &self.scan, &range, fetch_count(limit), keys_only)
+                    .scan(
+                        conn,
+                        &self.scan,
+                        &range,
+                        fetch_count(limit),
+                        max_bytes,
+                        keys_only,
+                    )
                     .await?;
-                scan_page(items.into_iter().map(Ok::<_, Error>), limit)
+                scan_page(items.into_iter().map(Ok::<_, Error>), limit, max_bytes)
             }
             op @ Op::Put { .. } => {
                 self.registry.register(conn, namespace).await?;

@@ -41,10 +41,14 @@ use super::redis::{
     check_key_prefix, map_pool, map_redis, ns_tag, Keyspace, OpScripts, PurgeLease, Registry,
     Script, DEFAULT_PURGE_LEASE, PURGE_SCRIPT, SCAN_SCRIPT,
 };
-use super::toolkit::{fetch_count, redact_url, scan_page, until, KeyRange};
+use super::toolkit::{fetch_count, redact_url, until, KeyRange, PageBuilder};
 use super::{
     context, Backend, BoxFuture, ConfigError, Connector, Error, Item, Op, Outcome, PoolStats,
 };
+
+/// Values a scan sizes (`STRLEN`) at once before reading those that fit
+/// its page.
+const VALUE_BATCH: usize = 64;
 
 /// The most shards a namespace may have: a scan reads every shard.
 pub const MAX_SHARDS: u16 = 1024;
@@ -289,18 +293,13 @@ impl ClusterBackend {
                 prefix,
                 after,
                 limit,
+                max_bytes,
                 keys_only,
             } => {
+                let page = PageBuilder::new(*limit, *max_bytes);
                 return self
-                    .scan(
-                        conn,
-                        namespace,
-                        prefix,
-                        after.as_deref(),
-                        *limit,
-                        *keys_only,
-                    )
-                    .await
+                    .scan(conn, namespace, prefix, after.as_deref(), page, *keys_only)
+                    .await;
             }
             Op::Get { key } | Op::Put { key, .. } | Op::Delete { key } | Op::Exists { key } => key,
         };
@@ -311,18 +310,22 @@ impl ClusterBackend {
         keyspace.run_scripted(&mut **conn, &self.ops, op).await
     }
 
-    /// Reads `limit + 1` live keys from every shard at once and merges them.
+    /// Reads `limit + 1` live keys from every shard at once and merges them;
+    /// then reads the values of the page's keys, in order, in batches that
+    /// fit the page's byte budget. Reading values only for the merged page
+    /// (not `limit + 1` per shard) keeps a scan's memory within the budget
+    /// however many shards there are.
     async fn scan(
         &self,
         conn: &mut Connection,
         namespace: &str,
         prefix: &str,
         after: Option<&str>,
-        limit: usize,
+        mut page: PageBuilder,
         keys_only: bool,
     ) -> Result<Outcome, Error> {
         let range = KeyRange::new(prefix, after);
-        let wanted = fetch_count(limit);
+        let wanted = fetch_count(page.limit());
         let reads = (0..self.shards).map(|shard| {
             // A cluster connection is a multiplexed handle: a clone shares
             // its node connections, and sends to each shard's node at once.
@@ -331,18 +334,100 @@ impl ClusterBackend {
             let script = Arc::clone(&self.scan);
             let range = &range;
             async move {
+                // Keys only: at most `wanted` keys of 1 KiB each per shard.
                 keyspace
-                    .scan(&mut conn, &script, range, wanted, keys_only)
+                    .scan(&mut conn, &script, range, wanted, usize::MAX, true)
                     .await
             }
         });
-        let mut items: Vec<Item> = Vec::new();
+        let mut keys: Vec<Item> = Vec::new();
         for shard in join_all(reads.collect()).await {
-            items.extend(shard?);
+            keys.extend(shard?);
         }
         // Keys are UTF-8, so string order is byte order.
-        items.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        scan_page(items.into_iter().map(Ok::<_, Error>), limit)
+        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        keys.truncate(wanted);
+        if keys_only {
+            for key in keys {
+                if !page.offer(key) {
+                    break;
+                }
+            }
+            return Ok(page.finish());
+        }
+        let mut keys = keys.into_iter().map(|i| i.key).peekable();
+        while keys.peek().is_some() && !page.is_complete() {
+            // The sizes of the next keys' values first, so that only values
+            // that fit the page (and the one that ends it) are read.
+            let batch: Vec<String> = keys.by_ref().take(VALUE_BATCH).collect();
+            let sizes = join_all(
+                batch
+                    .iter()
+                    .map(|key| self.value_cmd(conn, namespace, "STRLEN", key))
+                    .collect(),
+            )
+            .await;
+            let mut batch = batch.into_iter().zip(sizes).peekable();
+            while batch.peek().is_some() && !page.is_complete() {
+                // Up to and including the first value past the budget.
+                let mut fits = Vec::new();
+                let mut bytes = page.bytes();
+                let mut first = page.is_empty();
+                for (key, size) in batch.by_ref() {
+                    let size: i64 = size?;
+                    bytes = bytes
+                        .saturating_add(key.len())
+                        .saturating_add(usize::try_from(size).unwrap_or(usize::MAX));
+                    let over = !first && bytes > page.max_bytes();
+                    first = false;
+                    fits.push(key);
+                    if over || page.len() + fits.len() > page.limit() {
+                        break;
+                    }
+                }
+                let values = join_all(
+                    fits.iter()
+                        .map(|key| self.value_cmd(conn, namespace, "GET", key))
+                        .collect(),
+                )
+                .await;
+                for (key, value) in fits.into_iter().zip(values) {
+                    // A key that expired since its index entry was read is
+                    // absent, as it would be a moment later.
+                    let value: Option<Vec<u8>> = value?;
+                    if let Some(value) = value {
+                        let item = Item {
+                            key,
+                            value: value.into(),
+                        };
+                        if !page.offer(item) {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(page.finish())
+    }
+
+    /// `cmd` (`GET`, `STRLEN`) on the value key of `key`, on a clone of the
+    /// multiplexed `conn`, so that a batch of them runs at once.
+    fn value_cmd<T: redis::FromRedisValue>(
+        &self,
+        conn: &Connection,
+        namespace: &str,
+        cmd: &'static str,
+        key: &str,
+    ) -> impl Future<Output = Result<T, Error>> + use<T> {
+        let mut conn = (**conn).clone();
+        let vkey = self.keyspace(namespace, shard_of(key, self.shards)).values + key;
+        async move {
+            redis::cmd(cmd)
+                .arg(vkey)
+                .query_async(&mut conn)
+                .await
+                .map_err(map_redis)
+        }
     }
 
     /// Purges every shard of every namespace when this backend holds the

@@ -16,8 +16,8 @@ use sqlx::sqlite::{
 };
 
 use super::toolkit::{
-    fetch_count, purge_in_batches, scan_page, sql_item, stored_ttl, Batch, KeyRange, Migration,
-    Schema,
+    fetch_count, purge_in_batches, scan_page_stream, sql_item, stored_ttl, Batch, KeyRange,
+    Migration, Schema,
 };
 use super::{context, Backend, BoxFuture, Connector, Error, Op, Outcome, Record};
 
@@ -58,7 +58,11 @@ impl SqliteConnector {
             // commits on power loss but never corrupts the database.
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(self.busy_timeout);
+            .busy_timeout(self.busy_timeout)
+            // Rows a statement's worker thread may step ahead of the reader:
+            // few, so that a scan stopped at its byte budget has not read
+            // more than a value or two past it (sqlx's default is 50).
+            .row_buffer_size(SCAN_READ_AHEAD);
         let pool = SqlitePoolOptions::new()
             .max_connections(self.pool_size.max(1))
             .min_connections(1)
@@ -185,6 +189,9 @@ fn scan_sql(keys_only: bool, exclusive_lower: bool, upper: bool) -> &'static str
     }
 }
 
+/// Rows the SQLite worker may read ahead of a scan (see `row_buffer_size`).
+const SCAN_READ_AHEAD: usize = 2;
+
 /// A pool of connections to one database file.
 struct SqliteBackend {
     pool: SqlitePool,
@@ -257,6 +264,7 @@ impl SqliteBackend {
                 prefix,
                 after,
                 limit,
+                max_bytes,
                 keys_only,
             } => {
                 let range = KeyRange::new(&prefix, after.as_deref());
@@ -275,11 +283,14 @@ impl SqliteBackend {
                 if let Some(upper) = range.upper() {
                     query = query.bind(upper);
                 }
-                let rows = query.fetch_all(&self.pool).await?;
-                Ok(scan_page(
-                    rows.iter().map(|row| sql_item(row, keys_only)),
-                    limit,
-                )?)
+                // Streamed: the statement stops stepping at the first row
+                // past the page, so a page of large values never sits in
+                // memory whole, beyond its byte budget.
+                let rows = query.fetch(&self.pool);
+                Ok(
+                    scan_page_stream(rows, |row| sql_item(row, keys_only), limit, max_bytes)
+                        .await?,
+                )
             }
         }
     }
@@ -499,6 +510,7 @@ mod tests {
             prefix: "t".into(),
             after: None,
             limit: 1000,
+            max_bytes: usize::MAX,
             keys_only: true,
         };
         match b.exec("ns", op).await.expect("scan") {

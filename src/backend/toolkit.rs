@@ -125,18 +125,133 @@ pub fn fetch_count(limit: usize) -> usize {
     limit.saturating_add(1)
 }
 
-/// The page of a scan from its items in range order, read up to
-/// [`fetch_count`]: the first `limit` items, and `more` when another
+/// The bytes an item counts against a page's byte budget: its key and its
+/// value (empty with keys only).
+pub fn item_bytes(item: &Item) -> usize {
+    item.key.len().saturating_add(item.value.len())
+}
+
+/// A scan page as it fills, item by item in range order: at most `limit`
+/// items and at most `max_bytes` of keys and values, except that the first
+/// item is always taken (so that a scan progresses whatever the size of one
+/// value). The first item refused marks the page as followed by more; a
+/// backend stops reading there, so a scan holds at most the page and one
+/// item in memory.
+#[derive(Debug)]
+pub struct PageBuilder {
+    items: Vec<Item>,
+    bytes: usize,
+    limit: usize,
+    max_bytes: usize,
+    more: bool,
+}
+
+impl PageBuilder {
+    /// An empty page of at most `limit` items and `max_bytes` bytes.
+    pub fn new(limit: usize, max_bytes: usize) -> Self {
+        PageBuilder {
+            items: Vec::new(),
+            bytes: 0,
+            limit,
+            max_bytes,
+            more: false,
+        }
+    }
+
+    /// Offers the next item of the range. True when it was taken and the
+    /// next may be offered; false when the page is complete (the item is
+    /// dropped, and the page says more follow).
+    pub fn offer(&mut self, item: Item) -> bool {
+        if self.more {
+            return false;
+        }
+        let size = item_bytes(&item);
+        let over_budget =
+            !self.items.is_empty() && self.bytes.saturating_add(size) > self.max_bytes;
+        if self.items.len() >= self.limit || over_budget {
+            self.more = true;
+            return false;
+        }
+        self.bytes = self.bytes.saturating_add(size);
+        self.items.push(item);
+        true
+    }
+
+    /// True once an item was refused: nothing more needs to be read.
+    pub fn is_complete(&self) -> bool {
+        self.more
+    }
+
+    /// Key and value bytes taken so far.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Items taken so far.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// True when no item was taken.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The most items the page takes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The page's byte budget.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// The page: its items, and `more` when an item was refused.
+    pub fn finish(self) -> Outcome {
+        Outcome::Scan {
+            items: self.items,
+            more: self.more,
+        }
+    }
+}
+
+/// The page of a scan from its items in range order: the first items up to
+/// `limit` and `max_bytes` (see [`PageBuilder`]), and `more` when another
 /// follows. Reads at most one item past the page, so a lazy iterator over
 /// an ordered map stops there.
 pub fn scan_page<E>(
     items: impl IntoIterator<Item = Result<Item, E>>,
     limit: usize,
+    max_bytes: usize,
 ) -> Result<Outcome, E> {
-    let mut items = items.into_iter();
-    let page = items.by_ref().take(limit).collect::<Result<Vec<_>, E>>()?;
-    let more = items.next().is_some();
-    Ok(Outcome::Scan { items: page, more })
+    let mut page = PageBuilder::new(limit, max_bytes);
+    for item in items {
+        if !page.offer(item?) {
+            break;
+        }
+    }
+    Ok(page.finish())
+}
+
+/// [`scan_page`] over a stream of rows (an SQL driver's `fetch`): rows are
+/// decoded and dropped one by one, and the stream is dropped at the first
+/// row past the page, so that no more than the page and one row is held.
+pub async fn scan_page_stream<R, E>(
+    rows: impl tokio_stream::Stream<Item = Result<R, E>>,
+    mut item: impl FnMut(&R) -> Result<Item, E>,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Outcome, E> {
+    use tokio_stream::StreamExt;
+    let mut page = PageBuilder::new(limit, max_bytes);
+    let mut rows = std::pin::pin!(rows);
+    while let Some(row) = rows.next().await {
+        if !page.offer(item(&row?)?) {
+            break;
+        }
+    }
+    Ok(page.finish())
 }
 
 /// What one batch of a purge did.
@@ -362,7 +477,8 @@ mod tests {
     use bytes::Bytes;
 
     use super::{
-        instance_id, prefix_successor, redact_url, scan_page, stored_ttl, Batch, KeyRange, MAX_TTL,
+        instance_id, prefix_successor, redact_url, scan_page, stored_ttl, Batch, KeyRange,
+        PageBuilder, MAX_TTL,
     };
     use crate::backend::{Item, Outcome};
 
@@ -421,7 +537,7 @@ mod tests {
             read += 1;
             Ok::<_, Infallible>(item(k))
         });
-        let Ok(page) = scan_page(items, 2);
+        let Ok(page) = scan_page(items, 2, usize::MAX);
         assert_eq!(
             page,
             Outcome::Scan {
@@ -430,7 +546,7 @@ mod tests {
             }
         );
         assert_eq!(read, 3);
-        let Ok(page) = scan_page([Ok::<_, Infallible>(item("a"))], 1);
+        let Ok(page) = scan_page([Ok::<_, Infallible>(item("a"))], 1, usize::MAX);
         assert_eq!(
             page,
             Outcome::Scan {
@@ -438,6 +554,37 @@ mod tests {
                 more: false
             }
         );
+    }
+
+    #[test]
+    fn a_page_stops_at_its_byte_budget_but_always_holds_one_item() {
+        let item = |k: &str, n: usize| Item {
+            key: k.into(),
+            value: Bytes::from(vec![b'v'; n]),
+        };
+        let items = || {
+            [item("a", 9), item("b", 9), item("c", 9), item("d", 9)]
+                .into_iter()
+                .map(Ok::<_, Infallible>)
+        };
+        // 10 bytes an item: 25 bytes hold two, and the third is "more".
+        let Ok(Outcome::Scan { items: page, more }) = scan_page(items(), 10, 25) else {
+            unreachable!()
+        };
+        assert_eq!(page.len(), 2);
+        assert!(more);
+        // Exactly at the budget still fits.
+        let Ok(Outcome::Scan { items: page, more }) = scan_page(items(), 10, 40) else {
+            unreachable!()
+        };
+        assert_eq!((page.len(), more), (4, false));
+        // A first item over the whole budget is still returned alone.
+        let Ok(Outcome::Scan { items: page, more }) = scan_page(items(), 10, 1) else {
+            unreachable!()
+        };
+        assert_eq!((page.len(), more), (1, true));
+        let mut b = PageBuilder::new(1, 100);
+        assert!(b.offer(item("a", 1)) && !b.offer(item("b", 1)) && b.is_complete());
     }
 
     #[test]

@@ -98,8 +98,9 @@ pub struct ScanParams {
     pub keys_only: bool,
 }
 
-/// Builds a scan operation from request fields.
-pub fn scan_op(p: ScanParams) -> Result<Op, ApiError> {
+/// Builds a scan operation from request fields, with the page byte budget
+/// of its namespace (`max_page_bytes`).
+pub fn scan_op(p: ScanParams, settings: &NamespaceSettings) -> Result<Op, ApiError> {
     if p.prefix.len() > MAX_KEY_BYTES {
         return Err(ApiError::InvalidArgument(format!(
             "prefix is {} bytes, the limit is {MAX_KEY_BYTES}",
@@ -124,6 +125,7 @@ pub fn scan_op(p: ScanParams) -> Result<Op, ApiError> {
         prefix: p.prefix,
         after,
         limit,
+        max_bytes: settings.max_page_bytes,
         keys_only: p.keys_only,
     })
 }
@@ -154,6 +156,19 @@ fn decode_cursor(cursor: &str) -> Result<String, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn namespace() -> NamespaceSettings {
+        let settings = crate::settings::Settings::from_toml(
+            "[server]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n\
+             [backends.m]\nkind = \"memory\"\n[namespaces.n]\nbackend = \"m\"\n",
+        )
+        .unwrap();
+        settings.namespaces["n"].clone()
+    }
+
+    fn scan_op(p: ScanParams) -> Result<Op, ApiError> {
+        super::scan_op(p, &namespace())
+    }
 
     fn params(limit: u32, cursor: &str) -> ScanParams {
         ScanParams {
@@ -200,12 +215,7 @@ mod tests {
 
     #[test]
     fn ttls_are_bounded_by_one_limit() {
-        let settings = crate::settings::Settings::from_toml(
-            "[server]\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\n\
-             [backends.m]\nkind = \"memory\"\n[namespaces.n]\nbackend = \"m\"\n",
-        )
-        .unwrap();
-        let ns = &settings.namespaces["n"];
+        let ns = &namespace();
         let max = MAX_TTL.as_millis() as u64;
         assert_eq!(put_ttl(ns, max).unwrap(), Some(MAX_TTL));
         let e = put_ttl(ns, max + 1).unwrap_err();

@@ -20,7 +20,9 @@ use crate::kv::Core;
 use crate::proto::key_value_server::KeyValueServer;
 use crate::settings::GrpcLimits;
 
-/// Room above the largest value for the rest of a request or response.
+/// Room above the largest value or scan page for the rest of a request or
+/// response: a key (1 KiB), and a page's framing (about 15 bytes an item,
+/// at most 1000 items) and cursor.
 const MESSAGE_OVERHEAD: usize = 64 * 1024;
 
 /// The first pause after a failed accept; it doubles up to
@@ -84,7 +86,17 @@ pub async fn router(
     limits: &GrpcLimits,
     max_value_size: usize,
 ) -> Result<(Router, HealthReporter), Error> {
-    let max_message = max_value_size + MESSAGE_OVERHEAD;
+    // Requests carry at most one value. A response (a scan page) holds at
+    // most `max_page_bytes` of keys and values, or one item (a value of at
+    // most `max_value_size`): so every page fits, and a Scan never fails
+    // in encoding after the request core counted it OK.
+    let max_page_bytes = core
+        .namespaces()
+        .map(|ns| ns.settings.max_page_bytes)
+        .max()
+        .unwrap_or(0);
+    let max_request = max_value_size + MESSAGE_OVERHEAD;
+    let max_response = max_value_size.max(max_page_bytes) + MESSAGE_OVERHEAD;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<KeyValueServer<KvService>>().await;
     // Both reflection versions: grpcurl and older tools still ask v1alpha.
@@ -99,7 +111,7 @@ pub async fn router(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| Error::Start(format!("grpc reflection: {e}")))?;
-    let kv = crate::grpc::server(core, max_message);
+    let kv = crate::grpc::server(core, max_request, max_response);
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_pending_accept_reset_streams(Some(limits.max_pending_reset_streams))

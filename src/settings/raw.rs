@@ -16,8 +16,8 @@ use super::backend::parse_backend;
 use super::error::Error;
 use super::{
     is_valid_name, log_filter, GrpcLimits, LogFormat, LogSettings, NamespaceSettings,
-    ServerSettings, SessionSettings, Settings, SupervisorSettings, TlsSettings, MAX_NAME_LEN,
-    MAX_VALUE_SIZE_LIMIT,
+    ServerSettings, SessionSettings, Settings, SupervisorSettings, TlsSettings,
+    DEFAULT_MAX_PAGE_BYTES, MAX_NAME_LEN, MAX_VALUE_SIZE_LIMIT, MIN_PAGE_BYTES,
 };
 use crate::tls::CertFiles;
 
@@ -266,6 +266,8 @@ struct RawNamespace {
     default_ttl: Option<Duration>,
     #[serde(default = "default_max_value_size")]
     max_value_size: usize,
+    #[serde(default = "default_max_page_bytes")]
+    max_page_bytes: usize,
 }
 
 fn default_timeout() -> Duration {
@@ -274,6 +276,10 @@ fn default_timeout() -> Duration {
 
 fn default_max_value_size() -> usize {
     1024 * 1024
+}
+
+fn default_max_page_bytes() -> usize {
+    DEFAULT_MAX_PAGE_BYTES
 }
 
 /// A name as a segment of a dotted key: quoted, as TOML would, when it is
@@ -474,6 +480,15 @@ impl RawSettings {
                     ),
                 ));
             }
+            if !(MIN_PAGE_BYTES..=MAX_VALUE_SIZE_LIMIT).contains(&ns.max_page_bytes) {
+                return Err(Error::invalid(
+                    format!("{key}.max_page_bytes"),
+                    format!(
+                        "{} is out of range: must be between {MIN_PAGE_BYTES} (1 KiB) and {MAX_VALUE_SIZE_LIMIT} (64 MiB)",
+                        ns.max_page_bytes
+                    ),
+                ));
+            }
             namespaces.insert(
                 name,
                 NamespaceSettings {
@@ -481,6 +496,7 @@ impl RawSettings {
                     backend: ns.backend,
                     default_ttl,
                     max_value_size: ns.max_value_size,
+                    max_page_bytes: ns.max_page_bytes,
                 },
             );
         }

@@ -32,7 +32,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use crate::backend::{Backend, BoxFuture, Connector};
 
 pub use gateway::{
-    errors_are_the_same_on_every_backend, scan_pages_through_2000_keys_with_concurrent_writers,
+    errors_are_the_same_on_every_backend, scan_pages_of_large_values_fit_the_transport,
+    scan_pages_through_2000_keys_with_concurrent_writers,
     ttl_expires_keys_and_an_overwrite_resets_it,
     two_hundred_concurrent_clients_each_see_their_own_writes,
     upsert_get_exists_and_idempotent_delete, values_are_binary_safe_up_to_the_max_size,
@@ -43,7 +44,7 @@ pub use store::{
     namespaces_are_isolated, overwrite_resets_the_ttl, purge_removes_only_expired_keys,
     put_inserts_then_replaces_the_value, scan_is_stable_under_concurrent_writes,
     scan_more_is_exact_and_keys_only_leaves_values_out,
-    scan_pages_cover_every_key_once_in_byte_order,
+    scan_pages_cover_every_key_once_in_byte_order, scan_pages_stop_at_their_byte_budget,
     scan_respects_prefix_and_after_bounds_with_multibyte_keys, ttls_past_max_ttl_never_expire,
     values_are_binary_safe,
 };
@@ -187,12 +188,14 @@ macro_rules! conformance_suite {
             scan_is_stable_under_concurrent_writes,
             scan_respects_prefix_and_after_bounds_with_multibyte_keys,
             scan_more_is_exact_and_keys_only_leaves_values_out,
+            scan_pages_stop_at_their_byte_budget,
             purge_removes_only_expired_keys,
             ttls_past_max_ttl_never_expire,
             upsert_get_exists_and_idempotent_delete,
             values_are_binary_safe_up_to_the_max_size,
             ttl_expires_keys_and_an_overwrite_resets_it,
             scan_pages_through_2000_keys_with_concurrent_writers,
+            scan_pages_of_large_values_fit_the_transport,
             two_hundred_concurrent_clients_each_see_their_own_writes,
             errors_are_the_same_on_every_backend,
         }

@@ -548,6 +548,8 @@ async fn scan_is_an_ordered_primary_key_range() {
         if upper {
             query = query.bind("b");
         }
+        // The page's byte budget.
+        query = query.bind(1i64 << 20);
         let plan = query.fetch_all(&mut *conn).await.expect("plan").join("\n");
         assert!(plan.contains("Index"), "{plan}");
         assert!(!plan.contains("Sort"), "scan sorts: {plan}");

@@ -112,6 +112,7 @@ async fn scan_keys(b: &dyn Backend, ns: &str, limit: usize) -> (Vec<String>, boo
         prefix: String::new(),
         after: None,
         limit,
+        max_bytes: usize::MAX,
         keys_only: true,
     };
     match b.exec(ns, op).await.expect("scan") {

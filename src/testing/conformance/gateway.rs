@@ -1,6 +1,7 @@
 //! Checks through a real gateway over gRPC: each starts a gateway whose
-//! namespace `subject` (and its twin `subject_ttl`, with a 150 ms default
-//! TTL) is served by a fresh subject.
+//! namespace `subject` (and its twins `subject_ttl`, with a 150 ms default
+//! TTL, and `subject_pages`, with 64 KiB scan pages) is served by a fresh
+//! subject.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use tonic::Code;
 
 use super::Subject;
 use crate::proto::key_value_client::KeyValueClient;
-use crate::proto::{DeleteRequest, ExistsRequest, GetRequest, PutRequest, ScanRequest};
+use crate::proto::{DeleteRequest, ExistsRequest, GetRequest, Item, PutRequest, ScanRequest};
 use crate::settings::Loader;
 use crate::testing::{eventually, TestServer};
 
@@ -47,6 +48,10 @@ backend = "subject"
 [namespaces.{ns}_ttl]
 backend = "subject"
 default_ttl = "150ms"
+
+[namespaces.{ns}_pages]
+backend = "subject"
+max_page_bytes = 65536
 "#,
             backend = subject.backend_settings,
             ns = NAMESPACE,
@@ -392,6 +397,61 @@ pub async fn scan_pages_through_2000_keys_with_concurrent_writers(subject: Subje
         .into_inner();
     let keys: Vec<&str> = page.items.iter().map(|i| i.key.as_str()).collect();
     assert_eq!(keys, ["other/0", "other/1", "other/10"]);
+    gw.stop().await;
+}
+
+/// Every page of a scan over gRPC, with `limit`.
+async fn scan_pages(c: &mut KeyValueClient<Channel>, ns: &str, limit: u32) -> Vec<Vec<Item>> {
+    let mut pages = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = c
+            .scan(ScanRequest {
+                namespace: ns.into(),
+                prefix: "big/".into(),
+                limit,
+                cursor: cursor.clone(),
+                keys_only: false,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("scan of {ns} after {cursor:?}: {e:?}"))
+            .into_inner();
+        pages.push(page.items);
+        if page.next_cursor.is_empty() {
+            return pages;
+        }
+        assert!(pages.len() <= 1000, "the scan does not progress");
+        cursor = page.next_cursor;
+    }
+}
+
+pub async fn scan_pages_of_large_values_fit_the_transport(subject: Subject) {
+    let gw = Served::start(subject).await;
+    let mut c = gw.client().await;
+    let value = vec![7u8; 16 * 1024];
+    let expected: Vec<String> = (0..100).map(|i| format!("big/{i:03}")).collect();
+    let pages_ns = format!("{NAMESPACE}_pages");
+    for ns in [NAMESPACE, pages_ns.as_str()] {
+        for key in &expected {
+            c.put(put(ns, key, &value, 0)).await.unwrap();
+        }
+    }
+    // 1.6 MiB of values: over the 1 MiB value limit, within the default
+    // 4 MiB page, so one page of limit 1000 holds them all.
+    let pages = scan_pages(&mut c, NAMESPACE, 1000).await;
+    assert_eq!(pages.len(), 1, "default page budget");
+    let keys: Vec<&str> = pages[0].iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(keys, expected);
+    assert!(pages[0].iter().all(|i| i.value.len() == value.len()));
+    // 64 KiB pages: three values each, every key once, in order.
+    let pages = scan_pages(&mut c, &pages_ns, 1000).await;
+    assert!(pages.len() >= 100 / 3, "{} pages", pages.len());
+    for page in &pages {
+        let bytes: usize = page.iter().map(|i| i.key.len() + i.value.len()).sum();
+        assert!(page.len() == 1 || bytes <= 65536, "page of {bytes} bytes");
+    }
+    let keys: Vec<&str> = pages.iter().flatten().map(|i| i.key.as_str()).collect();
+    assert_eq!(keys, expected);
     gw.stop().await;
 }
 

@@ -7,8 +7,9 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::Subject;
-use crate::backend::toolkit::MAX_TTL;
+use crate::backend::toolkit::{item_bytes, MAX_TTL};
 use crate::backend::{Backend, Item, Op, Outcome, Record};
+use crate::settings::DEFAULT_MAX_PAGE_BYTES;
 
 /// Short enough to keep the suite fast, long enough that a put followed by a
 /// read on a loaded 2-core machine still sees the key alive.
@@ -58,10 +59,31 @@ async fn scan(
     limit: usize,
     keys_only: bool,
 ) -> (Vec<Item>, bool) {
+    scan_within(
+        b,
+        ns,
+        prefix,
+        after,
+        (limit, DEFAULT_MAX_PAGE_BYTES),
+        keys_only,
+    )
+    .await
+}
+
+/// A scan page of at most `limit` items and `max_bytes` bytes.
+async fn scan_within(
+    b: &dyn Backend,
+    ns: &str,
+    prefix: &str,
+    after: Option<&str>,
+    (limit, max_bytes): (usize, usize),
+    keys_only: bool,
+) -> (Vec<Item>, bool) {
     let op = Op::Scan {
         prefix: prefix.into(),
         after: after.map(Into::into),
         limit,
+        max_bytes,
         keys_only,
     };
     match b.exec(ns, op).await {
@@ -386,6 +408,85 @@ pub async fn scan_pages_cover_every_key_once_in_byte_order(subject: Subject) {
     for item in items {
         assert_eq!(item.value, Bytes::from(item.key.clone()));
     }
+}
+
+/// Walks every page of a scan for `prefix` with at most `limit` items and
+/// `max_bytes` bytes a page; asserts that each page holds at least one item,
+/// stays within the budget unless it holds one item only, and that `more`
+/// is false only on the last page. Returns the pages.
+async fn pages_within(
+    b: &dyn Backend,
+    prefix: &str,
+    (limit, max_bytes): (usize, usize),
+    keys_only: bool,
+) -> Vec<Vec<Item>> {
+    let mut pages: Vec<Vec<Item>> = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let (items, more) = scan_within(
+            b,
+            "ns",
+            prefix,
+            after.as_deref(),
+            (limit, max_bytes),
+            keys_only,
+        )
+        .await;
+        let bytes: usize = items.iter().map(item_bytes).sum();
+        assert!(items.len() <= limit, "page larger than its limit");
+        assert!(
+            items.len() == 1 || bytes <= max_bytes,
+            "a page of {} items holds {bytes} bytes, over its budget of {max_bytes}",
+            items.len()
+        );
+        if more {
+            assert!(!items.is_empty(), "an empty page says more follow");
+        }
+        after = items.last().map(|i| i.key.clone()).or(after);
+        pages.push(items);
+        if !more {
+            return pages;
+        }
+        assert!(pages.len() <= 10_000, "the scan does not progress");
+    }
+}
+
+pub async fn scan_pages_stop_at_their_byte_budget(subject: Subject) {
+    let backend = subject.connect().await;
+    let b = &*backend;
+    let value = vec![b'v'; 16 * 1024];
+    let expected: Vec<String> = (0..100).map(|i| format!("big/{i:03}")).collect();
+    for key in &expected {
+        put(b, "ns", key, value.clone(), None).await;
+    }
+    put(b, "ns", "big0", "outside", None).await;
+    let item = expected[0].len() + value.len();
+    // 100 KiB holds six 16 KiB values: a page of limit 1000 stops early.
+    let pages = pages_within(b, "big/", (1000, 100 * 1024), false).await;
+    assert!(pages.len() >= 100 / 6, "{} pages", pages.len());
+    assert!(
+        pages[0].len() == 6,
+        "first page holds {} items",
+        pages[0].len()
+    );
+    let keys: Vec<String> = pages.iter().flatten().map(|i| i.key.clone()).collect();
+    assert!(
+        keys == expected,
+        "pages do not hold every key once, in order"
+    );
+    assert!(pages.iter().flatten().all(|i| i.value.len() == value.len()));
+    // A budget smaller than one value still progresses: one item a page.
+    let pages = pages_within(b, "big/", (1000, item - 1), false).await;
+    assert_eq!(pages.len(), 100);
+    assert!(pages.iter().all(|p| p.len() == 1));
+    let keys: Vec<String> = pages.iter().flatten().map(|i| i.key.clone()).collect();
+    assert!(keys == expected, "one-item pages skip or repeat keys");
+    // Keys only: the keys count against the budget, the values do not.
+    let (items, more) = scan_within(b, "ns", "big/", None, (1000, 100 * 1024), true).await;
+    assert_eq!((items.len(), more), (100, false));
+    // The item limit still holds within the budget.
+    let (items, more) = scan_within(b, "ns", "big/", None, (2, 1 << 20), false).await;
+    assert_eq!((items.len(), more), (2, true));
 }
 
 pub async fn scan_is_stable_under_concurrent_writes(subject: Subject) {
