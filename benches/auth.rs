@@ -127,11 +127,38 @@ async fn start(token: bool) -> anyhow::Result<Running> {
     })
 }
 
+/// CPU time (user + system) this process has used, in seconds: both
+/// gateways and the load generator run in it, and only one of them is
+/// loaded at a time.
+fn process_cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // The fields after the command name (which may hold spaces): utime and
+    // stime are the 12th and 13th of them.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// One run's report and its CPU time per operation, in microseconds, over
+/// the whole run (its warm-up included, alike for both modes).
 async fn run(
     client: &ClientOptions,
     duration: Duration,
     concurrency: usize,
-) -> anyhow::Result<BenchReport> {
+) -> anyhow::Result<(BenchReport, f64)> {
+    let cpu = process_cpu_secs();
     let options = BenchOptions {
         client: client.clone(),
         namespace: NAMESPACE.into(),
@@ -142,10 +169,12 @@ async fn run(
         ..BenchOptions::default()
     };
     let report = prism::bench::run(&options).await.context("a bench run")?;
+    let cpu = process_cpu_secs() - cpu;
     if report.error_count() > 0 {
         bail!("a run had errors: {:?}", report.errors);
     }
-    Ok(report)
+    let ops = report.throughput * (options.duration + options.warmup).as_secs_f64();
+    Ok((report, cpu * 1e6 / ops.max(1.0)))
 }
 
 fn load_average() -> String {
@@ -171,6 +200,7 @@ async fn bench(duration: Duration, rounds: usize, concurrency: usize) -> anyhow:
 
     let mut table = Vec::new();
     let mut ratios = Vec::new();
+    let mut cpu_ratios = Vec::new();
     for round in 1..=rounds {
         // Alternate which goes first, so neither always runs on a machine
         // still busy from the other.
@@ -186,13 +216,15 @@ async fn bench(duration: Duration, rounds: usize, concurrency: usize) -> anyhow:
         } else {
             (second, first)
         };
-        let ratio = r_token.throughput / r_off.throughput;
+        let ratio = r_token.0.throughput / r_off.0.throughput;
+        let cpu_ratio = r_token.1 / r_off.1;
         eprintln!(
-            "auth: round {round}: off {:.0} ops/s, token {:.0} ops/s, ratio {ratio:.3}",
-            r_off.throughput, r_token.throughput
+            "auth: round {round}: off {:.0} ops/s, token {:.0} ops/s, ratio {ratio:.3}, cpu/op ratio {cpu_ratio:.3}",
+            r_off.0.throughput, r_token.0.throughput
         );
         ratios.push(ratio);
-        table.push((round, r_off, r_token, ratio, load_average()));
+        cpu_ratios.push(cpu_ratio);
+        table.push((round, r_off, r_token, ratio, cpu_ratio, load_average()));
     }
 
     for running in [off, token] {
@@ -208,18 +240,19 @@ async fn bench(duration: Duration, rounds: usize, concurrency: usize) -> anyhow:
         machine.arch
     );
     println!(
-        "| round | mode off ops/s | p99 ms | mode token ops/s | p99 ms | token/off | load avg |"
+        "| round | off ops/s | off p99 ms | off CPU µs/op | token ops/s | token p99 ms | token CPU µs/op | ops/s token/off | CPU/op token/off | load avg |"
     );
-    println!("|---|---|---|---|---|---|---|");
-    for (round, off, token, ratio, load) in &table {
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (round, (off, off_cpu), (token, token_cpu), ratio, cpu_ratio, load) in &table {
         println!(
-            "| {round} | {:.0} | {:.2} | {:.0} | {:.2} | {ratio:.3} | {load} |",
+            "| {round} | {:.0} | {:.2} | {off_cpu:.1} | {:.0} | {:.2} | {token_cpu:.1} | {ratio:.3} | {cpu_ratio:.3} | {load} |",
             off.throughput, off.latency_ms.p99, token.throughput, token.latency_ms.p99
         );
     }
     let m = median(ratios);
+    let c = median(cpu_ratios);
     println!(
-        "\nmedian token/off: {m:.3} (target >= {TARGET_RATIO}: {})",
+        "\nmedian throughput token/off: {m:.3} (target >= {TARGET_RATIO}: {}); median CPU per op token/off: {c:.3}",
         if m >= TARGET_RATIO { "met" } else { "missed" }
     );
     Ok(())
