@@ -13,8 +13,7 @@
 //! - settings: arbitrary values of numeric and duration keys, from a file
 //!   or a variable, load or give a settings error naming the key; arbitrary
 //!   TOML-ish text loads, or is a syntax error naming the line, or an error
-//!   naming a key; never a panic. (Note: the `config` crate turns `true`
-//!   into 1 and truncates floats for integer keys, so those load.)
+//!   naming a key; never a panic.
 //!
 //! Each property runs a modest number of cases so the file finishes in
 //! seconds; a failure prints the smallest input proptest found.

@@ -582,3 +582,26 @@ backend = "mem"
         assert_refused(code, &err, &["`server.grpc_addr`", &file]);
     }
 }
+
+#[test]
+fn whole_number_keys_refuse_booleans_fractions_and_stray_text() {
+    for bad in ["true", "2.7", "-1", "\"12x\"", "\"\""] {
+        let message = error_for_edit(
+            "max_sessions = 10000",
+            &format!("max_sessions = {bad}"),
+            "sessions.max_sessions",
+        );
+        assert!(message.contains("whole number"), "{bad}: {message}");
+    }
+    // Digits in a string load: every environment variable is a string.
+    let dir = settings_dir(&default_toml());
+    let s = load_env(dir.path(), &[("PRISM__SESSIONS__MAX_SESSIONS", "300")]).expect("loads");
+    assert_eq!(s.sessions.max_sessions, 300);
+    let err = load_env(dir.path(), &[("PRISM__SESSIONS__MAX_SESSIONS", "2.5")])
+        .expect_err("a fraction in a variable");
+    assert_eq!(err.key(), Some("sessions.max_sessions"), "{err}");
+    assert!(
+        err.to_string().contains("PRISM__SESSIONS__MAX_SESSIONS"),
+        "{err}"
+    );
+}

@@ -123,7 +123,10 @@ pub struct PostgresSettings {
     #[serde(default = "default_table")]
     pub table: String,
     /// Connections kept open even when idle (at most `pool_size`).
-    #[serde(default = "default_min_connections")]
+    #[serde(
+        default = "default_min_connections",
+        deserialize_with = "crate::settings::raw::whole::deserialize"
+    )]
     pub min_connections: u32,
     /// Longest wait for a pooled connection.
     #[serde(with = "humantime_serde", default = "five_seconds")]
@@ -186,7 +189,10 @@ pub struct RedisClusterSettings {
     pub command_timeout: Duration,
     /// Index shards per namespace (1..=1024): a namespace's keys spread over
     /// this many hash tags, and so over the cluster's nodes.
-    #[serde(default = "default_shards")]
+    #[serde(
+        default = "default_shards",
+        deserialize_with = "crate::settings::raw::whole::deserialize"
+    )]
     pub shards: u16,
 }
 
@@ -278,15 +284,21 @@ fn default_key_prefix() -> String {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPool {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::settings::raw::whole::option")]
     pool_size: Option<u32>,
-    #[serde(default = "default_mailbox")]
+    #[serde(
+        default = "default_mailbox",
+        deserialize_with = "crate::settings::raw::whole::deserialize"
+    )]
     mailbox: usize,
     #[serde(with = "humantime_serde", default = "default_purge_interval")]
     purge_interval: Duration,
     #[serde(with = "humantime_serde", default = "five_seconds")]
     health_interval: Duration,
-    #[serde(default = "default_breaker_failures")]
+    #[serde(
+        default = "default_breaker_failures",
+        deserialize_with = "crate::settings::raw::whole::deserialize"
+    )]
     breaker_failures: u32,
     #[serde(with = "humantime_serde", default = "default_breaker_cooldown")]
     breaker_cooldown: Duration,

@@ -21,6 +21,81 @@ use super::{
 };
 use crate::tls::CertFiles;
 
+/// Whole-number keys. The `config` crate would read `true` as 1 and cut
+/// `2.7` to 2; here a boolean or a fraction is an error naming the key, and
+/// a string (every environment variable is one) must hold just the digits.
+pub(super) mod whole {
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, Unexpected, Visitor};
+
+    struct Whole;
+
+    impl Visitor<'_> for Whole {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a whole number")
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+            let digits = v.trim();
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(E::invalid_value(Unexpected::Str(v), &self));
+            }
+            digits
+                .parse()
+                .map_err(|_| E::invalid_value(Unexpected::Str(v), &"a whole number below 2^64"))
+        }
+    }
+
+    /// A whole number that fits `T`.
+    pub fn deserialize<'de, D, T>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64>,
+    {
+        let n = d.deserialize_any(Whole)?;
+        T::try_from(n).map_err(|_| {
+            de::Error::invalid_value(
+                Unexpected::Unsigned(n),
+                &format!("a whole number of at most {}", max::<T>()).as_str(),
+            )
+        })
+    }
+
+    /// Like [`deserialize`], for a key that may be left out.
+    pub fn option<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64>,
+    {
+        deserialize(d).map(Some)
+    }
+
+    /// The largest `u64` that fits `T`.
+    fn max<T: TryFrom<u64>>() -> u64 {
+        let (mut lo, mut hi) = (0u64, u64::MAX);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if T::try_from(mid).is_ok() {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
+    }
+}
+
 /// Upper bounds shared by several keys. Generous, but finite: a deadline
 /// added to `Instant::now()` or a capacity handed to an allocator must
 /// never overflow.
@@ -112,11 +187,20 @@ struct RawServer {
     shutdown_grace: Duration,
     #[serde(with = "humantime_serde", default = "default_drain_delay")]
     drain_delay: Duration,
-    #[serde(default = "default_max_concurrent_streams")]
+    #[serde(
+        default = "default_max_concurrent_streams",
+        deserialize_with = "crate::settings::raw::whole::deserialize"
+    )]
     grpc_max_concurrent_streams: u32,
-    #[serde(default = "default_max_pending_reset_streams")]
+    #[serde(
+        default = "default_max_pending_reset_streams",
+        deserialize_with = "crate::settings::raw::whole::deserialize"
+    )]
     grpc_max_pending_reset_streams: usize,
-    #[serde(default = "default_max_local_reset_streams")]
+    #[serde(
+        default = "default_max_local_reset_streams",
+        deserialize_with = "crate::settings::raw::whole::deserialize"
+    )]
     grpc_max_local_reset_streams: usize,
     #[serde(with = "humantime_serde", default = "default_keepalive_interval")]
     grpc_keepalive_interval: Duration,
@@ -210,12 +294,17 @@ impl Default for RawLog {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawSessions {
+    #[serde(deserialize_with = "crate::settings::raw::whole::deserialize")]
     max_in_flight: u32,
+    #[serde(deserialize_with = "crate::settings::raw::whole::deserialize")]
     rate_limit: u32,
+    #[serde(deserialize_with = "crate::settings::raw::whole::deserialize")]
     rate_burst: u32,
     #[serde(with = "humantime_serde")]
     idle_timeout: Duration,
+    #[serde(deserialize_with = "crate::settings::raw::whole::deserialize")]
     max_sessions: u32,
+    #[serde(deserialize_with = "crate::settings::raw::whole::deserialize")]
     mailbox: usize,
 }
 
@@ -236,6 +325,7 @@ impl Default for RawSessions {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawSupervisor {
+    #[serde(deserialize_with = "crate::settings::raw::whole::deserialize")]
     max_restarts: u32,
     #[serde(with = "humantime_serde")]
     restart_window: Duration,
@@ -264,9 +354,15 @@ struct RawNamespace {
     timeout: Duration,
     #[serde(with = "humantime_serde", default)]
     default_ttl: Option<Duration>,
-    #[serde(default = "default_max_value_size")]
+    #[serde(
+        default = "default_max_value_size",
+        deserialize_with = "crate::settings::raw::whole::deserialize"
+    )]
     max_value_size: usize,
-    #[serde(default = "default_max_page_bytes")]
+    #[serde(
+        default = "default_max_page_bytes",
+        deserialize_with = "crate::settings::raw::whole::deserialize"
+    )]
     max_page_bytes: usize,
 }
 
