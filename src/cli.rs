@@ -191,10 +191,24 @@ pub struct KvArgs {
     #[arg(long, global = true, env = "PRISM_CA", value_name = "PATH")]
     pub ca: Option<PathBuf>,
     /// https:// only: PEM client certificate for mutual TLS (with --key).
-    #[arg(long, global = true, env = "PRISM_CERT", value_name = "PATH", requires = "key")]
+    #[arg(
+        long = "cert",
+        global = true,
+        env = "PRISM_CERT",
+        value_name = "PATH",
+        id = "tls_cert",
+        requires = "tls_key"
+    )]
     pub cert: Option<PathBuf>,
     /// https:// only: PEM private key of --cert.
-    #[arg(long, global = true, env = "PRISM_KEY", value_name = "PATH", requires = "cert")]
+    #[arg(
+        long = "key",
+        global = true,
+        env = "PRISM_KEY",
+        value_name = "PATH",
+        id = "tls_key",
+        requires = "tls_cert"
+    )]
     pub key: Option<PathBuf>,
     /// Sent as x-client-id metadata (the session the gateway admits the request under).
     #[arg(long, global = true, env = "PRISM_CLIENT_ID")]
@@ -286,10 +300,22 @@ pub struct BenchArgs {
     #[arg(long, env = "PRISM_CA", value_name = "PATH")]
     pub ca: Option<PathBuf>,
     /// https:// only: PEM client certificate for mutual TLS (with --key).
-    #[arg(long, env = "PRISM_CERT", value_name = "PATH", requires = "key")]
+    #[arg(
+        long = "cert",
+        env = "PRISM_CERT",
+        value_name = "PATH",
+        id = "tls_cert",
+        requires = "tls_key"
+    )]
     pub cert: Option<PathBuf>,
     /// https:// only: PEM private key of --cert.
-    #[arg(long, env = "PRISM_KEY", value_name = "PATH", requires = "cert")]
+    #[arg(
+        long = "key",
+        env = "PRISM_KEY",
+        value_name = "PATH",
+        id = "tls_key",
+        requires = "tls_cert"
+    )]
     pub key: Option<PathBuf>,
     /// Namespace to load.
     #[arg(long, default_value = "default")]

@@ -208,7 +208,11 @@ mod tests {
 
     #[test]
     fn bad_lists_name_the_bad_element() {
-        fails("a:1,,b:2", "a:1,,b:2", "element 2 of the address list is empty");
+        fails(
+            "a:1,,b:2",
+            "a:1,,b:2",
+            "element 2 of the address list is empty",
+        );
         fails("a:1,", "a:1,", "element 2");
         fails("a:1,b:2,A:1", "A:1", "same instance as \"a:1\"");
         fails(
@@ -216,7 +220,11 @@ mod tests {
             "http://A:1",
             "same instance as \"http://a:1\"",
         );
-        fails("a:1,https://b:2", "https://b:2", "may not mix http:// and https://");
+        fails(
+            "a:1,https://b:2",
+            "https://b:2",
+            "may not mix http:// and https://",
+        );
         fails("a:1,ftp://b:2", "ftp://b:2", "\"ftp\" is not supported");
     }
 
