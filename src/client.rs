@@ -302,10 +302,6 @@ impl Client {
         let attempt_all = async {
             let mut attempt = 1;
             loop {
-                if let Some(balanced) = self.balanced.as_ref().filter(|b| b.up() == 0) {
-                    balanced.wake();
-                    return Err(balanced.none_up());
-                }
                 let result = send(self.inner.clone(), self.request(message.clone())).await;
                 match (result, &self.balanced) {
                     (Err(status), Some(balanced))

@@ -463,7 +463,8 @@ async fn kv_spreads_over_a_list_and_skips_an_instance_that_is_down() {
         "both instances got requests: {counts:?}"
     );
 
-    // The same through PRISM_ADDR, with both live instances down but one.
+    // PRISM_ADDR takes lists too; the dead instance first. The key is on
+    // one of the two memory namespaces: found (0) or not (1), not an error.
     let mut cmd = prism();
     cmd.args(["kv", "get", "default", "k00"])
         .env("PRISM_ADDR", format!("{down},{}", a.addr));

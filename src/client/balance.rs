@@ -9,7 +9,8 @@
 //! it does. A call that fails because its instance could not be reached
 //! wakes the watchers, so a dead instance leaves the channel within
 //! milliseconds rather than at the next interval, and the call is retried
-//! on another instance (see `Client::call`).
+//! on another instance (see `Client::call`). The last instance in the
+//! channel is never left out.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -36,9 +37,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// clones of a client; dropping the last stops the watchers.
 #[derive(Debug)]
 pub(super) struct Balanced {
-    /// The normalized addresses, comma-separated, for messages.
-    list: String,
-    /// Instances the channel holds now.
+    /// Instances the channel holds now (never fewer than one).
     up: Arc<AtomicUsize>,
     /// Wakes every watcher for an immediate probe.
     wake: Arc<Notify>,
@@ -62,14 +61,6 @@ impl Balanced {
     /// Asks every watcher to probe its instance now.
     pub(super) fn wake(&self) {
         self.wake.notify_waiters();
-    }
-
-    /// The status of a call made while no instance answers.
-    pub(super) fn none_up(&self) -> Status {
-        Status::unavailable(format!(
-            "no instance of {} answers its health check",
-            self.list
-        ))
     }
 }
 
@@ -144,7 +135,6 @@ pub(super) async fn connect(
     Ok((
         channel,
         Balanced {
-            list,
             up: shared_up,
             wake,
             watchers,
@@ -175,8 +165,20 @@ impl Watcher {
                 continue;
             }
             let change = if serving {
+                self.shared_up.fetch_add(1, Ordering::Relaxed);
                 Change::Insert(self.key, self.endpoint.clone())
             } else {
+                // The last instance stays: a channel without any could
+                // only hold calls until their deadline, and a probe that
+                // timed out under load is no proof that it is gone.
+                let left_out =
+                    self.shared_up
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                            (n > 1).then(|| n - 1)
+                        });
+                if left_out.is_err() {
+                    continue;
+                }
                 Change::Remove(self.key)
             };
             if self.changes.send(change).await.is_err() {
@@ -184,11 +186,6 @@ impl Watcher {
                 return;
             }
             self.up = serving;
-            if serving {
-                self.shared_up.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.shared_up.fetch_sub(1, Ordering::Relaxed);
-            }
         }
     }
 }
