@@ -184,9 +184,32 @@ fn parse_bench_period(value: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, Args)]
 #[command(after_help = EXIT_CODES_HELP)]
 pub struct KvArgs {
-    /// Gateway address.
+    /// Gateway address: http://host:port, https://host:port or host:port; several instances comma-separated (a:1,b:2), requests balanced over those that answer.
     #[arg(long, global = true, env = "PRISM_ADDR", default_value = client::DEFAULT_ADDR)]
     pub addr: String,
+    /// https:// only: PEM CA bundle that signed the gateway's certificate [default: the webpki roots].
+    #[arg(long, global = true, env = "PRISM_CA", value_name = "PATH")]
+    pub ca: Option<PathBuf>,
+    /// https:// only: PEM client certificate for mutual TLS (with --key).
+    #[arg(
+        long = "cert",
+        global = true,
+        env = "PRISM_CERT",
+        value_name = "PATH",
+        id = "tls_cert",
+        requires = "tls_key"
+    )]
+    pub cert: Option<PathBuf>,
+    /// https:// only: PEM private key of --cert.
+    #[arg(
+        long = "key",
+        global = true,
+        env = "PRISM_KEY",
+        value_name = "PATH",
+        id = "tls_key",
+        requires = "tls_cert"
+    )]
+    pub key: Option<PathBuf>,
     /// Sent as x-client-id metadata (the session the gateway admits the request under).
     #[arg(long, global = true, env = "PRISM_CLIENT_ID")]
     pub client_id: Option<String>,
@@ -270,9 +293,30 @@ pub enum KvOp {
                         Exit codes: 0 done (the report counts failed requests), 2 cannot connect or populate, 64 bad arguments."
 )]
 pub struct BenchArgs {
-    /// Gateway address.
+    /// Gateway address: http://host:port, https://host:port or host:port; several instances comma-separated (a:1,b:2), requests balanced over those that answer.
     #[arg(long, env = "PRISM_ADDR", default_value = client::DEFAULT_ADDR)]
     pub addr: String,
+    /// https:// only: PEM CA bundle that signed the gateway's certificate [default: the webpki roots].
+    #[arg(long, env = "PRISM_CA", value_name = "PATH")]
+    pub ca: Option<PathBuf>,
+    /// https:// only: PEM client certificate for mutual TLS (with --key).
+    #[arg(
+        long = "cert",
+        env = "PRISM_CERT",
+        value_name = "PATH",
+        id = "tls_cert",
+        requires = "tls_key"
+    )]
+    pub cert: Option<PathBuf>,
+    /// https:// only: PEM private key of --cert.
+    #[arg(
+        long = "key",
+        env = "PRISM_KEY",
+        value_name = "PATH",
+        id = "tls_key",
+        requires = "tls_cert"
+    )]
+    pub key: Option<PathBuf>,
     /// Namespace to load.
     #[arg(long, default_value = "default")]
     pub namespace: String,
@@ -321,6 +365,9 @@ impl BenchArgs {
                 client_id: self.client_id.clone(),
                 timeout: Some(self.timeout),
                 token: self.token.clone(),
+                ca: self.ca.clone(),
+                cert: self.cert.clone(),
+                key: self.key.clone(),
                 ..ClientOptions::default()
             },
             namespace: self.namespace.clone(),
@@ -416,11 +463,18 @@ pub fn summary(settings: &Settings, files: &[PathBuf], overrides: &[String]) -> 
 /// exit code.
 pub async fn bench(args: &BenchArgs) -> u8 {
     let options = args.options();
+    let addresses = match check_addr(&args.addr) {
+        Ok(addresses) => addresses,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return EXIT_USAGE;
+        }
+    };
     if !args.json {
         eprintln!(
             "running {} against {} namespace {} for {} (+{} warmup), {} workers on {} connections",
             options.op.as_str(),
-            client::normalize_addr(&options.client.addr),
+            addresses,
             options.namespace,
             humantime::format_duration(options.duration),
             humantime::format_duration(options.warmup),
@@ -461,8 +515,24 @@ pub async fn bench(args: &BenchArgs) -> u8 {
     }
 }
 
+/// Checks an `--addr` list before anything connects: a bad list is a
+/// usage error naming `--addr` and the bad element. Returns the list,
+/// normalized, for messages.
+fn check_addr(list: &str) -> Result<String, String> {
+    match client::parse_list(list) {
+        Ok(addresses) => Ok(addresses
+            .iter()
+            .map(|a| a.uri.as_str())
+            .collect::<Vec<_>>()
+            .join(",")),
+        Err(e) => Err(format!("--addr: {e}")),
+    }
+}
+
 /// Why a `kv` command failed.
 enum Failure {
+    /// The command line cannot be run.
+    Usage(String),
     /// The key is absent (get, exists).
     Absent(String),
     /// The gateway answered with an error.
@@ -476,6 +546,10 @@ enum Failure {
 impl Failure {
     fn report(&self) -> u8 {
         match self {
+            Failure::Usage(message) => {
+                eprintln!("error: {message}");
+                EXIT_USAGE
+            }
             Failure::Absent(what) => {
                 eprintln!("not found: {what}");
                 EXIT_NOT_FOUND
@@ -531,12 +605,16 @@ async fn run_kv(args: &KvArgs) -> Result<(), Failure> {
         KvOp::Put { value, .. } => Some(put_value(value.as_deref())?),
         _ => None,
     };
+    check_addr(&args.addr).map_err(Failure::Usage)?;
     let options = ClientOptions {
         addr: args.addr.clone(),
         client_id: args.client_id.clone(),
         timeout: Some(args.timeout),
         connect_timeout: args.timeout,
         token: args.token.clone(),
+        ca: args.ca.clone(),
+        cert: args.cert.clone(),
+        key: args.key.clone(),
     };
     let client = Client::connect(&options).await.map_err(Failure::Client)?;
     let mut out = io::stdout();

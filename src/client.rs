@@ -1,19 +1,32 @@
 //! A client of the `prism.kv.v1.KeyValue` API: what `prism kv` and
 //! `prism bench` use, and a starting point for Rust applications.
+//!
+//! - `addr.rs`: the address list (`a` or `a,b,c`), its checks, and the
+//!   endpoints (plain or TLS) made from it;
+//! - `balance.rs`: balancing over several instances, leaving out those
+//!   that do not answer.
+
+mod addr;
+mod balance;
 
 use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
 
 use crate::proto::key_value_client::KeyValueClient;
 use crate::proto::{
     DeleteRequest, ExistsRequest, GetRequest, GetResponse, PutRequest, ScanRequest, ScanResponse,
 };
 use crate::settings::MAX_VALUE_SIZE_LIMIT;
+
+pub use addr::{normalize_addr, parse_list, Address};
+pub use balance::PROBE_INTERVAL;
 
 /// Largest gRPC message the client sends or accepts: the largest value a
 /// namespace may allow, plus room for the key and framing.
@@ -28,7 +41,9 @@ pub const DEFAULT_ADDR: &str = "http://127.0.0.1:8980";
 /// How to reach the gateway and what to send with every request.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// `http://host:port`; a bare `host:port` gets `http://`.
+    /// `http://host:port` or `https://host:port`; a bare `host:port` gets
+    /// `http://`. Several instances, comma-separated (`a:1,b:2`): requests
+    /// are balanced over those that answer (see [`Client::connect`]).
     pub addr: String,
     /// Sent as `x-client-id` metadata.
     pub client_id: Option<String>,
@@ -38,6 +53,13 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Sent as `authorization: Bearer <token>` metadata.
     pub token: Option<String>,
+    /// `https://` only: PEM CA bundle that signed the gateway's certificate;
+    /// the webpki roots when `None`.
+    pub ca: Option<PathBuf>,
+    /// `https://` only: PEM client certificate (mutual TLS), with `key`.
+    pub cert: Option<PathBuf>,
+    /// `https://` only: PEM private key of `cert`.
+    pub key: Option<PathBuf>,
 }
 
 impl Default for ClientOptions {
@@ -48,6 +70,9 @@ impl Default for ClientOptions {
             timeout: Some(Duration::from_secs(5)),
             connect_timeout: Duration::from_secs(5),
             token: None,
+            ca: None,
+            cert: None,
+            key: None,
         }
     }
 }
@@ -69,6 +94,9 @@ pub enum Error {
     /// The token cannot be sent as gRPC metadata (it is not shown).
     #[error("invalid token: must be non-empty printable ASCII")]
     Token,
+    /// The TLS options (CA bundle, client certificate) are unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The gateway could not be reached.
     #[error("cannot connect to {addr}: {message}")]
     Connect {
@@ -83,7 +111,9 @@ impl Error {
     /// The gRPC code that best describes the error, for uniform reporting.
     pub fn code(&self) -> Code {
         match self {
-            Error::Address { .. } | Error::ClientId(_) | Error::Token => Code::InvalidArgument,
+            Error::Address { .. } | Error::ClientId(_) | Error::Token | Error::Tls(_) => {
+                Code::InvalidArgument
+            }
             Error::Connect { .. } => Code::Unavailable,
         }
     }
@@ -96,16 +126,54 @@ pub struct Client {
     client_id: Option<MetadataValue<Ascii>>,
     authorization: Option<MetadataValue<Ascii>>,
     timeout: Option<Duration>,
+    /// Several instances: the watchers that keep the channel to those that
+    /// answer.
+    balanced: Option<Arc<balance::Balanced>>,
 }
 
 impl Client {
     /// Connects to the gateway at `options.addr`.
+    ///
+    /// With one address, the connection is made here, and a failure to
+    /// make it is an error. With several, each instance is asked for its
+    /// health here (at once, each within `connect_timeout`), and it is an
+    /// error only when none answers; requests are then spread over the
+    /// instances that answer (tonic's balanced channel), an instance that
+    /// stops answering its health checks (every [`PROBE_INTERVAL`], or at
+    /// once when a call could not reach it) is left out until it answers
+    /// again, and a call that could not reach its instance is retried on
+    /// another, within the call's deadline. A retried put writes the same
+    /// value again; a retried delete may answer `existed = false` when its
+    /// first attempt did delete.
     pub async fn connect(options: &ClientOptions) -> Result<Self, Error> {
         // Bad options are reported before the network is touched.
         client_id(options)?;
         authorization(options)?;
-        let addr = normalize_addr(&options.addr);
-        let endpoint = endpoint(&addr, options)?;
+        let addresses = parse_list(&options.addr)?;
+        let mut endpoints = Vec::with_capacity(addresses.len());
+        for address in &addresses {
+            endpoints.push((address.uri.clone(), addr::endpoint(address, options)?));
+        }
+        if endpoints.len() > 1 {
+            let (channel, balanced) = balance::connect(endpoints, options.connect_timeout)
+                .await
+                .map_err(|e| match e {
+                    Error::Connect { addr, message } => Error::Connect {
+                        addr,
+                        message: certificate_hint(message, options),
+                    },
+                    other => other,
+                })?;
+            let mut client = Self::from_channel(channel, options)?;
+            client.balanced = Some(Arc::new(balanced));
+            return Ok(client);
+        }
+        let Some((addr, endpoint)) = endpoints.pop() else {
+            return Err(Error::Address {
+                addr: options.addr.clone(),
+                message: "no address".into(),
+            });
+        };
         let connect_error = |message: String| Error::Connect {
             addr: addr.clone(),
             message,
@@ -121,7 +189,7 @@ impl Client {
                     humantime::format_duration(options.connect_timeout)
                 ))
             })?
-            .map_err(|e| connect_error(error_chain(&e)))?;
+            .map_err(|e| connect_error(certificate_hint(error_chain(&e), options)))?;
         Self::from_channel(channel, options)
     }
 
@@ -137,6 +205,7 @@ impl Client {
             client_id,
             authorization,
             timeout: options.timeout,
+            balanced: None,
         })
     }
 
@@ -146,8 +215,8 @@ impl Client {
             namespace: namespace.into(),
             key: key.into(),
         };
-        let mut inner = self.inner.clone();
-        self.call(inner.get(self.request(request))).await
+        self.call(request, |mut c, r| async move { c.get(r).await })
+            .await
     }
 
     /// Inserts or replaces a key. `ttl` of `None` means the namespace's
@@ -168,8 +237,7 @@ impl Client {
             value,
             ttl_ms,
         };
-        let mut inner = self.inner.clone();
-        self.call(inner.put(self.request(request)))
+        self.call(request, |mut c, r| async move { c.put(r).await })
             .await
             .map(|_| ())
     }
@@ -180,8 +248,7 @@ impl Client {
             namespace: namespace.into(),
             key: key.into(),
         };
-        let mut inner = self.inner.clone();
-        self.call(inner.delete(self.request(request)))
+        self.call(request, |mut c, r| async move { c.delete(r).await })
             .await
             .map(|r| r.existed)
     }
@@ -192,16 +259,15 @@ impl Client {
             namespace: namespace.into(),
             key: key.into(),
         };
-        let mut inner = self.inner.clone();
-        self.call(inner.exists(self.request(request)))
+        self.call(request, |mut c, r| async move { c.exists(r).await })
             .await
             .map(|r| r.exists)
     }
 
     /// Reads one page of keys.
     pub async fn scan(&self, request: ScanRequest) -> Result<ScanResponse, Status> {
-        let mut inner = self.inner.clone();
-        self.call(inner.scan(self.request(request))).await
+        self.call(request, |mut c, r| async move { c.scan(r).await })
+            .await
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
@@ -218,23 +284,50 @@ impl Client {
         request
     }
 
-    /// Awaits a call, bounded by the deadline here too: a server that
+    /// Makes a call, bounded by the deadline here too: a server that
     /// ignores `grpc-timeout` (or a connection that stalls) must not hang
-    /// the caller.
-    async fn call<T>(
-        &self,
-        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
-    ) -> Result<T, Status> {
-        let response = match self.timeout {
-            Some(timeout) => tokio::time::timeout(timeout, call).await.map_err(|_| {
-                Status::deadline_exceeded(format!(
-                    "no response within {}",
-                    humantime::format_duration(timeout)
-                ))
-            })?,
-            None => call.await,
+    /// the caller. Balanced over several instances, a call that could not
+    /// reach its instance is retried (on another, once the watchers have
+    /// left the unreachable one out), up to twice per instance.
+    async fn call<M, T, F, Fut>(&self, message: M, send: F) -> Result<T, Status>
+    where
+        M: Clone,
+        F: Fn(KeyValueClient<Channel>, Request<M>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let attempts: u64 = self
+            .balanced
+            .as_ref()
+            .map_or(1, |b| 2 * b.up().max(1) as u64 + 1);
+        let attempt_all = async {
+            let mut attempt = 1;
+            loop {
+                let result = send(self.inner.clone(), self.request(message.clone())).await;
+                match (result, &self.balanced) {
+                    (Err(status), Some(balanced))
+                        if attempt < attempts && balance::unreached(&status) =>
+                    {
+                        balanced.wake();
+                        // Room for the watchers to probe before the retry.
+                        tokio::time::sleep(Duration::from_millis(2 * attempt)).await;
+                        attempt += 1;
+                    }
+                    (result, _) => return result,
+                }
+            }
         };
-        response.map(tonic::Response::into_inner)
+        let response = match self.timeout {
+            Some(timeout) => tokio::time::timeout(timeout, attempt_all)
+                .await
+                .map_err(|_| {
+                    Status::deadline_exceeded(format!(
+                        "no response within {}",
+                        humantime::format_duration(timeout)
+                    ))
+                })?,
+            None => attempt_all.await,
+        };
+        response.map(Response::into_inner)
     }
 }
 
@@ -269,42 +362,21 @@ fn authorization(options: &ClientOptions) -> Result<Option<MetadataValue<Ascii>>
     Ok(Some(value))
 }
 
-/// `host:port` → `http://host:port`; URIs with a scheme are kept.
-pub fn normalize_addr(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
+/// A failed TLS connection says why the certificate was refused; this adds
+/// what to do about it.
+fn certificate_hint(message: String, options: &ClientOptions) -> String {
+    if !message.contains("certificate") {
+        return message;
     }
-}
-
-fn endpoint(addr: &str, options: &ClientOptions) -> Result<Endpoint, Error> {
-    check_scheme(addr)?;
-    let endpoint = Endpoint::from_shared(addr.to_owned()).map_err(|e| Error::Address {
-        addr: addr.to_owned(),
-        message: error_chain(&e),
-    })?;
-    Ok(endpoint
-        .connect_timeout(options.connect_timeout)
-        .tcp_nodelay(true))
-}
-
-/// Only `http://` is spoken: the client has no TLS, and any other scheme
-/// would fail later with a less clear transport error.
-fn check_scheme(addr: &str) -> Result<(), Error> {
-    let scheme = addr.split_once("://").map_or("", |(scheme, _)| scheme);
-    if scheme.eq_ignore_ascii_case("http") {
-        return Ok(());
+    match &options.ca {
+        Some(ca) => format!(
+            "{message} (the gateway's certificate is not signed by a CA of {}, or does not name the address)",
+            ca.display()
+        ),
+        None => format!(
+            "{message} (the gateway's certificate is not signed by a public CA: give the CA bundle that signed it, --ca PATH)"
+        ),
     }
-    let message = if scheme.eq_ignore_ascii_case("https") {
-        "https:// is not supported: TLS is not supported yet; use http://host:port".to_owned()
-    } else {
-        format!("the scheme {scheme:?} is not supported; use http://host:port")
-    };
-    Err(Error::Address {
-        addr: addr.to_owned(),
-        message,
-    })
 }
 
 /// An error and its causes on one line: tonic's transport errors say only
@@ -349,17 +421,6 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_http_addresses_are_accepted() {
-        assert!(check_scheme("http://127.0.0.1:8980").is_ok());
-        assert!(check_scheme("HTTP://127.0.0.1:8980").is_ok());
-        let e = check_scheme("https://kv.example:443").unwrap_err();
-        assert!(e.to_string().contains("TLS is not supported yet"), "{e}");
-        let e = check_scheme("ftp://kv.example").unwrap_err();
-        assert!(e.to_string().contains("\"ftp\" is not supported"), "{e}");
-        assert_eq!(e.code(), Code::InvalidArgument);
-    }
-
-    #[test]
     fn statuses_are_described_by_canonical_code_and_message() {
         assert_eq!(
             describe(&Status::not_found("unknown namespace \"x\"")),
@@ -374,7 +435,7 @@ mod tests {
             client_id: Some("caf\u{e9}".into()),
             ..ClientOptions::default()
         };
-        let channel = Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
         assert!(matches!(
             Client::from_channel(channel, &options),
             Err(Error::ClientId(_))

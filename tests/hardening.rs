@@ -756,9 +756,12 @@ fn kv_and_bench_reject_timeouts_of_zero_or_over_an_hour() {
 }
 
 #[test]
-fn kv_and_bench_reject_addresses_that_are_not_plain_http() {
+fn kv_and_bench_reject_addresses_that_are_not_http_or_https() {
     for (addr, expected) in [
-        ("https://127.0.0.1:1", "TLS is not supported yet"),
+        (
+            "http://127.0.0.1:1,https://127.0.0.1:2",
+            "may not mix http:// and https://",
+        ),
         ("ftp://127.0.0.1:1", "\"ftp\" is not supported"),
     ] {
         assert_usage_error(&["kv", "--addr", addr, "get", "default", "k"], expected);
