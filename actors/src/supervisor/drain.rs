@@ -70,9 +70,13 @@ impl SupervisorRun {
         // Children that ended on their own during the drain, or that a
         // sub-supervisor abort left behind.
         self.set.shutdown().await;
+        // Every child reported above is idle and closed already (closing sets
+        // its state to stopped); only the ones still marked as running need it.
         for e in self.core.children.values() {
-            e.slot.set_state(ActorState::Stopped);
-            e.slot.close();
+            if e.run.task().is_some() {
+                e.slot.set_state(ActorState::Stopped);
+                e.slot.close();
+            }
         }
         self.shared.set_state(ActorState::Stopped);
         SlotExit {

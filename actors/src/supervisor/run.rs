@@ -4,6 +4,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,36 @@ use crate::exit::ExitReason;
 use crate::shutdown::{ActorReport, StopOutcome};
 use crate::tree::ActorState;
 
+/// A hasher for the engine's own integer keys (actor ids, child seqs, task
+/// ids): they come from counters, not from callers, so the DoS resistance of
+/// SipHash buys nothing, while it costs a good part of the per-child
+/// bookkeeping when thousands of children come and go. A folded 128-bit
+/// multiply spreads consecutive ids over both the low bits (bucket) and the
+/// high bits (control byte) hashbrown uses.
+#[derive(Default, Clone, Copy)]
+pub(super) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        let m = u128::from(self.0) * 0x9E37_79B9_7F4A_7C15_u128;
+        (m as u64) ^ ((m >> 64) as u64)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by integer keys; kept correct for any other key.
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x100_0000_01B3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = self.0.rotate_left(32) ^ n;
+    }
+}
+
+/// A map keyed by engine ids, hashed with [`IdHasher`].
+pub(super) type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+/// A set of engine ids, hashed with [`IdHasher`].
+pub(super) type IdSet<K> = HashSet<K, BuildHasherDefault<IdHasher>>;
+
 /// What a supervisor keeps across its own restarts: its configuration and its
 /// children (with their mailboxes).
 pub(super) struct Core {
@@ -32,7 +63,7 @@ pub(super) struct Core {
     /// Children by seq: start order.
     pub(super) children: BTreeMap<u64, Entry>,
     /// Child actor id -> seq, so adds and removals need no scan of `children`.
-    ids: HashMap<u64, u64>,
+    ids: IdMap<u64, u64>,
     next_seq: u64,
     /// Incarnations of this supervisor so far.
     incarnations: u64,
@@ -47,7 +78,7 @@ impl Core {
             intensity: Intensity::default(),
             backoff: Backoff::default(),
             children: BTreeMap::new(),
-            ids: HashMap::new(),
+            ids: IdMap::default(),
             next_seq: 0,
             incarnations: 0,
         }
@@ -157,7 +188,7 @@ pub(super) struct SupervisorRun {
     pub(super) shared: Arc<Shared<SupervisorMsg>>,
     pub(super) tree: Arc<TreeCtx>,
     pub(super) set: JoinSet<SlotExit>,
-    pub(super) by_task: HashMap<TaskId, u64>,
+    pub(super) by_task: IdMap<TaskId, u64>,
     /// Restart times within the intensity window, all children together.
     pub(super) restarts: VecDeque<Instant>,
     /// Pending restarts and kill deadlines; entries may be stale.
@@ -180,7 +211,7 @@ impl SupervisorRun {
             shared,
             tree,
             set: JoinSet::new(),
-            by_task: HashMap::new(),
+            by_task: IdMap::default(),
             restarts: VecDeque::new(),
             timers: BinaryHeap::new(),
             pending: BTreeSet::new(),
@@ -394,7 +425,7 @@ impl SupervisorRun {
         tasks: &[TaskId],
         deadline: Option<Instant>,
     ) -> Vec<(u64, SlotExit)> {
-        let mut left: HashSet<TaskId> = tasks.iter().copied().collect();
+        let mut left: IdSet<TaskId> = tasks.iter().copied().collect();
         let mut exits = Vec::with_capacity(tasks.len());
         let mut aborted = false;
         // One timer for the whole wait: registering a fresh one per exit would
@@ -430,7 +461,7 @@ impl SupervisorRun {
         exits
     }
 
-    fn abort_tasks(&self, tasks: &HashSet<TaskId>) {
+    fn abort_tasks(&self, tasks: &IdSet<TaskId>) {
         for t in tasks {
             let Some(e) = self
                 .by_task
