@@ -213,3 +213,4 @@ pub fn spawn<A: Actor>(name: impl Into<Arc<str>>, capacity: usize, actor: A) -> 
         join,
     }
 }
+

@@ -257,6 +257,45 @@ async fn a_child_failing_during_shutdown_is_not_restarted() {
     assert_eq!(addr.state(), ActorState::Stopped);
 }
 
+#[tokio::test]
+async fn a_handler_panicking_mid_drain_fails_the_child_counts_it_and_fails_later_asks() {
+    let opts = Opts::default();
+    let spec = ChildSpec::with_mailbox("worker", 16, opts.factory("worker"));
+    let addr = spec.addr();
+    let root = Supervisor::new("root")
+        .backoff(Backoff::NONE)
+        .child(spec)
+        .spawn();
+
+    // Queued behind the blocking handler: two adds, a panic, then an ask
+    // that the panic leaves unanswered.
+    let release = block(&addr).await;
+    addr.try_tell(WorkerMsg::Add(1)).unwrap();
+    addr.try_tell(WorkerMsg::Add(1)).unwrap();
+    addr.try_tell(WorkerMsg::Panic).unwrap();
+    let (reply, late) = tokio::sync::oneshot::channel();
+    addr.try_tell(WorkerMsg::Get { reply }).unwrap();
+    let shutdown = tokio::spawn(root.shutdown(GRACE));
+    let (accepted, _) = probe_until_stopping(&addr).await;
+    release.send(()).unwrap();
+    let report = within("the shutdown", shutdown).await.unwrap();
+
+    let worker = report.find("worker").unwrap();
+    assert_eq!(
+        worker.outcome,
+        StopOutcome::Failed(ExitReason::Panic("worker asked to panic".into()))
+    );
+    // Handled after the drain began: the two adds and the panicking message;
+    // the drain began while the blocking handler ran, so it is not counted.
+    assert_eq!(worker.handled, 3, "probes accepted: {accepted}");
+    assert!(within("the late ask", late).await.is_err());
+    // The stop hook ran on the same incarnation, with the state it had.
+    let stop = opts.journal.events().into_iter().last().unwrap();
+    assert_eq!((stop.kind, stop.total), ("stop", 2));
+    assert_eq!(opts.builds.get(), 1);
+    assert_eq!(addr.state(), ActorState::Stopped);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_child_waiting_for_its_restart_is_not_restarted_by_shutdown() {
     let opts = Opts::default();

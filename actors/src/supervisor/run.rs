@@ -3,8 +3,7 @@
 //! removing children.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,37 +19,7 @@ use super::{
 use crate::addr::{Control, Envelope, MailboxLease, Reply, Shared};
 use crate::exit::ExitReason;
 use crate::shutdown::{ActorReport, StopOutcome};
-use crate::tree::ActorState;
-
-/// A hasher for the engine's own integer keys (actor ids, child seqs, task
-/// ids): they come from counters, not from callers, so the DoS resistance of
-/// SipHash buys nothing, while it costs a good part of the per-child
-/// bookkeeping when thousands of children come and go. A folded 128-bit
-/// multiply spreads consecutive ids over both the low bits (bucket) and the
-/// high bits (control byte) hashbrown uses.
-#[derive(Default, Clone, Copy)]
-pub(super) struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        let m = u128::from(self.0) * 0x9E37_79B9_7F4A_7C15_u128;
-        (m as u64) ^ ((m >> 64) as u64)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Not used by integer keys; kept correct for any other key.
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x100_0000_01B3);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = self.0.rotate_left(32) ^ n;
-    }
-}
-
-/// A map keyed by engine ids, hashed with [`IdHasher`].
-pub(super) type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
-/// A set of engine ids, hashed with [`IdHasher`].
-pub(super) type IdSet<K> = HashSet<K, BuildHasherDefault<IdHasher>>;
+use crate::tree::{ActorState, IdMap, IdSet};
 
 /// What a supervisor keeps across its own restarts: its configuration and its
 /// children (with their mailboxes).
