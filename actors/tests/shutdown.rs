@@ -296,6 +296,56 @@ async fn a_handler_panicking_mid_drain_fails_the_child_counts_it_and_fails_later
     assert_eq!(addr.state(), ActorState::Stopped);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_added_in_a_burst_during_shutdown_are_supervised_or_refused_never_left_open() {
+    // The supervisor takes requests from its mailbox in batches; a shutdown
+    // that begins in the middle of a batch must refuse the rest of it. Where
+    // the shutdown lands is up to the scheduler, so the race runs a few times.
+    for _ in 0..10 {
+        burst_of_adds_raced_by_a_shutdown(500).await;
+    }
+}
+
+async fn burst_of_adds_raced_by_a_shutdown(n: usize) {
+    let root = Supervisor::new("root").spawn();
+    let sup = root.supervisor_ref();
+    let opts = Opts::default();
+    let specs: Vec<_> = (0..n)
+        .map(|_| ChildSpec::with_mailbox("burst", 4, opts.factory("burst")))
+        .collect();
+    let addrs: Vec<_> = specs.iter().map(|s| s.addr()).collect();
+    let adder = {
+        let sup = sup.clone();
+        tokio::spawn(async move {
+            let mut refused = 0;
+            for spec in specs {
+                if sup.tell_add_child(spec).await.is_err() {
+                    refused += 1;
+                }
+            }
+            refused
+        })
+    };
+    // Shut down once the supervisor is busy adding.
+    eventually("the first child to be added", || {
+        sup.snapshot().is_some_and(|s| !s.children.is_empty())
+    })
+    .await;
+    let report = within("the shutdown", root.shutdown(GRACE)).await;
+    let refused = within("the adder", adder).await.unwrap();
+
+    let reported = report.root.children.len();
+    assert!(reported + refused <= n, "{reported} reported, {refused} refused");
+    assert!(report.is_clean(), "{report:?}");
+    for addr in &addrs {
+        match addr.try_tell(WorkerMsg::Add(1)) {
+            Err(SendError::Closed(_) | SendError::Stopping(_)) => {}
+            Ok(()) => panic!("child {} left with an open mailbox", addr.id()),
+            Err(e) => panic!("child {}: unexpected {e:?}", addr.id()),
+        }
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_child_waiting_for_its_restart_is_not_restarted_by_shutdown() {
     let opts = Opts::default();

@@ -16,6 +16,10 @@ impl SupervisorRun {
     pub(super) async fn drain(&mut self, rx: &mut Receiver<Envelope<SupervisorMsg>>) -> SlotExit {
         self.shared.set_state(ActorState::Stopping);
         rx.close();
+        // Requests taken from the mailbox but not handled yet came first.
+        while let Some(msg) = self.core.queued.pop_front() {
+            msg.refuse(SupervisorError::ShuttingDown);
+        }
         while let Ok(env) = rx.try_recv() {
             if let Envelope::Msg(msg) = env {
                 msg.refuse(SupervisorError::ShuttingDown);
