@@ -213,4 +213,3 @@ pub fn spawn<A: Actor>(name: impl Into<Arc<str>>, capacity: usize, actor: A) -> 
         join,
     }
 }
-

@@ -335,7 +335,10 @@ async fn burst_of_adds_raced_by_a_shutdown(n: usize) {
     let refused = within("the adder", adder).await.unwrap();
 
     let reported = report.root.children.len();
-    assert!(reported + refused <= n, "{reported} reported, {refused} refused");
+    assert!(
+        reported + refused <= n,
+        "{reported} reported, {refused} refused"
+    );
     assert!(report.is_clean(), "{report:?}");
     for addr in &addrs {
         match addr.try_tell(WorkerMsg::Add(1)) {
