@@ -140,11 +140,10 @@ impl<M: Send + 'static> Shared<M> {
     pub(crate) fn close_mailbox(&self) {
         self.state
             .store(ActorState::Stopped as u8, Ordering::Release);
+        // Dropping the receiver closes the channel and drops every queued
+        // message (tokio's `Receiver` does both on drop), outside the lock.
         let rx = self.lock_mailbox().take();
-        if let Some(mut rx) = rx {
-            rx.close();
-            while rx.try_recv().is_ok() {}
-        }
+        drop(rx);
     }
 }
 
@@ -342,9 +341,15 @@ impl<A: Actor> Addr<A> {
         if self.shared.is_draining() {
             return Err(SendError::Stopping(msg));
         }
-        match self.shared.tx.send(Envelope::Msg(msg)).await {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::SendError(env)) => Err(self.rejected(unwrap_msg(env))),
+        // `reserve` then `send` is what `Sender::send` does inside; doing it
+        // here keeps the message in this future only, instead of moving it
+        // into a second one (measurable at millions of messages a second).
+        match self.shared.tx.reserve().await {
+            Ok(permit) => {
+                permit.send(Envelope::Msg(msg));
+                Ok(())
+            }
+            Err(mpsc::error::SendError(())) => Err(self.rejected(msg)),
         }
     }
 

@@ -6,6 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::Poll;
 
+use tokio::sync::mpsc::Receiver;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -72,52 +73,26 @@ async fn run_in_span<A: Actor>(
     }
     info!(actor = %name, actor_id = id, "actor started");
 
+    // One `catch_panic` around the whole message loop rather than one per
+    // message: a panic in a handler still ends the incarnation with
+    // `Panic(message)` and `actor`/`ctx` are still ours for `stopped`, but
+    // the unwind guard is set up once per poll of the loop, not once per
+    // message (a poll handles every message already queued).
     let mut drained = 0u64;
-    let rx = lease.rx();
-    let mut reason = loop {
-        // Control before data: a pending stop request wins over queued messages.
-        match shared.control() {
-            Control::Yield => break ExitReason::Restart,
-            Control::Drain => {
-                shared.set_state(ActorState::Stopping);
-                rx.close();
-                info!(actor = %name, actor_id = id, queued = rx.len(), "actor draining");
-                let mut reason = ExitReason::Shutdown;
-                while let Some(env) = rx.recv().await {
-                    let Envelope::Msg(msg) = env else { continue };
-                    drained += 1;
-                    if let Some(r) =
-                        ExitReason::from_outcome(catch_panic(actor.handle(msg, &mut ctx)).await)
-                    {
-                        reason = r;
-                        break;
-                    }
-                    if ctx.stop {
-                        reason = ExitReason::Normal;
-                        break;
-                    }
-                }
-                info!(actor = %name, actor_id = id, handled = drained, "actor drained");
-                break reason;
-            }
-            Control::Run => {}
-        }
-        match rx.recv().await {
-            Some(Envelope::Msg(msg)) => {
-                if let Some(r) =
-                    ExitReason::from_outcome(catch_panic(actor.handle(msg, &mut ctx)).await)
-                {
-                    break r;
-                }
-                if ctx.stop {
-                    break ExitReason::Normal;
-                }
-            }
-            Some(Envelope::Wake) => {}
-            // `shared` holds a sender, so the channel only ends once closed.
-            None => break ExitReason::Shutdown,
-        }
-    };
+    let mut draining = false;
+    let looped = catch_panic(handle_mailbox(
+        &mut actor,
+        &mut ctx,
+        &shared,
+        lease.rx(),
+        &mut drained,
+        &mut draining,
+    ))
+    .await;
+    let mut reason = looped.unwrap_or_else(ExitReason::Panic);
+    if draining {
+        info!(actor = %name, actor_id = id, handled = drained, "actor drained");
+    }
 
     if reason.is_failure() {
         warn!(actor = %name, actor_id = id, error = %reason.chain(), "actor failed");
@@ -134,6 +109,58 @@ async fn run_in_span<A: Actor>(
     info!(actor = %name, actor_id = id, reason = %reason, "actor stopped");
     drop(lease);
     Exit { reason, drained }
+}
+
+/// Handles the mailbox until the incarnation ends and returns why: a
+/// handler's `Err`, [`Context::stop`], a [`Control::Yield`], or the end of a
+/// drain. A handler's panic unwinds out of here (the caller catches it);
+/// `drained` counts the messages handled once `draining` was set, the message
+/// that failed or panicked included.
+async fn handle_mailbox<A: Actor>(
+    actor: &mut A,
+    ctx: &mut Context<A>,
+    shared: &Shared<A::Msg>,
+    rx: &mut Receiver<Envelope<A::Msg>>,
+    drained: &mut u64,
+    draining: &mut bool,
+) -> ExitReason {
+    loop {
+        // Control before data: a pending stop request wins over queued messages.
+        match shared.control() {
+            Control::Yield => return ExitReason::Restart,
+            Control::Drain => {
+                shared.set_state(ActorState::Stopping);
+                rx.close();
+                *draining = true;
+                info!(actor = %shared.name, actor_id = shared.id, queued = rx.len(), "actor draining");
+                while let Some(env) = rx.recv().await {
+                    let Envelope::Msg(msg) = env else { continue };
+                    *drained += 1;
+                    if let Err(e) = actor.handle(msg, ctx).await {
+                        return ExitReason::Error(Arc::from(e));
+                    }
+                    if ctx.stop {
+                        return ExitReason::Normal;
+                    }
+                }
+                return ExitReason::Shutdown;
+            }
+            Control::Run => {}
+        }
+        match rx.recv().await {
+            Some(Envelope::Msg(msg)) => {
+                if let Err(e) = actor.handle(msg, ctx).await {
+                    return ExitReason::Error(Arc::from(e));
+                }
+                if ctx.stop {
+                    return ExitReason::Normal;
+                }
+            }
+            Some(Envelope::Wake) => {}
+            // `shared` holds a sender, so the channel only ends once closed.
+            None => return ExitReason::Shutdown,
+        }
+    }
 }
 
 /// A handle to an actor spawned without a supervisor.

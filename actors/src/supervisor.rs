@@ -337,7 +337,12 @@ impl Slot for SupervisorSlot {
     }
     fn close(&self) {
         self.shared.close_mailbox();
-        if let Some(core) = lock_core(&self.core).as_ref() {
+        if let Some(core) = lock_core(&self.core).as_mut() {
+            // Requests taken from the mailbox but never handled are refused
+            // like those the closed mailbox dropped would have been answered.
+            for msg in core.queued.drain(..) {
+                msg.refuse(SupervisorError::Stopped);
+            }
             for e in core.children.values() {
                 e.slot.close();
             }

@@ -1,7 +1,8 @@
 //! The live actor tree: a registry every supervisor writes to, and the
 //! snapshot operators read from it.
 
-use std::collections::BTreeMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 
 /// Lifecycle state of an actor, as shown in a snapshot.
@@ -49,6 +50,36 @@ impl std::fmt::Display for ActorState {
     }
 }
 
+/// A hasher for the engine's own integer keys (actor ids, child seqs, task
+/// ids): they come from counters, not from callers, so the DoS resistance of
+/// SipHash buys nothing, while it costs a good part of the per-child
+/// bookkeeping when thousands of children come and go. A folded 128-bit
+/// multiply spreads consecutive ids over both the low bits (bucket) and the
+/// high bits (control byte) hashbrown uses.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        let m = u128::from(self.0) * 0x9E37_79B9_7F4A_7C15_u128;
+        (m as u64) ^ ((m >> 64) as u64)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by integer keys; kept correct for any other key.
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x100_0000_01B3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = self.0.rotate_left(32) ^ n;
+    }
+}
+
+/// A map keyed by engine ids, hashed with [`IdHasher`].
+pub(crate) type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+/// A set of engine ids, hashed with [`IdHasher`].
+pub(crate) type IdSet<K> = HashSet<K, BuildHasherDefault<IdHasher>>;
+
 /// Live figures of one actor, read without messaging it.
 pub(crate) trait Probe: Send + Sync {
     fn state(&self) -> ActorState;
@@ -67,7 +98,7 @@ struct Entry {
 /// Every actor of one supervision tree, by id.
 #[derive(Clone, Default)]
 pub(crate) struct Registry {
-    inner: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    inner: Arc<Mutex<IdMap<u64, Entry>>>,
 }
 
 impl Registry {
@@ -94,7 +125,7 @@ impl Registry {
         self.lock().remove(&id);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdMap<u64, Entry>> {
         // Entries are replaced whole, so a poisoned map is still consistent.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -102,16 +133,22 @@ impl Registry {
     /// The subtree rooted at `root`.
     pub(crate) fn snapshot(&self, root: u64) -> Option<ActorInfo> {
         let map = self.lock();
-        let mut children: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        // The map is unordered (an insert per spawned child is the hot path;
+        // a snapshot is rare), so each child list is sorted here: ids are
+        // creation order.
+        let mut children: IdMap<u64, Vec<u64>> = IdMap::default();
         for (id, e) in map.iter() {
             if let Some(p) = e.parent {
                 children.entry(p).or_default().push(*id);
             }
         }
+        for ids in children.values_mut() {
+            ids.sort_unstable();
+        }
         fn build(
             id: u64,
-            map: &BTreeMap<u64, Entry>,
-            children: &BTreeMap<u64, Vec<u64>>,
+            map: &IdMap<u64, Entry>,
+            children: &IdMap<u64, Vec<u64>>,
         ) -> Option<ActorInfo> {
             let e = map.get(&id)?;
             Some(ActorInfo {

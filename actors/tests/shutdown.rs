@@ -257,6 +257,98 @@ async fn a_child_failing_during_shutdown_is_not_restarted() {
     assert_eq!(addr.state(), ActorState::Stopped);
 }
 
+#[tokio::test]
+async fn a_handler_panicking_mid_drain_fails_the_child_counts_it_and_fails_later_asks() {
+    let opts = Opts::default();
+    let spec = ChildSpec::with_mailbox("worker", 16, opts.factory("worker"));
+    let addr = spec.addr();
+    let root = Supervisor::new("root")
+        .backoff(Backoff::NONE)
+        .child(spec)
+        .spawn();
+
+    // Queued behind the blocking handler: two adds, a panic, then an ask
+    // that the panic leaves unanswered.
+    let release = block(&addr).await;
+    addr.try_tell(WorkerMsg::Add(1)).unwrap();
+    addr.try_tell(WorkerMsg::Add(1)).unwrap();
+    addr.try_tell(WorkerMsg::Panic).unwrap();
+    let (reply, late) = tokio::sync::oneshot::channel();
+    addr.try_tell(WorkerMsg::Get { reply }).unwrap();
+    let shutdown = tokio::spawn(root.shutdown(GRACE));
+    let (accepted, _) = probe_until_stopping(&addr).await;
+    release.send(()).unwrap();
+    let report = within("the shutdown", shutdown).await.unwrap();
+
+    let worker = report.find("worker").unwrap();
+    assert_eq!(
+        worker.outcome,
+        StopOutcome::Failed(ExitReason::Panic("worker asked to panic".into()))
+    );
+    // Handled after the drain began: the two adds and the panicking message;
+    // the drain began while the blocking handler ran, so it is not counted.
+    assert_eq!(worker.handled, 3, "probes accepted: {accepted}");
+    assert!(within("the late ask", late).await.is_err());
+    // The stop hook ran on the same incarnation, with the state it had.
+    let stop = opts.journal.events().into_iter().last().unwrap();
+    assert_eq!((stop.kind, stop.total), ("stop", 2));
+    assert_eq!(opts.builds.get(), 1);
+    assert_eq!(addr.state(), ActorState::Stopped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_added_in_a_burst_during_shutdown_are_supervised_or_refused_never_left_open() {
+    // The supervisor takes requests from its mailbox in batches; a shutdown
+    // that begins in the middle of a batch must refuse the rest of it. Where
+    // the shutdown lands is up to the scheduler, so the race runs a few times.
+    for _ in 0..10 {
+        burst_of_adds_raced_by_a_shutdown(500).await;
+    }
+}
+
+async fn burst_of_adds_raced_by_a_shutdown(n: usize) {
+    let root = Supervisor::new("root").spawn();
+    let sup = root.supervisor_ref();
+    let opts = Opts::default();
+    let specs: Vec<_> = (0..n)
+        .map(|_| ChildSpec::with_mailbox("burst", 4, opts.factory("burst")))
+        .collect();
+    let addrs: Vec<_> = specs.iter().map(|s| s.addr()).collect();
+    let adder = {
+        let sup = sup.clone();
+        tokio::spawn(async move {
+            let mut refused = 0;
+            for spec in specs {
+                if sup.tell_add_child(spec).await.is_err() {
+                    refused += 1;
+                }
+            }
+            refused
+        })
+    };
+    // Shut down once the supervisor is busy adding.
+    eventually("the first child to be added", || {
+        sup.snapshot().is_some_and(|s| !s.children.is_empty())
+    })
+    .await;
+    let report = within("the shutdown", root.shutdown(GRACE)).await;
+    let refused = within("the adder", adder).await.unwrap();
+
+    let reported = report.root.children.len();
+    assert!(
+        reported + refused <= n,
+        "{reported} reported, {refused} refused"
+    );
+    assert!(report.is_clean(), "{report:?}");
+    for addr in &addrs {
+        match addr.try_tell(WorkerMsg::Add(1)) {
+            Err(SendError::Closed(_) | SendError::Stopping(_)) => {}
+            Ok(()) => panic!("child {} left with an open mailbox", addr.id()),
+            Err(e) => panic!("child {}: unexpected {e:?}", addr.id()),
+        }
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_child_waiting_for_its_restart_is_not_restarted_by_shutdown() {
     let opts = Opts::default();

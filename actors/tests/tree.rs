@@ -139,6 +139,39 @@ async fn add_children_starts_a_whole_pool_with_one_message() {
 }
 
 #[tokio::test]
+async fn snapshot_lists_many_children_in_creation_order() {
+    const N: usize = 300;
+    let opts = Opts::default();
+    // Ids are handed out when specs and supervisors are built.
+    let first = ChildSpec::new("first", opts.factory("first"));
+    let nested = Supervisor::new("nested").child(ChildSpec::new("inner", opts.factory("inner")));
+    let nested_ref = nested.supervisor_ref();
+    let root = Supervisor::new("root").child(first).child(nested).spawn();
+    let sup = root.supervisor_ref();
+    let specs: Vec<_> = (0..N)
+        .map(|i| ChildSpec::new(format!("pool-{i}"), opts.factory("pool")))
+        .collect();
+    let mut ids = vec![];
+    for spec in specs {
+        ids.push(sup.add_child(spec).await.unwrap());
+    }
+
+    let snap = root.snapshot().unwrap();
+    let names: Vec<String> = snap.children.iter().map(|c| c.name.clone()).collect();
+    let mut expected = vec!["first".to_string(), "nested".to_string()];
+    expected.extend((0..N).map(|i| format!("pool-{i}")));
+    assert_eq!(names, expected);
+    let child_ids: Vec<u64> = snap.children.iter().skip(2).map(|c| c.id).collect();
+    assert_eq!(child_ids, ids);
+    let inner = snap.find("inner").unwrap();
+    assert_eq!(inner.parent, Some(nested_ref.id()));
+    assert_eq!(snap.iter().len(), N + 4);
+    let report = root.shutdown(GRACE).await;
+    assert!(report.is_clean());
+    assert_eq!(report.root.children.len(), N + 2);
+}
+
+#[tokio::test]
 async fn added_child_is_supervised_like_a_static_one() {
     let root = Supervisor::new("root").backoff(Backoff::NONE).spawn();
     let sup = root.supervisor_ref();

@@ -16,6 +16,10 @@ impl SupervisorRun {
     pub(super) async fn drain(&mut self, rx: &mut Receiver<Envelope<SupervisorMsg>>) -> SlotExit {
         self.shared.set_state(ActorState::Stopping);
         rx.close();
+        // Requests taken from the mailbox but not handled yet came first.
+        while let Some(msg) = self.core.queued.pop_front() {
+            msg.refuse(SupervisorError::ShuttingDown);
+        }
         while let Ok(env) = rx.try_recv() {
             if let Envelope::Msg(msg) = env {
                 msg.refuse(SupervisorError::ShuttingDown);
@@ -70,9 +74,13 @@ impl SupervisorRun {
         // Children that ended on their own during the drain, or that a
         // sub-supervisor abort left behind.
         self.set.shutdown().await;
+        // Every child reported above is idle and closed already (closing sets
+        // its state to stopped); only the ones still marked as running need it.
         for e in self.core.children.values() {
-            e.slot.set_state(ActorState::Stopped);
-            e.slot.close();
+            if e.run.task().is_some() {
+                e.slot.set_state(ActorState::Stopped);
+                e.slot.close();
+            }
         }
         self.shared.set_state(ActorState::Stopped);
         SlotExit {

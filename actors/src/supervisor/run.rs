@@ -3,7 +3,7 @@
 //! removing children.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use super::{
 use crate::addr::{Control, Envelope, MailboxLease, Reply, Shared};
 use crate::exit::ExitReason;
 use crate::shutdown::{ActorReport, StopOutcome};
-use crate::tree::ActorState;
+use crate::tree::{ActorState, IdMap, IdSet};
 
 /// What a supervisor keeps across its own restarts: its configuration and its
 /// children (with their mailboxes).
@@ -32,10 +32,14 @@ pub(super) struct Core {
     /// Children by seq: start order.
     pub(super) children: BTreeMap<u64, Entry>,
     /// Child actor id -> seq, so adds and removals need no scan of `children`.
-    ids: HashMap<u64, u64>,
+    ids: IdMap<u64, u64>,
     next_seq: u64,
     /// Incarnations of this supervisor so far.
     incarnations: u64,
+    /// Requests taken from the mailbox in one batch and not handled yet. They
+    /// live here, not in the incarnation, so a restart of the supervisor
+    /// loses none of them; a drain refuses them like the ones still queued.
+    pub(super) queued: VecDeque<SupervisorMsg>,
 }
 
 impl Core {
@@ -47,9 +51,10 @@ impl Core {
             intensity: Intensity::default(),
             backoff: Backoff::default(),
             children: BTreeMap::new(),
-            ids: HashMap::new(),
+            ids: IdMap::default(),
             next_seq: 0,
             incarnations: 0,
+            queued: VecDeque::new(),
         }
     }
 
@@ -157,7 +162,7 @@ pub(super) struct SupervisorRun {
     pub(super) shared: Arc<Shared<SupervisorMsg>>,
     pub(super) tree: Arc<TreeCtx>,
     pub(super) set: JoinSet<SlotExit>,
-    pub(super) by_task: HashMap<TaskId, u64>,
+    pub(super) by_task: IdMap<TaskId, u64>,
     /// Restart times within the intensity window, all children together.
     pub(super) restarts: VecDeque<Instant>,
     /// Pending restarts and kill deadlines; entries may be stale.
@@ -165,6 +170,13 @@ pub(super) struct SupervisorRun {
     /// Children with a pending restart, in start order.
     pub(super) pending: BTreeSet<u64>,
 }
+
+/// How many requests a supervisor takes from its mailbox at once. Taking them
+/// together frees their slots together: a caller adding children in a loop
+/// then refills the mailbox in one go while the supervisor works, instead of
+/// being woken for every single free slot (one thread park and unpark per
+/// child on a two-worker runtime).
+const COMMAND_BATCH: usize = 64;
 
 /// What the loop does after handling one event.
 pub(super) enum Step {
@@ -180,7 +192,7 @@ impl SupervisorRun {
             shared,
             tree,
             set: JoinSet::new(),
-            by_task: HashMap::new(),
+            by_task: IdMap::default(),
             restarts: VecDeque::new(),
             timers: BinaryHeap::new(),
             pending: BTreeSet::new(),
@@ -220,6 +232,7 @@ impl SupervisorRun {
         info!(actor = %name, actor_id = id, children = self.core.children.len(), "supervisor started");
 
         let rx = lease.rx();
+        let mut batch = Vec::with_capacity(COMMAND_BATCH);
         loop {
             // Control before data: a stop request wins over queued commands.
             match self.shared.control() {
@@ -235,13 +248,23 @@ impl SupervisorRun {
                 }
                 Control::Run => {}
             }
+            // One request at a time, with the control check in between, so a
+            // stop requested in the middle of a batch is not held up by it.
+            if let Some(msg) = self.core.queued.pop_front() {
+                self.command(msg);
+                continue;
+            }
             let next_timer = self.timers.peek().map(|Reverse(t)| *t);
             let step = tokio::select! {
                 biased;
-                env = rx.recv() => match env {
-                    Some(Envelope::Msg(msg)) => { self.command(msg); Step::Continue }
-                    Some(Envelope::Wake) | None => Step::Continue,
-                },
+                _ = rx.recv_many(&mut batch, COMMAND_BATCH) => {
+                    for env in batch.drain(..) {
+                        if let Envelope::Msg(msg) = env {
+                            self.core.queued.push_back(msg);
+                        }
+                    }
+                    Step::Continue
+                }
                 Some(res) = self.set.join_next_with_id(), if !self.set.is_empty() => {
                     self.child_exited(res)
                 }
@@ -394,7 +417,7 @@ impl SupervisorRun {
         tasks: &[TaskId],
         deadline: Option<Instant>,
     ) -> Vec<(u64, SlotExit)> {
-        let mut left: HashSet<TaskId> = tasks.iter().copied().collect();
+        let mut left: IdSet<TaskId> = tasks.iter().copied().collect();
         let mut exits = Vec::with_capacity(tasks.len());
         let mut aborted = false;
         // One timer for the whole wait: registering a fresh one per exit would
@@ -430,7 +453,7 @@ impl SupervisorRun {
         exits
     }
 
-    fn abort_tasks(&self, tasks: &HashSet<TaskId>) {
+    fn abort_tasks(&self, tasks: &IdSet<TaskId>) {
         for t in tasks {
             let Some(e) = self
                 .by_task
