@@ -200,16 +200,20 @@ fn a_reported_ttl_is_positive_for_any_remaining_time() {
 
 #[test]
 fn every_valid_key_round_trips_through_a_cursor() {
+    let ns = namespace_settings(None);
     runner()
         .run(&valid_key(), |key| {
             let cursor = validate::encode_cursor(&key);
             prop_assert!(cursor
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
-            let op = validate::scan_op(ScanParams {
-                cursor,
-                ..ScanParams::default()
-            });
+            let op = validate::scan_op(
+                ScanParams {
+                    cursor,
+                    ..ScanParams::default()
+                },
+                &ns,
+            );
             match op {
                 Ok(Op::Scan { after, .. }) => prop_assert_eq!(after, Some(key)),
                 other => prop_assert!(false, "{other:?}"),
@@ -221,12 +225,16 @@ fn every_valid_key_round_trips_through_a_cursor() {
 
 #[test]
 fn any_cursor_decodes_to_a_valid_key_or_is_a_bad_cursor() {
+    let ns = namespace_settings(None);
     runner()
         .run(&any_cursor(), |cursor| {
-            let op = validate::scan_op(ScanParams {
-                cursor: cursor.clone(),
-                ..ScanParams::default()
-            });
+            let op = validate::scan_op(
+                ScanParams {
+                    cursor: cursor.clone(),
+                    ..ScanParams::default()
+                },
+                &ns,
+            );
             match op {
                 Ok(Op::Scan { after: None, .. }) => prop_assert!(cursor.is_empty()),
                 Ok(Op::Scan { after: Some(k), .. }) => {
@@ -246,18 +254,27 @@ fn any_cursor_decodes_to_a_valid_key_or_is_a_bad_cursor() {
 
 #[test]
 fn any_scan_request_is_a_bounded_page_or_names_its_bad_field() {
+    let ns = namespace_settings(None);
     let params = (any_key(), any::<u32>(), any_cursor(), any::<bool>());
     runner()
         .run(&params, |(prefix, limit, cursor, keys_only)| {
-            let op = validate::scan_op(ScanParams {
-                prefix: prefix.clone(),
-                limit,
-                cursor,
-                keys_only,
-            });
+            let op = validate::scan_op(
+                ScanParams {
+                    prefix: prefix.clone(),
+                    limit,
+                    cursor,
+                    keys_only,
+                },
+                &ns,
+            );
             match op {
-                Ok(Op::Scan { limit: l, .. }) => {
+                Ok(Op::Scan {
+                    limit: l,
+                    max_bytes,
+                    ..
+                }) => {
                     prop_assert!((1..=MAX_SCAN_LIMIT).contains(&l), "page of {l}");
+                    prop_assert_eq!(max_bytes, ns.max_page_bytes);
                     prop_assert!(prefix.len() <= MAX_KEY_BYTES && !prefix.contains('\0'));
                 }
                 Ok(other) => prop_assert!(false, "{other:?}"),

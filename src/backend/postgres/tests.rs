@@ -611,7 +611,8 @@ async fn close(pool: &sqlx::PgPool) {
         return;
     }
     let mut conn = admin().await;
-    let sessions: Vec<(i32, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+    type Session = (i32, Option<String>, Option<String>, Option<String>);
+    let sessions: Vec<Session> = sqlx::query_as(
         "SELECT pid, state, wait_event, left(query, 100) FROM pg_stat_activity \
          WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
     )
