@@ -18,7 +18,7 @@ use super::Error;
 use crate::grpc::KvService;
 use crate::kv::Core;
 use crate::proto::key_value_server::KeyValueServer;
-use crate::settings::GrpcLimits;
+use crate::settings::{GrpcLimits, MAX_VALUE_SIZE_LIMIT};
 
 /// Room above the largest value or scan page for the rest of a request or
 /// response: a key (1 KiB), and a page's framing (about 15 bytes an item,
@@ -86,17 +86,19 @@ pub async fn router(
     limits: &GrpcLimits,
     max_value_size: usize,
 ) -> Result<(Router, HealthReporter), Error> {
-    // Requests carry at most one value. A response (a scan page) holds at
-    // most `max_page_bytes` of keys and values, or one item (a value of at
-    // most `max_value_size`): so every page fits, and a Scan never fails
-    // in encoding after the request core counted it OK.
+    // Requests carry at most one value. A response holds one value (Get) or
+    // a scan page: at most `max_page_bytes` of keys and values, or one item.
+    // An item stored while a namespace allowed larger values (up to the
+    // absolute limit) must still be served, so responses are capped by that
+    // limit, not by today's `max_value_size`: a Get or Scan never fails in
+    // encoding after the request core counted it OK.
     let max_page_bytes = core
         .namespaces()
         .map(|ns| ns.settings.max_page_bytes)
         .max()
         .unwrap_or(0);
     let max_request = max_value_size + MESSAGE_OVERHEAD;
-    let max_response = max_value_size.max(max_page_bytes) + MESSAGE_OVERHEAD;
+    let max_response = MAX_VALUE_SIZE_LIMIT.max(max_page_bytes) + MESSAGE_OVERHEAD;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<KeyValueServer<KvService>>().await;
     // Both reflection versions: grpcurl and older tools still ask v1alpha.

@@ -363,3 +363,46 @@ async fn callers_deadlines_do_not_open_the_circuit_but_backend_timeouts_do() {
     assert!(e.message().contains("circuit open"), "{e:?}");
     server.stop().await.unwrap();
 }
+
+/// A value stored while its namespace allowed 8 MiB is still served, over
+/// gRPC, once the limit is 1 MiB: by Get and by Scan, counted OK.
+#[tokio::test]
+async fn values_stored_under_an_earlier_larger_limit_are_still_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let value = vec![b'v'; 6 * 1024 * 1024];
+    let before = "[namespaces.old]\nbackend = \"embedded\"\nmax_value_size = 8388608\n";
+    let server = TestServer::start(base_settings(dir.path(), before))
+        .await
+        .expect("start");
+    let mut c = server.client().await.unwrap();
+    c.put(put("old", "big", value.clone()))
+        .await
+        .expect("a 6 MiB put");
+    server.stop().await.unwrap();
+
+    let after = "[namespaces.old]\nbackend = \"embedded\"\nmax_value_size = 1048576\n";
+    let server = TestServer::start(base_settings(dir.path(), after))
+        .await
+        .expect("restart");
+    let mut c = server.client().await.unwrap();
+    let got = c.get(get("old", "big")).await.expect("get").into_inner();
+    assert_eq!(got.value.len(), value.len());
+    let page = c
+        .scan(ScanRequest {
+            namespace: "old".into(),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("scan")
+        .into_inner();
+    assert_eq!(page.items.len(), 1);
+    assert_eq!(page.items[0].value.len(), value.len());
+    // A new value over today's limit is still refused.
+    let e = c
+        .put(put("old", "new", vec![b'v'; 2 * 1024 * 1024]))
+        .await
+        .expect_err("over the limit");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    server.stop().await.unwrap();
+}
