@@ -1,5 +1,7 @@
 //! Scale-out: one gateway instance against two, the client balanced over
-//! both (`ClientOptions::addr` = `a,b`), over Redis and PostgreSQL.
+//! both (`ClientOptions::addr` = `a,b`), over a Redis Cluster of its own
+//! (three masters with a replica each, started for the run and stopped
+//! after it), Redis and PostgreSQL.
 //!
 //! For each backend, two `prism serve` processes (the release binary) are
 //! started over the same database; then for each operation (get, put) a
@@ -18,7 +20,7 @@
 //! Run with `cargo bench --bench scaleout`. Knobs (environment):
 //! `PRISM_BENCH_DURATION` (measured time per run, default `3s`),
 //! `PRISM_BENCH_CONCURRENCY` (default 64), `PRISM_BENCH_BACKENDS` (default
-//! `redis,postgres`), and the servers: `PRISM_TEST_POSTGRES_URL`,
+//! `redis_cluster,redis,postgres`), and the servers: `PRISM_TEST_POSTGRES_URL`,
 //! `PRISM_TEST_REDIS_URL`. It uses the table `prism_scaleout_kv` and the
 //! Redis key prefix `prism-scaleout` (both removed at the start and the
 //! end).
@@ -26,6 +28,9 @@
 #[allow(dead_code)]
 #[path = "../tests/common/binary.rs"]
 mod binary;
+#[allow(dead_code)]
+#[path = "../tests/common/cluster.rs"]
+mod cluster;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +50,7 @@ const NAMESPACE: &str = "bench";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
+    RedisCluster,
     Redis,
     Postgres,
 }
@@ -52,6 +58,7 @@ enum Kind {
 impl Kind {
     fn name(self) -> &'static str {
         match self {
+            Kind::RedisCluster => "redis_cluster",
             Kind::Redis => "redis",
             Kind::Postgres => "postgres",
         }
@@ -64,6 +71,8 @@ struct Config {
     backends: Vec<Kind>,
     postgres_url: String,
     redis_url: String,
+    /// The seed nodes of the run's own cluster, once it is started.
+    cluster_urls: Vec<String>,
 }
 
 impl Config {
@@ -87,13 +96,16 @@ impl Config {
         let mut backends = Vec::new();
         for name in var("PRISM_BENCH_BACKENDS")
             .as_deref()
-            .unwrap_or("redis,postgres")
+            .unwrap_or("redis_cluster,redis,postgres")
             .split(',')
         {
             backends.push(match name.trim() {
+                "redis_cluster" => Kind::RedisCluster,
                 "redis" => Kind::Redis,
                 "postgres" => Kind::Postgres,
-                other => bail!("PRISM_BENCH_BACKENDS: {other:?} is not redis or postgres"),
+                other => {
+                    bail!("PRISM_BENCH_BACKENDS: {other:?} is not redis_cluster, redis or postgres")
+                }
             });
         }
         Ok(Config {
@@ -104,11 +116,20 @@ impl Config {
                 .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into()),
             redis_url: var("PRISM_TEST_REDIS_URL")
                 .unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
+            cluster_urls: Vec::new(),
         })
     }
 
     fn settings(&self, kind: Kind) -> String {
         let backend = match kind {
+            Kind::RedisCluster => format!(
+                "kind = \"redis_cluster\"\nurls = [{}]\nkey_prefix = \"{KEY_PREFIX}\"",
+                self.cluster_urls
+                    .iter()
+                    .map(|u| format!("\"{u}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             Kind::Redis => format!(
                 "kind = \"redis\"\nurl = \"{}\"\nkey_prefix = \"{KEY_PREFIX}\"",
                 self.redis_url
@@ -372,7 +393,17 @@ fn print(config: &Config, rows: &[Row]) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; there are no other arguments.
-    let config = Config::from_env()?;
+    let mut config = Config::from_env()?;
+    // A cluster of the run's own, its nodes stopped when it is dropped.
+    let _cluster = if config.backends.contains(&Kind::RedisCluster) {
+        let cluster = tokio::task::spawn_blocking(cluster::ThrowawayCluster::start)
+            .await
+            .context("starting the cluster")??;
+        config.cluster_urls = cluster.urls();
+        Some(cluster)
+    } else {
+        None
+    };
     let ticks = clock_ticks();
     cleanup(&config).await?;
     let mut rows = Vec::new();

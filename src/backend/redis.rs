@@ -24,8 +24,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use deadpool_redis::redis::aio::ConnectionLike;
+use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::{self, IntoConnectionInfo, RedisError, Value};
-use deadpool_redis::{Connection, Manager, Pool, PoolError, Runtime, TimeoutType};
+use deadpool_redis::{Manager, PoolError, Runtime, TimeoutType};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -156,7 +157,7 @@ impl RedisConnector {
                 e,
             ))
         })?;
-        let pool = Pool::builder(manager)
+        let pool = Pool::builder(FreshManager { inner: manager })
             .max_size(c.max_size.max(1))
             .wait_timeout(Some(c.wait_timeout))
             .create_timeout(Some(c.create_timeout))
@@ -169,11 +170,11 @@ impl RedisConnector {
         let loaded = async {
             let mut conn = pool.get().await.map_err(map_pool)?;
             if !self.policy_checked.swap(true, Ordering::Relaxed) {
-                self.check_eviction_policy(&mut conn).await;
+                self.check_eviction_policy(&mut *conn).await;
             }
-            let scan = Script::load(&mut conn, SCAN_SCRIPT).await?;
-            let purge = Script::load(&mut conn, PURGE_SCRIPT).await?;
-            let lease = PurgeLease::load(&mut conn, &c.key_prefix, self.purge_lease).await?;
+            let scan = Script::load(&mut *conn, SCAN_SCRIPT).await?;
+            let purge = Script::load(&mut *conn, PURGE_SCRIPT).await?;
+            let lease = PurgeLease::load(&mut *conn, &c.key_prefix, self.purge_lease).await?;
             Ok::<_, Error>((scan, purge, lease))
         };
         let (scan, purge, lease) = match loaded.await {
@@ -263,6 +264,44 @@ impl Connector for RedisConnector {
     }
 }
 
+/// How recently a pooled connection must have been handed out to be handed
+/// out again without a `PING` first.
+const FRESH: Duration = Duration::from_secs(1);
+
+/// deadpool-redis' manager, except that a connection handed out within
+/// [`FRESH`] of its previous use goes straight to its next user: under load
+/// that saves a round trip per operation. A connection idle for longer is
+/// pinged as before. A connection whose command failed in a way that may
+/// have left it broken is never returned to the pool (see
+/// `RedisBackend::exec_bounded`), so skipping the ping never hands a known
+/// broken connection out again.
+struct FreshManager {
+    inner: Manager,
+}
+
+impl deadpool::managed::Manager for FreshManager {
+    type Type = MultiplexedConnection;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<MultiplexedConnection, RedisError> {
+        deadpool::managed::Manager::create(&self.inner).await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut MultiplexedConnection,
+        metrics: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<RedisError> {
+        if metrics.last_used() < FRESH {
+            return Ok(());
+        }
+        deadpool::managed::Manager::recycle(&self.inner, conn, metrics).await
+    }
+}
+
+type Pool = deadpool::managed::Pool<FreshManager>;
+type Connection = deadpool::managed::Object<FreshManager>;
+
 /// A pool of connections to one Redis server.
 struct RedisBackend {
     pool: Pool,
@@ -299,10 +338,17 @@ impl RedisBackend {
         deadline: Instant,
     ) -> Result<Outcome, Error> {
         let mut conn = self.checkout(deadline).await?;
-        match tokio::time::timeout_at(deadline, self.run(&mut conn, namespace, op)).await {
+        match tokio::time::timeout_at(deadline, self.run(&mut *conn, namespace, op)).await {
             Ok(Err(Error::Timeout)) | Err(_) => {
                 drop(Connection::take(conn));
                 Err(Error::Timeout)
+            }
+            // A connection that failed to talk to the server is not trusted
+            // again: the next user would not know it (no `PING` for fresh
+            // connections).
+            Ok(Err(e @ Error::Unavailable(_))) => {
+                drop(Connection::take(conn));
+                Err(e)
             }
             Ok(res) => res,
         }
@@ -313,7 +359,12 @@ impl RedisBackend {
         until(deadline, async { self.pool.get().await.map_err(map_pool) }).await
     }
 
-    async fn run(&self, conn: &mut Connection, namespace: &str, op: Op) -> Result<Outcome, Error> {
+    async fn run(
+        &self,
+        conn: &mut MultiplexedConnection,
+        namespace: &str,
+        op: Op,
+    ) -> Result<Outcome, Error> {
         let keyspace = self.keyspace(namespace);
         match op {
             Op::Scan {
@@ -350,14 +401,14 @@ impl RedisBackend {
     async fn purge_all(&self) -> Result<u64, Error> {
         let deadline = Instant::now() + self.command_timeout;
         let mut conn = self.checkout(deadline).await?;
-        if !self.lease.acquire(&mut conn).await? {
+        if !self.lease.acquire(&mut *conn).await? {
             return Ok(0);
         }
         let mut purged = 0u64;
-        for namespace in self.registry.members(&mut conn).await? {
+        for namespace in self.registry.members(&mut *conn).await? {
             purged += self
                 .keyspace(&namespace)
-                .purge(&mut conn, &self.purge)
+                .purge(&mut *conn, &self.purge)
                 .await?;
         }
         Ok(purged)
@@ -367,7 +418,7 @@ impl RedisBackend {
         let deadline = Instant::now() + self.command_timeout;
         let mut conn = self.checkout(deadline).await?;
         let _: String = redis::cmd("PING")
-            .query_async(&mut conn)
+            .query_async(&mut *conn)
             .await
             .map_err(map_redis)?;
         Ok(())
@@ -377,7 +428,7 @@ impl RedisBackend {
         let deadline = Instant::now() + self.command_timeout;
         if let Ok(mut conn) = self.checkout(deadline).await {
             let _ = until(deadline, async {
-                self.lease.release(&mut conn).await;
+                self.lease.release(&mut *conn).await;
                 Ok(())
             })
             .await;

@@ -301,7 +301,7 @@ async fn a_command_past_its_deadline_times_out_and_its_connection_is_dropped() {
             redis::cmd("BLPOP")
                 .arg(&blocked)
                 .arg(5)
-                .query_async::<Value>(&mut conn)
+                .query_async::<Value>(&mut *conn)
                 .await
                 .map_err(super::map_redis)
         })
@@ -310,7 +310,7 @@ async fn a_command_past_its_deadline_times_out_and_its_connection_is_dropped() {
         // operation sends.
         match res {
             Ok(Err(Error::Timeout)) | Err(_) => {
-                drop(deadpool_redis::Connection::take(conn));
+                drop(super::Connection::take(conn));
                 Err(Error::Timeout)
             }
             Ok(other) => other.map(|_| ()),
