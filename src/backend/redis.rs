@@ -338,7 +338,7 @@ impl RedisBackend {
         deadline: Instant,
     ) -> Result<Outcome, Error> {
         let mut conn = self.checkout(deadline).await?;
-        match tokio::time::timeout_at(deadline, self.run(&mut *conn, namespace, op)).await {
+        match tokio::time::timeout_at(deadline, self.run(&mut conn, namespace, op)).await {
             Ok(Err(Error::Timeout)) | Err(_) => {
                 drop(Connection::take(conn));
                 Err(Error::Timeout)
