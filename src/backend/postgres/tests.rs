@@ -68,6 +68,22 @@ impl DropTables {
     }
 }
 
+/// A backend on a table of its own with a pool of `max_connections`.
+async fn small_pool(max_connections: u32) -> (PostgresBackend, DropTables) {
+    let table = unique_table();
+    let guard = DropTables::new(&table);
+    let backend = PostgresConnector::new(PostgresConfig {
+        max_connections,
+        min_connections: 1,
+        ..config(&table)
+    })
+    .expect("valid config")
+    .open()
+    .await
+    .expect("connect to the test postgres (is it running?)");
+    (backend, guard)
+}
+
 async fn fresh_concrete() -> (PostgresBackend, DropTables) {
     let table = unique_table();
     let guard = DropTables::new(&table);
@@ -443,17 +459,7 @@ async fn a_deadline_cancels_the_statement_on_the_server() {
 
 #[tokio::test]
 async fn a_deadline_bounds_the_wait_for_a_connection() {
-    let table = unique_table();
-    let guard = DropTables::new(&table);
-    let b = PostgresConnector::new(PostgresConfig {
-        max_connections: 1,
-        min_connections: 1,
-        ..config(&table)
-    })
-    .expect("config")
-    .open()
-    .await
-    .expect("connect");
+    let (b, guard) = small_pool(1).await;
     b.exec("ns", put_op("k", b"v")).await.expect("put");
     let mut holder = lock_row(&guard.table, "k").await;
     // The only connection is stuck behind the lock until its own
@@ -628,17 +634,7 @@ async fn close(pool: &sqlx::PgPool) {
 
 #[tokio::test]
 async fn connections_of_operations_cut_off_at_their_deadline_come_back_to_the_pool() {
-    let table = unique_table();
-    let guard = DropTables::new(&table);
-    let b = PostgresConnector::new(PostgresConfig {
-        max_connections: 2,
-        min_connections: 1,
-        ..config(&table)
-    })
-    .expect("config")
-    .open()
-    .await
-    .expect("connect to the test postgres");
+    let (b, guard) = small_pool(2).await;
     b.exec("ns", put_op("k", b"v1")).await.expect("put");
     let holder = lock_row(&guard.table, "k").await;
 
