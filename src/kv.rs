@@ -5,10 +5,11 @@
 //!
 //! One operation, in order: the request span opens; a draining gateway
 //! refuses; the namespace is looked up; the fields are validated; the
-//! deadline is fixed (the caller's, else the namespace's); the operation
-//! goes to the caller's session actor, which admits it and hands it to the
-//! backend's pool actor; the outcome comes back; the request is counted and
-//! timed in the metrics and, when it failed, logged.
+//! deadline is fixed (the caller's, else the namespace's); the caller's
+//! session admits it (rate, in-flight and circuit); it runs on the
+//! namespace's backend, in the request's own task while the backend's pool
+//! actor has it up, queued in that actor's mailbox while it restarts; the
+//! request is counted and timed in the metrics and, when it failed, logged.
 
 pub mod caller;
 pub mod validate;
@@ -20,8 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use prism_actors::Addr;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, error, Instrument};
 
@@ -31,8 +31,8 @@ use crate::auth::{Access, Authorizer, Credentials};
 use crate::backend::{Item, Op, Outcome, Record};
 use crate::error::{echo, ApiError};
 use crate::metrics::Metrics;
-use crate::pool::{BackendHealth, PoolActor};
-use crate::session::{self, Sessions};
+use crate::pool::Pool;
+use crate::session::Sessions;
 use crate::settings::{AuthSettings, NamespaceSettings};
 
 /// A configured namespace, resolved to its pool actor.
@@ -42,10 +42,8 @@ pub struct Namespace {
     pub name: Arc<str>,
     /// Its settings.
     pub settings: NamespaceSettings,
-    /// The pool actor of its backend.
-    pub pool: Addr<PoolActor>,
-    /// Its backend's health and circuit breaker.
-    pub health: Arc<BackendHealth>,
+    /// The pool actor of its backend, and the way to its backend.
+    pub pool: Pool,
 }
 
 /// One page of a scan.
@@ -411,8 +409,8 @@ impl Core {
             .request(known, op, code, started.elapsed());
     }
 
-    /// Sends `op` through the caller's session to the namespace's pool
-    /// actor and waits for the outcome until the deadline.
+    /// Admits `op` in the caller's session and runs it on the namespace's
+    /// backend, by the deadline.
     async fn call(
         &self,
         session: &str,
@@ -420,27 +418,14 @@ impl Core {
         op: Op,
         deadline: Deadline,
     ) -> Result<Outcome, ApiError> {
-        let (reply, rx) = oneshot::channel();
-        let req = session::Request {
-            pool: ns.pool.clone(),
-            health: ns.health.clone(),
-            namespace: ns.name.clone(),
-            op,
-            deadline: deadline.at,
-            caller_bound: deadline.caller_bound,
-            reply,
-        };
-        self.inner.sessions.submit(session, req).await?;
-        match tokio::time::timeout_at(deadline.at, rx).await {
-            Ok(Ok(res)) => res,
-            // The pool actor dropped the request: it failed (and is being
-            // restarted) while the request was queued or running.
-            Ok(Err(_)) => Err(ApiError::Unavailable(format!(
-                "backend of namespace '{}' failed during the request; retry",
-                ns.name
-            ))),
-            Err(_) => Err(ApiError::DeadlineExceeded("waiting for the backend")),
-        }
+        let permit = self
+            .inner
+            .sessions
+            .admit(session, &ns.pool.health, &ns.name, deadline.at)
+            .await?;
+        ns.pool
+            .exec(&ns.name, op, deadline.at, deadline.caller_bound, permit)
+            .await
     }
 }
 
@@ -450,7 +435,7 @@ struct Deadline {
     at: Instant,
     /// The caller's timeout is shorter than the namespace's: running out
     /// of time is the caller's choice, not a slow backend (see
-    /// [`session::Request::caller_bound`]).
+    /// [`Pool::exec`]).
     caller_bound: bool,
 }
 

@@ -2,14 +2,19 @@
 //! connection pool, runs up to `pool_size` operations at once, purges expired
 //! entries and checks health in the background, and fails (to be restarted by
 //! the backends supervisor) when an operation panics or the backend stays
-//! unhealthy.
+//! unhealthy. Requests run on its backend through its [`Gate`], in their
+//! own tasks, while it has one (see `gate.rs`).
+
+mod gate;
+
+pub use gate::{Gate, Pool};
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use prism_actors::{catch_panic, Actor, Addr, BoxError, Context, ExitReason, Reply};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
@@ -377,27 +382,24 @@ pub struct PoolActor {
     health: Arc<BackendHealth>,
     backend: Option<Arc<dyn Backend>>,
     generation: u64,
-    /// Operations running at once (`pool_size`).
-    permits: Arc<Semaphore>,
-    /// Operations admitted, running or waiting for a permit (`pool_size +
-    /// queue`); past it, RESOURCE_EXHAUSTED.
-    admitted: Arc<Semaphore>,
+    /// The backend as requests see it, and the admission limits.
+    gate: Arc<Gate>,
     tasks: JoinSet<()>,
     tickers: Vec<AbortHandle>,
     purging: bool,
 }
 
 impl PoolActor {
-    /// A pool actor that connects through `connector` when it starts.
+    /// A pool actor that connects through `connector` when it starts and
+    /// publishes its backend in `gate` (made from the same `config`; it
+    /// outlives incarnations, as `health` does).
     pub fn new(
         backend_name: Arc<str>,
         connector: Arc<dyn Connector>,
         config: PoolConfig,
         health: Arc<BackendHealth>,
+        gate: Arc<Gate>,
     ) -> Self {
-        let pool_size = config.pool_size.max(1) as usize;
-        let permits = Arc::new(Semaphore::new(pool_size));
-        let admitted = Arc::new(Semaphore::new(pool_size + config.queue.max(1)));
         PoolActor {
             backend_name,
             connector,
@@ -405,8 +407,7 @@ impl PoolActor {
             health,
             backend: None,
             generation: 0,
-            permits,
-            admitted,
+            gate,
             tasks: JoinSet::new(),
             tickers: Vec::new(),
             purging: false,
@@ -475,8 +476,13 @@ impl Actor for PoolActor {
                 return Err(Box::new(e));
             }
         };
-        self.backend = Some(backend);
+        self.backend = Some(backend.clone());
         self.generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+        self.gate.open(gate::Live {
+            generation: self.generation,
+            backend,
+            failed: tokio_util::sync::CancellationToken::new(),
+        });
         self.health.failures.store(0, Ordering::Release);
         self.health.set(true);
         self.health.record_success();
@@ -539,14 +545,14 @@ impl Actor for PoolActor {
                 // slot happens in the operation's own task: the actor never
                 // blocks, so health checks and failures are handled promptly
                 // even when every slot is busy.
-                let Ok(admitted) = self.admitted.clone().try_acquire_owned() else {
+                let Ok(admitted) = self.gate.admitted.clone().try_acquire_owned() else {
                     let _ = reply.send(Err(ApiError::ResourceExhausted(format!(
                         "backend of namespace '{namespace}' is saturated ({} running, {} waiting)",
                         self.config.pool_size, self.config.queue
                     ))));
                     return Ok(());
                 };
-                let permits = self.permits.clone();
+                let permits = self.gate.permits.clone();
                 let me = ctx.addr();
                 let generation = self.generation;
                 let health = self.health.clone();
@@ -606,7 +612,7 @@ impl Actor for PoolActor {
                 if self.purging {
                     return Ok(());
                 }
-                let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                let Ok(permit) = self.gate.permits.clone().try_acquire_owned() else {
                     return Ok(());
                 };
                 self.purging = true;
@@ -686,6 +692,9 @@ impl Actor for PoolActor {
         reason: &ExitReason,
         _ctx: &mut Context<Self>,
     ) -> Result<(), BoxError> {
+        // Requests from now on queue for the next incarnation; a failed
+        // incarnation's running operations end now.
+        self.gate.close(reason.is_failure());
         // First, so that requests fail fast while this incarnation cleans up
         // and the next one starts.
         if reason.is_failure() {
@@ -696,11 +705,15 @@ impl Actor for PoolActor {
         }
         let graceful = matches!(reason, ExitReason::Shutdown | ExitReason::Normal);
         if graceful {
-            // A graceful stop lets every running operation finish and reply.
+            // A graceful stop lets every running operation finish and reply,
+            // those in the actor's tasks and those in callers' tasks.
             while self.tasks.join_next().await.is_some() {}
+            self.gate.wait_idle().await;
         } else {
-            // A failed incarnation cuts its operations off; their callers get
-            // UNAVAILABLE.
+            // A failed incarnation cuts the operations of its tasks off; their
+            // callers get UNAVAILABLE. Operations running in callers' tasks
+            // end with their result or at their deadline, on the old pool,
+            // which closes in the background.
             self.tasks.shutdown().await;
         }
         if let Some(backend) = self.backend.take() {

@@ -1,51 +1,34 @@
 //! Session actors: one per client, created on demand under the sessions
-//! supervisor. A session admits a client's requests (in-flight and rate
-//! limits) and hands them to the namespace's pool actor; it ends itself after
-//! an idle period.
+//! supervisor. A session holds a client's admission state (in-flight and
+//! rate limits) and ends itself after an idle period.
+//!
+//! Requests do not pass through the session's mailbox: the caller's own task
+//! takes the admission decision on the session's shared state
+//! ([`Sessions::admit`]), which saves a cross-thread wake-up per request.
+//! The actor owns the session's life: it is supervised, listed in the tree,
+//! and decides when the session has been idle long enough to end. That
+//! decision and every admission take the same lock, so a request is never
+//! admitted by a session that has already decided to end.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prism_actors::{
-    Actor, Addr, BoxError, ChildSpec, Context, ExitReason, Reply, RestartPolicy, SendError,
-    SupervisorRef,
+    Actor, Addr, BoxError, ChildSpec, Context, ExitReason, RestartPolicy, SupervisorRef,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::backend::{Op, Outcome};
 use crate::error::{echo, ApiError};
-use crate::pool::{Admission, BackendHealth, PoolActor, PoolMsg};
+use crate::pool::{Admission, BackendHealth};
 use crate::settings::SessionSettings;
 
 /// Messages of a session actor.
 pub enum SessionMsg {
-    /// Admit a request and pass it to `pool`.
-    Request(Request),
     /// Check for idleness (sent by the session's ticker).
     Tick,
-}
-
-/// One key-value request on its way to a pool actor.
-pub struct Request {
-    /// The pool actor of the namespace's backend.
-    pub pool: Addr<PoolActor>,
-    /// The backend's health and circuit breaker.
-    pub health: Arc<BackendHealth>,
-    /// The namespace.
-    pub namespace: Arc<str>,
-    /// The operation.
-    pub op: Op,
-    /// The request's deadline.
-    pub deadline: Instant,
-    /// True when `deadline` is the caller's own, shorter than the
-    /// namespace's `timeout`: a request that runs into it says nothing
-    /// about the backend, so the circuit breaker does not count it.
-    pub caller_bound: bool,
-    /// Where the outcome goes; the pool replies to it directly.
-    pub reply: Reply<Result<Outcome, ApiError>>,
 }
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
@@ -70,110 +53,139 @@ impl Bucket {
     }
 }
 
-/// The session actor of one client.
-pub struct Session {
+/// What admission and the idle check share, under one lock.
+struct Gate {
+    bucket: Option<Bucket>,
+    last_active: Instant,
+    /// The session decided to end: it admits nothing more.
+    ended: bool,
+}
+
+/// The state of one client's session that its requests share.
+struct Shared {
     client: Arc<str>,
     settings: SessionSettings,
     in_flight: Arc<Semaphore>,
-    bucket: Option<Bucket>,
-    last_active: Instant,
-    registry: Sessions,
+    gate: Mutex<Gate>,
 }
 
-impl Session {
-    fn admit(&mut self, req: Request) {
-        let Request {
-            pool,
-            health,
-            namespace,
-            op,
-            deadline,
-            caller_bound,
-            reply,
-        } = req;
-        if reply.is_closed() {
-            debug!(client = %echo(&self.client), "caller went away while queued, skipped");
-            return;
+impl Shared {
+    fn new(client: Arc<str>, settings: SessionSettings) -> Self {
+        let bucket = (settings.rate_limit > 0).then(|| {
+            let burst = if settings.rate_burst > 0 {
+                settings.rate_burst
+            } else {
+                settings.rate_limit
+            } as f64;
+            Bucket {
+                rate: settings.rate_limit as f64,
+                burst,
+                tokens: burst,
+                at: Instant::now(),
+            }
+        });
+        Shared {
+            client,
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight as usize)),
+            settings,
+            gate: Mutex::new(Gate {
+                bucket,
+                last_active: Instant::now(),
+                ended: false,
+            }),
         }
+    }
+
+    fn gate(&self) -> std::sync::MutexGuard<'_, Gate> {
+        // Every field is updated in one step: a poisoned gate is consistent.
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits one request, or says why not; `None` when the session has
+    /// ended and a new one must be asked.
+    fn admit(
+        &self,
+        health: &BackendHealth,
+        namespace: &str,
+        deadline: Instant,
+    ) -> Option<Result<OwnedSemaphorePermit, ApiError>> {
         let now = Instant::now();
-        self.last_active = now;
-        if now >= deadline {
-            let _ = reply.send(Err(ApiError::DeadlineExceeded(
-                "while queued in the session",
-            )));
-            return;
+        let mut gate = self.gate();
+        if gate.ended {
+            return None;
         }
-        if let Some(bucket) = &mut self.bucket {
+        gate.last_active = now;
+        if now >= deadline {
+            return Some(Err(ApiError::DeadlineExceeded(
+                "while admitted by the session",
+            )));
+        }
+        if let Some(bucket) = &mut gate.bucket {
             if !bucket.take(now) {
-                let _ = reply.send(Err(ApiError::ResourceExhausted(format!(
+                return Some(Err(ApiError::ResourceExhausted(format!(
                     "client '{}' is over its rate limit of {} requests/s (sessions.rate_limit)",
                     echo(&self.client),
                     self.settings.rate_limit
                 ))));
-                return;
             }
         }
         // An open circuit answers at once instead of queueing behind a
         // backend that is down or a pool actor that is restarting.
         if health.admit() == Admission::Reject {
-            let _ = reply.send(Err(ApiError::Unavailable(format!(
+            return Some(Err(ApiError::Unavailable(format!(
                 "backend of namespace '{namespace}' is unavailable (circuit open)"
             ))));
-            return;
         }
-        let permit: OwnedSemaphorePermit = match self.in_flight.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                let _ = reply.send(Err(ApiError::ResourceExhausted(format!(
-                    "client '{}' has {} requests in flight (sessions.max_in_flight)",
-                    echo(&self.client),
-                    self.settings.max_in_flight
-                ))));
-                return;
-            }
-        };
-        let owner = namespace.clone();
-        let msg = PoolMsg::Exec {
-            namespace,
-            op,
-            deadline,
-            caller_bound,
-            permit: Some(permit),
-            reply,
-        };
-        if let Err(e) = pool.try_tell(msg) {
-            let owner = format!("backend of namespace '{owner}'");
-            let err = ApiError::rejected(&e, &owner, "its pool mailbox (backends.<name>.mailbox)");
-            // The refused message still holds the caller's reply channel.
-            if let PoolMsg::Exec { reply, .. } = e.into_inner() {
-                let _ = reply.send(Err(err));
-            }
-        }
+        Some(self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            ApiError::ResourceExhausted(format!(
+                "client '{}' has {} requests in flight (sessions.max_in_flight)",
+                echo(&self.client),
+                self.settings.max_in_flight
+            ))
+        }))
     }
+
+    /// Ends the session when it has been idle for `idle_timeout` with
+    /// nothing in flight; true when it did.
+    fn end_if_idle(&self) -> bool {
+        let mut gate = self.gate();
+        let idle = gate.last_active.elapsed() >= self.settings.idle_timeout;
+        let busy = self.in_flight.available_permits() < self.settings.max_in_flight as usize;
+        if idle && !busy {
+            gate.ended = true;
+        }
+        gate.ended
+    }
+
+    fn end(&self) {
+        self.gate().ended = true;
+    }
+}
+
+/// The session actor of one client.
+pub struct Session {
+    shared: Arc<Shared>,
+    registry: Sessions,
 }
 
 impl Actor for Session {
     type Msg = SessionMsg;
 
     async fn started(&mut self, ctx: &mut Context<Self>) -> Result<(), BoxError> {
-        let every = (self.settings.idle_timeout / 4).max(Duration::from_millis(10));
+        let every = (self.shared.settings.idle_timeout / 4).max(Duration::from_millis(10));
         ctx.send_interval(every, || SessionMsg::Tick);
-        debug!(client = %echo(&self.client), "session started");
+        debug!(client = %echo(&self.shared.client), "session started");
         Ok(())
     }
 
     async fn handle(&mut self, msg: SessionMsg, ctx: &mut Context<Self>) -> Result<(), BoxError> {
         match msg {
-            SessionMsg::Request(req) => self.admit(req),
             SessionMsg::Tick => {
-                let idle = self.last_active.elapsed() >= self.settings.idle_timeout;
-                let busy =
-                    self.in_flight.available_permits() < self.settings.max_in_flight as usize;
-                if idle && !busy {
-                    debug!(client = %echo(&self.client), "session idle, ending");
+                if self.shared.end_if_idle() {
+                    debug!(client = %echo(&self.shared.client), "session idle, ending");
                     // Leave the registry first so that new requests create a
-                    // new session instead of queueing behind this stop.
-                    self.registry.forget(&self.client, ctx.id());
+                    // new session instead of finding this one ended.
+                    self.registry.forget(&self.shared.client, ctx.id());
                     ctx.stop();
                 }
             }
@@ -186,9 +198,17 @@ impl Actor for Session {
         _reason: &ExitReason,
         ctx: &mut Context<Self>,
     ) -> Result<(), BoxError> {
-        self.registry.forget(&self.client, ctx.id());
+        self.shared.end();
+        self.registry.forget(&self.shared.client, ctx.id());
         Ok(())
     }
+}
+
+/// A live session: its actor and the state its requests share.
+#[derive(Clone)]
+struct Entry {
+    addr: Addr<Session>,
+    shared: Arc<Shared>,
 }
 
 /// The live sessions by client, and the supervisor they run under.
@@ -198,7 +218,7 @@ pub struct Sessions {
 }
 
 struct SessionsInner {
-    map: Mutex<HashMap<Arc<str>, Addr<Session>>>,
+    map: Mutex<HashMap<Arc<str>, Entry>>,
     supervisor: SupervisorRef,
     settings: SessionSettings,
 }
@@ -215,7 +235,7 @@ impl Sessions {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Addr<Session>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Entry>> {
         // Entries are inserted and removed whole: a poisoned map is consistent.
         self.inner.map.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -232,17 +252,17 @@ impl Sessions {
 
     fn forget(&self, client: &str, id: u64) {
         let mut map = self.lock();
-        if map.get(client).is_some_and(|a| a.id() == id) {
+        if map.get(client).is_some_and(|e| e.addr.id() == id) {
             map.remove(client);
         }
     }
 
     /// The session of `client`, created when there is none.
-    async fn session(&self, client: &str) -> Result<Addr<Session>, ApiError> {
-        let spec = {
+    async fn session(&self, client: &str) -> Result<Entry, ApiError> {
+        let (spec, entry) = {
             let mut map = self.lock();
-            if let Some(addr) = map.get(client) {
-                return Ok(addr.clone());
+            if let Some(entry) = map.get(client) {
+                return Ok(entry.clone());
             }
             if map.len() >= self.inner.settings.max_sessions as usize {
                 return Err(ApiError::ResourceExhausted(format!(
@@ -251,38 +271,24 @@ impl Sessions {
                 )));
             }
             let client: Arc<str> = client.into();
-            let settings = self.inner.settings.clone();
+            let shared = Arc::new(Shared::new(client.clone(), self.inner.settings.clone()));
             let registry = self.clone();
             let name = format!("session:{}", echo(&client));
-            let factory_client = client.clone();
-            let spec = ChildSpec::with_mailbox(name, settings.mailbox, move || {
-                let bucket = (settings.rate_limit > 0).then(|| {
-                    let burst = if settings.rate_burst > 0 {
-                        settings.rate_burst
-                    } else {
-                        settings.rate_limit
-                    } as f64;
-                    Bucket {
-                        rate: settings.rate_limit as f64,
-                        burst,
-                        tokens: burst,
-                        at: Instant::now(),
-                    }
-                });
-                Session {
-                    client: factory_client.clone(),
-                    in_flight: Arc::new(Semaphore::new(settings.max_in_flight as usize)),
-                    bucket,
-                    last_active: Instant::now(),
+            let actor_shared = shared.clone();
+            // Sessions are temporary: the factory runs once.
+            let spec =
+                ChildSpec::with_mailbox(name, self.inner.settings.mailbox, move || Session {
+                    shared: actor_shared.clone(),
                     registry: registry.clone(),
-                    settings: settings.clone(),
-                }
-            })
-            .restart(RestartPolicy::Temporary);
-            map.insert(client, spec.addr());
-            spec
+                })
+                .restart(RestartPolicy::Temporary);
+            let entry = Entry {
+                addr: spec.addr(),
+                shared,
+            };
+            map.insert(client, entry.clone());
+            (spec, entry)
         };
-        let addr = spec.addr();
         // The map entry exists from here on. The add runs on its own task:
         // if this future is dropped (the caller went away, its deadline
         // passed) while the supervisor's mailbox is full, the session still
@@ -290,7 +296,7 @@ impl Sessions {
         // the slot is not held by an actor that never runs.
         let registry = self.clone();
         let supervisor = self.inner.supervisor.clone();
-        let id = addr.id();
+        let id = entry.addr.id();
         let owner: Arc<str> = client.into();
         let add = tokio::spawn(async move {
             let res = supervisor.tell_add_child(spec).await;
@@ -300,7 +306,7 @@ impl Sessions {
             res.map_err(|e| e.to_string())
         });
         match add.await {
-            Ok(Ok(())) => Ok(addr),
+            Ok(Ok(())) => Ok(entry),
             Ok(Err(e)) => Err(ApiError::Unavailable(format!("cannot open a session: {e}"))),
             Err(e) => {
                 self.forget(client, id);
@@ -309,27 +315,23 @@ impl Sessions {
         }
     }
 
-    /// Passes a request to `client`'s session. The session replies through
-    /// `req.reply`.
-    pub async fn submit(&self, client: &str, req: Request) -> Result<(), ApiError> {
-        let mut msg = SessionMsg::Request(req);
+    /// Admits one request of `client` to `namespace` (whose backend is
+    /// `health`): its deadline, the client's rate and in-flight limits and
+    /// the backend's circuit. The permit is the client's in-flight slot,
+    /// held until the request ends.
+    pub async fn admit(
+        &self,
+        client: &str,
+        health: &BackendHealth,
+        namespace: &str,
+        deadline: Instant,
+    ) -> Result<OwnedSemaphorePermit, ApiError> {
         // A session that has just ended by idleness gets replaced once.
         for _ in 0..2 {
-            let addr = self.session(client).await?;
-            match addr.try_tell(msg) {
-                Ok(()) => return Ok(()),
-                Err(SendError::Closed(m)) => {
-                    self.forget(client, addr.id());
-                    msg = m;
-                }
-                Err(e) => {
-                    let owner = format!("the session of client '{}'", echo(client));
-                    return Err(ApiError::rejected(
-                        &e,
-                        &owner,
-                        "its mailbox (sessions.mailbox)",
-                    ));
-                }
+            let entry = self.session(client).await?;
+            match entry.shared.admit(health, namespace, deadline) {
+                Some(res) => return res,
+                None => self.forget(client, entry.addr.id()),
             }
         }
         Err(ApiError::Unavailable("session unavailable".into()))
@@ -384,6 +386,71 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(sessions.len(), DEFAULT_MAILBOX + 1);
+        tree.shutdown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn a_session_that_ended_admits_nothing_and_is_replaced() {
+        let tree = Supervisor::new("sessions").spawn();
+        let sessions = Sessions::new(tree.supervisor_ref(), settings());
+        let health = BackendHealth::new("m".into(), crate::pool::BreakerConfig::default());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let first = sessions.session("c").await.expect("session");
+        drop(
+            sessions
+                .admit("c", &health, "n", deadline)
+                .await
+                .expect("admitted"),
+        );
+        // The session decides to end (as its idle check would): nothing
+        // more is admitted through it, and the next request gets a new one.
+        first.shared.end();
+        assert!(first.shared.admit(&health, "n", deadline).is_none());
+        drop(
+            sessions
+                .admit("c", &health, "n", deadline)
+                .await
+                .expect("admitted"),
+        );
+        let second = sessions.session("c").await.expect("session");
+        assert_ne!(first.addr.id(), second.addr.id());
+        tree.shutdown(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn admission_holds_the_clients_in_flight_limit() {
+        let tree = Supervisor::new("sessions").spawn();
+        let mut settings = settings();
+        settings.max_in_flight = 2;
+        let sessions = Sessions::new(tree.supervisor_ref(), settings);
+        let health = BackendHealth::new("m".into(), crate::pool::BreakerConfig::default());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let a = sessions
+            .admit("c", &health, "n", deadline)
+            .await
+            .expect("first");
+        let _b = sessions
+            .admit("c", &health, "n", deadline)
+            .await
+            .expect("second");
+        match sessions.admit("c", &health, "n", deadline).await {
+            Err(ApiError::ResourceExhausted(m)) => assert!(m.contains("max_in_flight"), "{m}"),
+            other => panic!("unexpected {:?}", other.map(|_| ())),
+        }
+        // Another client has its own limit; a finished request frees a slot.
+        drop(
+            sessions
+                .admit("d", &health, "n", deadline)
+                .await
+                .expect("other client"),
+        );
+        drop(a);
+        drop(
+            sessions
+                .admit("c", &health, "n", deadline)
+                .await
+                .expect("freed"),
+        );
         tree.shutdown(Duration::from_secs(5)).await;
     }
 }

@@ -15,7 +15,7 @@ use crate::backend::redis_cluster::RedisClusterConnector;
 use crate::backend::sqlite::SqliteConnector;
 use crate::backend::Connector;
 use crate::kv::{Core, Draining, Namespace};
-use crate::pool::{BackendHandle, BackendHealth, BreakerConfig, PoolActor, PoolConfig};
+use crate::pool::{BackendHandle, BackendHealth, BreakerConfig, Gate, Pool, PoolActor, PoolConfig};
 use crate::session::Sessions;
 use crate::settings::{BackendKind, BackendSettings, SupervisorSettings};
 
@@ -99,16 +99,26 @@ impl Gateway {
             // the settings describe.
             let kind = connector.kind().to_owned();
             let factory_health = health.clone();
+            let gate = Arc::new(Gate::new(&config));
+            let factory_gate = gate.clone();
             let spec = ChildSpec::with_mailbox(format!("pool:{name}"), b.pool.mailbox, move || {
                 PoolActor::new(
                     backend_name.clone(),
                     connector.clone(),
                     config.clone(),
                     factory_health.clone(),
+                    factory_gate.clone(),
                 )
             })
             .shutdown_timeout(s.server.shutdown_grace);
-            pools.insert(name.clone(), (spec.addr(), health.clone()));
+            pools.insert(
+                name.clone(),
+                Pool {
+                    addr: spec.addr(),
+                    health: health.clone(),
+                    gate,
+                },
+            );
             handles.push(BackendHandle {
                 name: name.clone(),
                 kind,
@@ -124,7 +134,7 @@ impl Gateway {
         for (name, ns) in &s.namespaces {
             // Settings only validate when every namespace names a configured
             // backend, and every configured backend has a pool here.
-            let Some((pool, health)) = pools.get(&ns.backend) else {
+            let Some(pool) = pools.get(&ns.backend) else {
                 return Err(Error::Start(format!(
                     "namespaces.{name}.backend: backend '{}' has no pool",
                     ns.backend
@@ -134,7 +144,6 @@ impl Gateway {
                 name: name.as_str().into(),
                 settings: ns.clone(),
                 pool: pool.clone(),
-                health: health.clone(),
             });
         }
         let mut root = Supervisor::new("prism")
