@@ -348,6 +348,7 @@ async fn measure_all(config: &Config, client: &ClientOptions) -> anyhow::Result<
                 warmup: WARMUP,
                 keys: KEYS,
                 value_size: VALUE_SIZE,
+                progress: false,
             })
             .await
             .with_context(|| format!("prism bench on {}", kind.namespace()))?;

@@ -290,6 +290,7 @@ async fn measure(
         warmup: Duration::from_secs(1),
         keys: 10_000,
         value_size: 128,
+        progress: false,
     };
     let mut pids: Vec<u32> = instances.iter().map(|i| i.pid()).collect();
     pids.push(std::process::id());

@@ -66,6 +66,9 @@ pub struct BenchOptions {
     pub keys: u64,
     /// Bytes per value.
     pub value_size: usize,
+    /// Print progress to stderr: a line when the warmup ends, then one a
+    /// second with that second's operations and errors.
+    pub progress: bool,
 }
 
 impl Default for BenchOptions {
@@ -80,6 +83,7 @@ impl Default for BenchOptions {
             warmup: Duration::from_secs(1),
             keys: 10_000,
             value_size: 128,
+            progress: false,
         }
     }
 }
@@ -245,6 +249,10 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
     let start = Instant::now();
     let measure_from = start + options.warmup;
     let end = measure_from + options.duration;
+    let tally = Arc::new(Tally::default());
+    let reporter = options
+        .progress
+        .then(|| tokio::spawn(report_progress(tally.clone(), measure_from, end)));
     let mut workers = Vec::with_capacity(options.concurrency);
     for i in 0..options.concurrency {
         let worker = Worker {
@@ -256,6 +264,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
             rng: SplitMix64(0x5eed_0000 + i as u64),
             histogram: histogram.clone(),
             errors: HashMap::new(),
+            tally: tally.clone(),
         };
         workers.push(tokio::spawn(worker.run(measure_from, end)));
     }
@@ -274,6 +283,9 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, Error> {
         for (code, count) in worker_errors {
             *errors.entry(code_name(code).to_owned()).or_default() += count;
         }
+    }
+    if let Some(reporter) = reporter {
+        reporter.abort();
     }
     let elapsed = Instant::now()
         .saturating_duration_since(measure_from)
@@ -375,6 +387,7 @@ struct Worker {
     rng: SplitMix64,
     histogram: Histogram<u64>,
     errors: HashMap<Code, u64>,
+    tally: Arc<Tally>,
 }
 
 impl Worker {
@@ -408,11 +421,53 @@ impl Worker {
                 Ok(()) => {
                     let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                     self.histogram.saturating_record(micros.max(1));
+                    self.tally.ops.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(status) => *self.errors.entry(status.code()).or_default() += 1,
+                Err(status) => {
+                    *self.errors.entry(status.code()).or_default() += 1;
+                    self.tally.errors.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         (self.histogram, self.errors)
+    }
+}
+
+/// Operations and errors measured so far, across workers.
+#[derive(Default)]
+struct Tally {
+    ops: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// Prints a line to stderr when the warmup ends, then one a second while
+/// measuring.
+async fn report_progress(tally: Arc<Tally>, measure_from: Instant, end: Instant) {
+    let (measure_from, end) = (
+        tokio::time::Instant::from_std(measure_from),
+        tokio::time::Instant::from_std(end),
+    );
+    tokio::time::sleep_until(measure_from).await;
+    eprintln!("prism bench: warmup over, measuring");
+    let second = Duration::from_secs(1);
+    let mut ticks = tokio::time::interval_at(measure_from + second, second);
+    let (mut ops, mut errors) = (0, 0);
+    loop {
+        let at = ticks.tick().await;
+        if at > end {
+            return;
+        }
+        let (now_ops, now_errors) = (
+            tally.ops.load(Ordering::Relaxed),
+            tally.errors.load(Ordering::Relaxed),
+        );
+        eprintln!(
+            "prism bench: {:>6.1} s  {:>8} ops/s  {} errors",
+            at.saturating_duration_since(measure_from).as_secs_f64(),
+            now_ops - ops,
+            now_errors - errors
+        );
+        (ops, errors) = (now_ops, now_errors);
     }
 }
 

@@ -378,6 +378,7 @@ impl BenchArgs {
             warmup: self.warmup,
             keys: self.keys,
             value_size: self.value_size,
+            progress: true,
         }
     }
 }

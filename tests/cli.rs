@@ -375,13 +375,22 @@ async fn bench_reports_throughput_and_latency() {
         "--keys",
         "20",
         "--duration",
-        "300ms",
+        "1500ms",
         "--warmup",
         "0s",
         "--json",
     ]);
     let out = output(cmd).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // Progress goes to stderr while it runs; the report alone to stdout.
+    let progress = stderr(&out);
+    assert!(progress.contains("warmup over, measuring"), "{progress}");
+    assert!(
+        progress
+            .lines()
+            .any(|l| l.contains("1.0 s") && l.contains("ops/s")),
+        "{progress}"
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
     assert!(report["ops"].as_u64().expect("ops") > 0, "{report}");
     assert_eq!(report["errors"], serde_json::json!({}), "{report}");

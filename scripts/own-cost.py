@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Prism's own cost per request, against the floors it adds to, in one run.
+
+Starts a gateway (PRISM_BINARY, default target/release/prism) with
+scripts/gateway-cpu/default.toml (namespaces pg, redis and mem on the local
+PostgreSQL and Redis, gRPC on 127.0.0.1:18980) and the bare tonic KeyValue
+server of examples/bare_kv.rs (BARE_BINARY, default
+target/release/examples/bare_kv, on 127.0.0.1:18990), then alternates, for
+ROUNDS rounds of SECONDS each measurement:
+
+- `prism bench` Get at concurrency 1 against the bare server and against
+  the gateway's mem, redis and pg namespaces (mean latency = 1 / ops/s);
+- the databases' own clients at concurrency 1: redis-benchmark GET and
+  pgbench running the SELECT of a Prism Get on the same table and row;
+- Get at concurrency 64 against the bare server and the mem namespace;
+- the gateway process's own CPU per operation (utime + stime from
+  /proc/<pid>/stat over the measured interval) for Get and Put at
+  concurrency 16 on every namespace.
+
+Prism's own cost beyond the hop = latency through Prism - bare hop latency
+- the database client's latency. Prints medians over the rounds, the
+load average, and every raw figure.
+
+usage: scripts/own-cost.py [ROUNDS] [SECONDS]
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRISM = os.environ.get("PRISM_BINARY", os.path.join(ROOT, "target/release/prism"))
+BARE = os.environ.get("BARE_BINARY", os.path.join(ROOT, "target/release/examples/bare_kv"))
+GW, BARE_ADDR = "127.0.0.1:18980", "127.0.0.1:18990"
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def wait_port(addr, what):
+    host, port = addr.split(":")
+    for _ in range(200):
+        try:
+            socket.create_connection((host, int(port)), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"{what} did not listen on {addr}")
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench(addr, ns, op, conc, secs, pid=None):
+    """One `prism bench` run (its keys populated, 1 s of warmup, then
+    `secs` measured); with `pid`, also that process's CPU ticks over the
+    measured part, read when the bench says it starts measuring and when
+    it ends."""
+    p = subprocess.Popen(
+        [PRISM, "bench", "--addr", addr, "--namespace", ns, "--op", op,
+         "--concurrency", str(conc), "--keys", "1000", "--duration", f"{secs}s",
+         "--warmup", "1s", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    a = None
+    for line in p.stderr:
+        if "warmup over, measuring" in line and pid is not None:
+            a = cpu_ticks(pid)
+    out = p.stdout.read()
+    p.wait()
+    if p.returncode != 0:
+        sys.exit(f"prism bench failed ({p.returncode}) against {addr} {ns} {op}")
+    ticks = cpu_ticks(pid) - a if pid is not None and a is not None else None
+    return json.loads(out), ticks
+
+
+def measured(pid, addr, ns, op, conc, secs):
+    """ops/s and the server's CPU µs per op over the measured part of one
+    bench run."""
+    r, ticks = bench(addr, ns, op, conc, secs, pid)
+    errors = sum(r["errors"].values())
+    cpu_us = ticks / HZ * 1e6 / max(r["ops"], 1)
+    return r["throughput"], cpu_us, errors
+
+
+def redis_direct(secs):
+    subprocess.run(["redis-cli", "-h", "127.0.0.1", "SET", "prism-own-cost", "v" * 100],
+                   capture_output=True, check=True)
+    n = 5000 * secs
+    out = subprocess.run(["redis-benchmark", "-h", "127.0.0.1", "-p", "6379", "-c", "1",
+                          "-n", str(n), "-q", "GET", "prism-own-cost"],
+                         capture_output=True, text=True, check=True).stdout
+    subprocess.run(["redis-cli", "-h", "127.0.0.1", "DEL", "prism-own-cost"], capture_output=True)
+    rps = float(re.findall(r"([\d.]+) requests per second", out)[-1])
+    return 1e6 / rps
+
+
+def pg_direct(secs, script):
+    out = subprocess.run(["pgbench", "-h", "127.0.0.1", "-U", "postgres", "-n", "-c", "1",
+                          "-T", str(secs), "-f", script, "test"],
+                         capture_output=True, text=True, check=True).stdout
+    return float(re.search(r"latency average = ([\d.]+) ms", out).group(1)) * 1000
+
+
+def main():
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    secs = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    work = tempfile.mkdtemp(prefix="prism-own-cost-")
+    shutil.copy(os.path.join(ROOT, "scripts/gateway-cpu/default.toml"), work)
+    gw = subprocess.Popen([PRISM, "serve", "--settings", work],
+                          stdout=open(os.path.join(work, "gateway.log"), "w"),
+                          stderr=subprocess.STDOUT)
+    bare = subprocess.Popen([BARE, BARE_ADDR], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    raw = {}
+
+    def add(name, value):
+        raw.setdefault(name, []).append(value)
+
+    try:
+        wait_port(GW, "the gateway")
+        wait_port(BARE_ADDR, "the bare server")
+        time.sleep(0.5)
+        idle_rss = rss_mib(gw.pid)
+        # Keys for every namespace (and a row for pgbench).
+        for ns in ["mem", "redis", "pg"]:
+            bench(GW, ns, "get", 4, 1)
+        bench(BARE_ADDR, "mem", "get", 4, 1)
+        script = os.path.join(work, "get.sql")
+        with open(script, "w") as f:
+            f.write("SELECT value, expires_at FROM public.prism_ab_kv "
+                    "WHERE namespace = 'pg' AND key = 'bench-0000000001' "
+                    "AND (expires_at IS NULL OR expires_at > now());\n")
+        loads = [os.getloadavg()[0]]
+        for r in range(rounds):
+            print(f"round {r + 1}/{rounds}", file=sys.stderr)
+            ops, cpu, _ = measured(bare.pid, BARE_ADDR, "mem", "get", 1, secs)
+            add("c1 bare hop", 1e6 / ops)
+            for ns in ["mem", "redis", "pg"]:
+                ops, cpu, err = measured(gw.pid, GW, ns, "get", 1, secs)
+                add(f"c1 prism {ns}", 1e6 / ops)
+                add(f"c1 gateway cpu {ns}", cpu)
+            add("c1 redis direct", redis_direct(secs))
+            add("c1 pg direct", pg_direct(secs, script))
+            ops, cpu, _ = measured(bare.pid, BARE_ADDR, "mem", "get", 64, secs)
+            add("c64 bare ops/s", ops)
+            add("c64 bare cpu", cpu)
+            ops, cpu, _ = measured(gw.pid, GW, "mem", "get", 64, secs)
+            add("c64 prism mem ops/s", ops)
+            add("c64 prism mem cpu", cpu)
+            for ns in ["mem", "redis", "pg"]:
+                for op in ["get", "put"]:
+                    ops, cpu, err = measured(gw.pid, GW, ns, op, 16, secs)
+                    add(f"c16 {ns} {op} ops/s", ops)
+                    add(f"c16 {ns} {op} cpu", cpu)
+                    add(f"c16 {ns} {op} errors", err)
+            loads.append(os.getloadavg()[0])
+        rss_after = rss_mib(gw.pid)
+    finally:
+        for p in (gw, bare):
+            p.terminate()
+        for p in (gw, bare):
+            p.wait()
+        subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc",
+                        "DROP TABLE IF EXISTS public.prism_ab_kv, public.prism_ab_kv_schema_version"],
+                       capture_output=True)
+        keys = subprocess.run(["redis-cli", "-h", "127.0.0.1", "--scan", "--pattern", "prism-ab*"],
+                              capture_output=True, text=True).stdout.split()
+        for i in range(0, len(keys), 500):
+            subprocess.run(["redis-cli", "-h", "127.0.0.1", "DEL", *keys[i:i + 500]],
+                           capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = {k: statistics.median(v) for k, v in raw.items()}
+    hop = med["c1 bare hop"]
+    print(f"{os.cpu_count()} cores, {rounds} rounds of {secs} s, "
+          f"load average {min(loads):.1f}-{max(loads):.1f}")
+    print("\nconcurrency 1, mean latency µs (median of rounds):")
+    print(f"  bare tonic hop           {hop:8.1f}")
+    print(f"  prism mem get            {med['c1 prism mem']:8.1f}   own cost beyond the hop {med['c1 prism mem'] - hop:6.1f}")
+    for ns, direct in [("redis", "c1 redis direct"), ("pg", "c1 pg direct")]:
+        own = med[f"c1 prism {ns}"] - hop - med[direct]
+        print(f"  prism {ns:5} get          {med[f'c1 prism {ns}']:8.1f}   direct client {med[direct]:6.1f}   "
+              f"own cost beyond hop + direct {own:6.1f}")
+    print(f"  gateway CPU µs per get at c1: mem {med['c1 gateway cpu mem']:.1f}, "
+          f"redis {med['c1 gateway cpu redis']:.1f}, pg {med['c1 gateway cpu pg']:.1f}")
+    ratio = statistics.median(
+        p / b for p, b in zip(raw["c64 prism mem ops/s"], raw["c64 bare ops/s"]))
+    print(f"\nconcurrency 64 get: bare {med['c64 bare ops/s']:.0f} ops/s ({med['c64 bare cpu']:.1f} µs CPU/op), "
+          f"prism mem {med['c64 prism mem ops/s']:.0f} ops/s ({med['c64 prism mem cpu']:.1f} µs CPU/op); "
+          f"prism/bare median of rounds {ratio:.2f}")
+    print("\nconcurrency 16, gateway process only:")
+    print("  namespace op    ops/s   CPU µs/op  errors")
+    for ns in ["mem", "redis", "pg"]:
+        for op in ["get", "put"]:
+            print(f"  {ns:9} {op:4} {med[f'c16 {ns} {op} ops/s']:8.0f}  {med[f'c16 {ns} {op} cpu']:9.1f}  "
+                  f"{int(sum(raw[f'c16 {ns} {op} errors']))}")
+    print(f"\ngateway RSS: {idle_rss:.1f} MiB idle at start, {rss_after:.1f} MiB after the run")
+    print("\nraw:", json.dumps({k: [round(x, 1) for x in v] for k, v in raw.items()}))
+
+
+if __name__ == "__main__":
+    main()
