@@ -207,8 +207,10 @@ impl<M> MailboxLease<M> {
     }
 }
 
-impl<M> Drop for MailboxLease<M> {
-    fn drop(&mut self) {
+impl<M> MailboxLease<M> {
+    /// Parks the receiver back in [`Shared`] now, for the next incarnation;
+    /// the lease is empty afterwards.
+    pub(crate) fn release(&mut self) {
         if let Some(rx) = self.rx.take() {
             *self
                 .shared
@@ -216,6 +218,12 @@ impl<M> Drop for MailboxLease<M> {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = Some(rx);
         }
+    }
+}
+
+impl<M> Drop for MailboxLease<M> {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

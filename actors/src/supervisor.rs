@@ -23,7 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::{info_span, Instrument};
 
@@ -31,9 +32,9 @@ pub use handle::{SupervisorHandle, SupervisorRef};
 pub use policy::{Backoff, Intensity, RestartPolicy, SupervisionStrategy};
 pub use spec::{Child, ChildSpec, DEFAULT_MAILBOX};
 
-use crate::addr::{Lifecycle, Reply, Shared};
+use crate::addr::{Envelope, Lifecycle, MailboxLease, Reply, Shared};
 use crate::exit::ExitReason;
-use crate::incarnation::catch_panic;
+use crate::incarnation::caught;
 use crate::shutdown::ActorReport;
 use crate::tree::Registry;
 use run::{Core, SupervisorRun};
@@ -104,6 +105,72 @@ impl SlotExit {
             drained: 0,
             children: Vec::new(),
         }
+    }
+}
+
+/// A child task's end as its supervisor receives it: which child (`seq`),
+/// which of its incarnations (`run`), and how it ended.
+pub(crate) struct ChildExit {
+    pub(crate) seq: u64,
+    pub(crate) run: u64,
+    pub(crate) exit: SlotExit,
+}
+
+/// Where a supervisor's children report their ends: one channel per
+/// supervisor incarnation, instead of a `JoinSet` with its per-task
+/// bookkeeping.
+pub(crate) type ExitTx = mpsc::UnboundedSender<ChildExit>;
+
+/// What a child's task owns to report its end: its mailbox lease and the
+/// supervisor's exit channel. Exactly one [`ChildExit`] is sent per task:
+/// the one given to [`ExitReport::finish`], or `Aborted` when the task is
+/// dropped before it finished (cut off at a deadline, or a panic that escaped
+/// every guard). The mailbox goes back to the child before the exit is sent,
+/// so a supervisor that restarts the child on that exit finds it there.
+pub(crate) struct ExitReport<M> {
+    lease: MailboxLease<M>,
+    tx: ExitTx,
+    seq: u64,
+    run: u64,
+    exit: Option<SlotExit>,
+}
+
+impl<M> ExitReport<M> {
+    pub(crate) fn new(lease: MailboxLease<M>, tx: &ExitTx, seq: u64, run: u64) -> Self {
+        ExitReport {
+            lease,
+            tx: tx.clone(),
+            seq,
+            run,
+            exit: None,
+        }
+    }
+
+    /// The mailbox the task handles.
+    pub(crate) fn rx(&mut self) -> &mut mpsc::Receiver<Envelope<M>> {
+        self.lease.rx()
+    }
+
+    /// Reports `exit` (on drop, right after this).
+    pub(crate) fn finish(mut self, exit: SlotExit) {
+        self.exit = Some(exit);
+    }
+}
+
+impl<M> Drop for ExitReport<M> {
+    fn drop(&mut self) {
+        self.lease.release();
+        let exit = self
+            .exit
+            .take()
+            .unwrap_or_else(|| SlotExit::new(ExitReason::Aborted));
+        // A closed channel means the supervisor incarnation is gone and no
+        // longer waits for this child.
+        let _ = self.tx.send(ChildExit {
+            seq: self.seq,
+            run: self.run,
+            exit,
+        });
     }
 }
 
@@ -238,15 +305,17 @@ impl Supervisor {
             tree: self.tree,
         };
         slot.register(&tree, None);
-        let mut set = JoinSet::new();
+        let (tx, exits) = mpsc::unbounded_channel();
         // Invariant: a supervisor that was never spawned holds its core and mailbox.
-        slot.spawn(&mut set)
+        let abort = slot
+            .spawn(&tx, 0, 0)
             .expect("an unspawned supervisor has its mailbox");
         SupervisorHandle {
             sup,
             root: slot,
             tree,
-            set,
+            exits,
+            abort,
             exit: None,
         }
     }
@@ -302,7 +371,7 @@ impl Slot for SupervisorSlot {
             }
         }
     }
-    fn spawn(&self, set: &mut JoinSet<SlotExit>) -> Option<AbortHandle> {
+    fn spawn(&self, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle> {
         let tree = self.tree.get()?.clone();
         let lease = self.shared.lease()?;
         let Some(core) = lock_core(&self.core).take() else {
@@ -316,21 +385,24 @@ impl Slot for SupervisorSlot {
         // A root span, like an actor's: see `incarnation::run`.
         let span =
             info_span!(parent: None, "supervisor", actor = %shared.name, actor_id = shared.id);
-        Some(
-            set.spawn(
-                async move {
-                    let mut run = SupervisorRun::new(core, shared, tree);
-                    let exit = match catch_panic(run.supervise(lease)).await {
+        let mut report = ExitReport::new(lease, exits, seq, run);
+        let task = tokio::spawn(
+            async move {
+                let mut run = SupervisorRun::new(core, shared, tree);
+                let exit = {
+                    let supervise = std::pin::pin!(run.supervise(report.rx()));
+                    match caught(supervise).await {
                         Ok(exit) => exit,
                         Err(p) => SlotExit::new(ExitReason::Panic(p)),
-                    };
-                    // Hand the children back for the next incarnation.
-                    *lock_core(&home) = Some(run.core);
-                    exit
-                }
-                .instrument(span),
-            ),
-        )
+                    }
+                };
+                // Hand the children back for the next incarnation.
+                *lock_core(&home) = Some(run.core);
+                report.finish(exit);
+            }
+            .instrument(span),
+        );
+        Some(task.abort_handle())
     }
     fn is_supervisor(&self) -> bool {
         true

@@ -57,9 +57,9 @@ impl SupervisorRun {
                         // lose that report.
                         group_deadline = deadline.map(|d| d + SUBTREE_MARGIN);
                     }
-                    if let Some(task) = e.run.task() {
+                    if e.run.task().is_some() {
                         e.slot.request_stop(Control::Drain);
-                        tasks.push(task);
+                        tasks.push(*seq);
                     }
                 }
             }
@@ -73,7 +73,12 @@ impl SupervisorRun {
         }
         // Children that ended on their own during the drain, or that a
         // sub-supervisor abort left behind.
-        self.set.shutdown().await;
+        for (seq, _) in self.abort_all().await {
+            if let Some(e) = self.core.children.get(&seq) {
+                e.slot.set_state(ActorState::Stopped);
+                e.slot.close();
+            }
+        }
         // Every child reported above is idle and closed already (closing sets
         // its state to stopped); only the ones still marked as running need it.
         for e in self.core.children.values() {

@@ -4,20 +4,19 @@
 
 use std::cmp::Reverse;
 
-use tokio::task::{Id as TaskId, JoinError};
 use tokio::time::Instant;
 use tracing::warn;
 
 use super::run::{Removal, Run, Step, SupervisorRun};
-use super::{RestartPolicy, SlotExit, SupervisionStrategy};
+use super::{ChildExit, RestartPolicy, SupervisionStrategy};
 use crate::addr::Control;
 use crate::exit::ExitReason;
 use crate::shutdown::StopOutcome;
 use crate::tree::ActorState;
 
 impl SupervisorRun {
-    pub(super) fn child_exited(&mut self, res: Result<(TaskId, SlotExit), JoinError>) -> Step {
-        let Some((seq, exit)) = self.exit_of(res) else {
+    pub(super) fn child_exited(&mut self, ce: ChildExit) -> Step {
+        let Some((seq, exit)) = self.exit_of(ce) else {
             return Step::Continue;
         };
         let Some(entry) = self.core.children.get_mut(&seq) else {
@@ -183,18 +182,17 @@ impl SupervisorRun {
                 continue;
             };
             e.restart_at = None;
-            if let Some(task) = e.run.task() {
+            if e.run.task().is_some() {
                 e.slot.request_stop(Control::Yield);
                 let timeout = e.shutdown_timeout;
-                self.wait_for(&[task], Some(Instant::now() + timeout)).await;
+                self.wait_for(&[seq], Some(Instant::now() + timeout)).await;
             }
             if let Some(e) = self.core.children.get(&seq) {
                 e.slot.set_state(ActorState::Restarting);
             }
         }
         // Whatever still runs (a child that ignored the stop) is cut off.
-        self.set.shutdown().await;
-        self.by_task.clear();
+        self.abort_all().await;
         for e in self.core.children.values_mut() {
             e.run = Run::Idle;
         }

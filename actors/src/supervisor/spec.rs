@@ -4,13 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::task::AbortHandle;
 
-use super::{RestartPolicy, SlotExit, TreeCtx};
+use super::{ExitReport, ExitTx, RestartPolicy, SlotExit, TreeCtx};
 use crate::actor::Actor;
 use crate::addr::{Addr, Control, Lifecycle, Shared};
 use crate::exit::{panic_message, ExitReason};
-use crate::incarnation::{self, Exit};
+use crate::incarnation::{self, caught, Exit};
 use crate::tree::{ActorState, Probe};
 
 /// Mailbox capacity of [`ChildSpec::new`].
@@ -21,8 +21,9 @@ pub(super) trait Slot: Send {
     /// The child's mailbox and flags, which outlive its incarnations.
     fn lifecycle(&self) -> &dyn Lifecycle;
     fn register(&self, tree: &Arc<TreeCtx>, parent: Option<u64>);
-    /// Spawns a fresh incarnation into `set`; `None` if the mailbox is gone.
-    fn spawn(&self, set: &mut JoinSet<SlotExit>) -> Option<AbortHandle>;
+    /// Spawns a fresh incarnation, number `run` of child `seq`, which reports
+    /// its end on `exits`; `None` if the mailbox is gone.
+    fn spawn(&self, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle>;
 
     fn id(&self) -> u64 {
         self.lifecycle().id()
@@ -80,27 +81,37 @@ impl<A: Actor> Slot for ActorSlot<A> {
     fn register(&self, tree: &Arc<TreeCtx>, parent: Option<u64>) {
         register_probe(tree, &self.shared, parent, false);
     }
-    fn spawn(&self, set: &mut JoinSet<SlotExit>) -> Option<AbortHandle> {
+    fn spawn(&self, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle> {
         let lease = self.shared.lease()?;
         self.shared.reset_control();
         let shared = self.shared.clone();
         let factory = self.factory.clone();
-        Some(set.spawn(async move {
+        let mut report = ExitReport::new(lease, exits, seq, run);
+        let task = tokio::spawn(async move {
             // A factory that panics is a failed start, like a failing hook.
             let actor = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory())) {
                 Ok(a) => a,
                 Err(p) => {
-                    drop(lease);
-                    return SlotExit::new(ExitReason::Panic(panic_message(p)));
+                    report.finish(SlotExit::new(ExitReason::Panic(panic_message(p))));
+                    return;
                 }
             };
-            let Exit { reason, drained } = incarnation::run(actor, shared, lease).await;
-            SlotExit {
-                reason,
-                drained,
-                children: Vec::new(),
-            }
-        }))
+            // The incarnation catches its handlers' and hooks' panics; this
+            // guard is for the engine's own code around them.
+            let exit = {
+                let run = std::pin::pin!(incarnation::run(actor, shared, report.rx()));
+                match caught(run).await {
+                    Ok(Exit { reason, drained }) => SlotExit {
+                        reason,
+                        drained,
+                        children: Vec::new(),
+                    },
+                    Err(p) => SlotExit::new(ExitReason::Panic(p)),
+                }
+            };
+            report.finish(exit);
+        });
+        Some(task.abort_handle())
     }
 }
 
