@@ -12,6 +12,7 @@
 //! - `drain`: the shutdown of one supervisor's children;
 //! - `handle`: [`SupervisorRef`] and [`SupervisorHandle`].
 
+mod children;
 mod drain;
 mod handle;
 mod policy;

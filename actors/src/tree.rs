@@ -150,7 +150,7 @@ impl Registry {
         ) -> Option<ActorInfo> {
             let e = map.get(&id)?;
             Some(ActorInfo {
-                name: e.name.to_string(),
+                name: String::from(&*e.name),
                 id,
                 parent: e.parent,
                 supervisor: e.supervisor,

@@ -102,7 +102,7 @@ impl SupervisorRun {
             .iter()
             .rev()
             .filter(|(_, e)| e.dynamic == dynamic && e.run.task().is_some())
-            .map(|(s, _)| *s)
+            .map(|(s, _)| s)
             .collect()
     }
 }

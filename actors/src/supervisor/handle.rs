@@ -196,7 +196,7 @@ impl SupervisorHandle {
         self.root.close();
         let report = ShutdownReport {
             root: ActorReport {
-                name: name.to_string(),
+                name: String::from(&*name),
                 id,
                 outcome: StopOutcome::of(root.reason),
                 handled: root.drained,

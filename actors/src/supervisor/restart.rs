@@ -64,9 +64,9 @@ impl SupervisorRun {
 
         let group: Vec<u64> = match self.core.strategy {
             SupervisionStrategy::OneForOne => vec![seq],
-            SupervisionStrategy::OneForAll => self.core.children.keys().copied().collect(),
+            SupervisionStrategy::OneForAll => self.core.children.seqs().collect(),
             SupervisionStrategy::RestForOne => {
-                self.core.children.range(seq..).map(|(s, _)| *s).collect()
+                self.core.children.seqs_from(seq).collect()
             }
         };
 
@@ -176,7 +176,7 @@ impl SupervisorRun {
     /// for the next incarnation of this supervisor.
     pub(super) async fn stop_all_for_restart(&mut self) {
         self.pending.clear();
-        let seqs: Vec<u64> = self.core.children.keys().rev().copied().collect();
+        let seqs: Vec<u64> = self.core.children.seqs().rev().collect();
         for seq in seqs {
             let Some(e) = self.core.children.get_mut(&seq) else {
                 continue;

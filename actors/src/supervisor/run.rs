@@ -3,7 +3,7 @@
 //! removing children.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use super::children::Children;
 use super::spec::Slot;
 use super::{
     Backoff, Child, ChildExit, ExitTx, Intensity, RestartPolicy, SlotExit, SupervisionStrategy,
@@ -31,7 +32,7 @@ pub(super) struct Core {
     pub(super) intensity: Intensity,
     pub(super) backoff: Backoff,
     /// Children by seq: start order.
-    pub(super) children: BTreeMap<u64, Entry>,
+    pub(super) children: Children,
     /// Child actor id -> seq, so adds and removals need no scan of `children`.
     ids: IdMap<u64, u64>,
     next_seq: u64,
@@ -51,7 +52,7 @@ impl Core {
             strategy: SupervisionStrategy::default(),
             intensity: Intensity::default(),
             backoff: Backoff::default(),
-            children: BTreeMap::new(),
+            children: Children::default(),
             ids: IdMap::default(),
             next_seq: 0,
             incarnations: 0,
@@ -63,7 +64,7 @@ impl Core {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.ids.insert(child.slot.id(), seq);
-        self.children.insert(
+        self.children.push(
             seq,
             Entry {
                 slot: child.slot,
@@ -120,7 +121,7 @@ impl Entry {
     pub(super) fn report(&self, outcome: StopOutcome, exit: Option<SlotExit>) -> ActorReport {
         let (handled, children) = exit.map_or((0, Vec::new()), |e| (e.drained, e.children));
         ActorReport {
-            name: self.slot.name().to_string(),
+            name: String::from(&**self.slot.name()),
             id: self.slot.id(),
             outcome,
             handled,
@@ -231,12 +232,12 @@ impl SupervisorRun {
             .filter(|(_, e)| {
                 (restarted && e.restart == RestartPolicy::Temporary) || e.removal.is_some()
             })
-            .map(|(s, _)| *s)
+            .map(|(s, _)| s)
             .collect();
         for seq in gone {
             self.discard(seq);
         }
-        let seqs: Vec<u64> = self.core.children.keys().copied().collect();
+        let seqs: Vec<u64> = self.core.children.seqs().collect();
         for seq in seqs {
             self.start(seq);
         }
