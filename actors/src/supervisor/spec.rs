@@ -1,6 +1,7 @@
 //! What a supervisor holds: a [`Child`] of any kind behind the [`Slot`]
 //! trait, and the [`ChildSpec`] an actor child is described by.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,7 +72,7 @@ pub(super) fn register_probe<M: Send + 'static>(
 
 struct ActorSlot<A: Actor> {
     shared: Arc<Shared<A::Msg>>,
-    factory: Arc<dyn Fn() -> A + Send + Sync>,
+    factory: Box<dyn Fn() -> A + Send + Sync>,
 }
 
 impl<A: Actor> Slot for ActorSlot<A> {
@@ -84,18 +85,21 @@ impl<A: Actor> Slot for ActorSlot<A> {
     fn spawn(&self, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle> {
         let lease = self.shared.lease()?;
         self.shared.reset_control();
-        let shared = self.shared.clone();
-        let factory = self.factory.clone();
         let mut report = ExitReport::new(lease, exits, seq, run);
+        // The incarnation is built here, on the supervisor's task, so the
+        // factory is not shared with (nor cloned into) every task. A factory
+        // that panics is a failed start, like a failing hook: its task only
+        // reports that.
+        let actor = match std::panic::catch_unwind(AssertUnwindSafe(|| (self.factory)())) {
+            Ok(a) => a,
+            Err(p) => {
+                let exit = SlotExit::new(ExitReason::Panic(panic_message(p)));
+                let task = tokio::spawn(async move { report.finish(exit) });
+                return Some(task.abort_handle());
+            }
+        };
+        let shared = self.shared.clone();
         let task = tokio::spawn(async move {
-            // A factory that panics is a failed start, like a failing hook.
-            let actor = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory())) {
-                Ok(a) => a,
-                Err(p) => {
-                    report.finish(SlotExit::new(ExitReason::Panic(panic_message(p))));
-                    return;
-                }
-            };
             // The incarnation catches its handlers' and hooks' panics; this
             // guard is for the engine's own code around them.
             let exit = {
@@ -120,14 +124,16 @@ impl<A: Actor> Slot for ActorSlot<A> {
 /// supervised life.
 pub struct ChildSpec<A: Actor> {
     shared: Arc<Shared<A::Msg>>,
-    factory: Arc<dyn Fn() -> A + Send + Sync>,
+    factory: Box<dyn Fn() -> A + Send + Sync>,
     restart: RestartPolicy,
     shutdown_timeout: Duration,
 }
 
 impl<A: Actor> ChildSpec<A> {
     /// A permanent child with a mailbox of [`DEFAULT_MAILBOX`] messages; each
-    /// incarnation is built by `factory`.
+    /// incarnation is built by `factory`, which the supervisor calls right
+    /// before it spawns the incarnation's task (keep it cheap: it holds up the
+    /// supervisor's other work).
     pub fn new(name: impl Into<Arc<str>>, factory: impl Fn() -> A + Send + Sync + 'static) -> Self {
         Self::with_mailbox(name, DEFAULT_MAILBOX, factory)
     }
@@ -140,7 +146,7 @@ impl<A: Actor> ChildSpec<A> {
     ) -> Self {
         ChildSpec {
             shared: Shared::new(name.into(), capacity),
-            factory: Arc::new(factory),
+            factory: Box::new(factory),
             restart: RestartPolicy::Permanent,
             shutdown_timeout: Duration::from_secs(5),
         }
