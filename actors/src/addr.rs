@@ -209,9 +209,16 @@ impl<M> MailboxLease<M> {
 
 impl<M> MailboxLease<M> {
     /// Parks the receiver back in [`Shared`] now, for the next incarnation;
-    /// the lease is empty afterwards.
+    /// the lease is empty afterwards. A closed receiver (a drain closed it)
+    /// never takes a message again and no incarnation follows a drain, so it
+    /// is dropped here instead, which fails what is still queued: the
+    /// incarnation's own task does that work, not its supervisor's close.
     pub(crate) fn release(&mut self) {
         if let Some(rx) = self.rx.take() {
+            if rx.is_closed() {
+                drop(rx);
+                return;
+            }
             *self
                 .shared
                 .mailbox
