@@ -202,8 +202,14 @@ pub(crate) struct MailboxLease<M> {
 
 impl<M> MailboxLease<M> {
     pub(crate) fn rx(&mut self) -> &mut mpsc::Receiver<Envelope<M>> {
-        // Invariant: `rx` is only taken in `Drop`.
-        self.rx.as_mut().expect("mailbox lease holds its receiver")
+        self.parts().1
+    }
+
+    /// The actor's shared state and its receiver, borrowed together.
+    pub(crate) fn parts(&mut self) -> (&Arc<Shared<M>>, &mut mpsc::Receiver<Envelope<M>>) {
+        // Invariant: `rx` is only taken by `release`, when the lease ends.
+        let rx = self.rx.as_mut().expect("mailbox lease holds its receiver");
+        (&self.shared, rx)
     }
 }
 

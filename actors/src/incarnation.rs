@@ -21,6 +21,10 @@ pub(crate) struct Exit {
     pub(crate) reason: ExitReason,
     /// Messages handled after a drain began.
     pub(crate) drained: u64,
+    /// After a drain, the actor's name for its report line: copied by the
+    /// incarnation's own task rather than by its supervisor, which handles
+    /// every child's end in turn.
+    pub(crate) name: Option<String>,
 }
 
 /// Polls `fut`, turning a panic inside it into `Err(panic message)`. The future
@@ -50,12 +54,12 @@ pub(crate) fn caught<F: Future>(
 /// and `actor_id`, so every event its handlers emit carries them. The span is
 /// a root, not a child of the supervisor's: the tree is in the snapshot, and
 /// a span per level would make every log line of a deep tree long. The
-/// receiver is borrowed from the mailbox lease its caller holds; the caller
-/// returns it to `shared` (also when the task is aborted) for the next
-/// incarnation.
+/// receiver and `shared` are borrowed from the mailbox lease its caller
+/// holds; the caller returns the receiver to `shared` (also when the task is
+/// aborted) for the next incarnation.
 pub(crate) fn run<'a, A: Actor>(
     actor: A,
-    shared: Arc<Shared<A::Msg>>,
+    shared: &'a Arc<Shared<A::Msg>>,
     rx: &'a mut Receiver<Envelope<A::Msg>>,
 ) -> impl Future<Output = Exit> + Send + 'a {
     let span = info_span!(parent: None, "actor", actor = %shared.name, actor_id = shared.id);
@@ -64,17 +68,21 @@ pub(crate) fn run<'a, A: Actor>(
 
 async fn run_in_span<A: Actor>(
     mut actor: A,
-    shared: Arc<Shared<A::Msg>>,
+    shared: &Arc<Shared<A::Msg>>,
     rx: &mut Receiver<Envelope<A::Msg>>,
 ) -> Exit {
-    let name = shared.name.clone();
+    let name = &shared.name;
     let id = shared.id;
     let mut ctx = Context::new(Addr {
         shared: shared.clone(),
     });
     if let Some(reason) = ExitReason::from_outcome(caught(pin!(actor.started(&mut ctx))).await) {
         warn!(actor = %name, actor_id = id, error = %reason.chain(), "actor failed to start");
-        return Exit { reason, drained: 0 };
+        return Exit {
+            reason,
+            drained: 0,
+            name: None,
+        };
     }
     // A drain requested while the incarnation was starting is honoured below;
     // only a fresh start may flip the state to running.
@@ -119,7 +127,11 @@ async fn run_in_span<A: Actor>(
         }
     }
     info!(actor = %name, actor_id = id, reason = %reason, "actor stopped");
-    Exit { reason, drained }
+    Exit {
+        reason,
+        drained,
+        name: draining.then(|| String::from(&**name)),
+    }
 }
 
 /// Handles the mailbox until the incarnation ends and returns why: a
@@ -218,10 +230,10 @@ pub fn spawn<A: Actor>(name: impl Into<Arc<str>>, capacity: usize, actor: A) -> 
     // Invariant: a fresh `Shared` parks its receiver, so the lease exists.
     let lease = shared.lease().expect("a new mailbox is not leased");
     debug!(actor = %shared.name, actor_id = shared.id, "actor spawning");
-    let task_shared = shared.clone();
     let join = tokio::spawn(async move {
         let mut lease = lease;
-        run(actor, task_shared, lease.rx()).await
+        let (shared, rx) = lease.parts();
+        run(actor, shared, rx).await
         // The lease is dropped here, or with the task when it is aborted.
     });
     ActorHandle {

@@ -96,6 +96,8 @@ pub(crate) struct SlotExit {
     reason: ExitReason,
     drained: u64,
     children: Vec<ActorReport>,
+    /// The name for the report line, when the child's task copied it.
+    name: Option<String>,
 }
 
 impl SlotExit {
@@ -105,6 +107,7 @@ impl SlotExit {
             reason,
             drained: 0,
             children: Vec::new(),
+            name: None,
         }
     }
 }
@@ -133,7 +136,7 @@ pub(crate) struct ExitReport<M> {
     tx: ExitTx,
     seq: u64,
     run: u64,
-    exit: Option<SlotExit>,
+    sent: bool,
 }
 
 impl<M> ExitReport<M> {
@@ -143,7 +146,7 @@ impl<M> ExitReport<M> {
             tx: tx.clone(),
             seq,
             run,
-            exit: None,
+            sent: false,
         }
     }
 
@@ -152,19 +155,19 @@ impl<M> ExitReport<M> {
         self.lease.rx()
     }
 
-    /// Reports `exit` (on drop, right after this).
-    pub(crate) fn finish(mut self, exit: SlotExit) {
-        self.exit = Some(exit);
+    /// The child's shared state and the mailbox the task handles.
+    pub(crate) fn parts(&mut self) -> (&Arc<Shared<M>>, &mut mpsc::Receiver<Envelope<M>>) {
+        self.lease.parts()
     }
-}
 
-impl<M> Drop for ExitReport<M> {
-    fn drop(&mut self) {
+    /// Gives the mailbox back, then reports `exit`.
+    pub(crate) fn finish(mut self, exit: SlotExit) {
+        self.send(exit);
+    }
+
+    fn send(&mut self, exit: SlotExit) {
+        self.sent = true;
         self.lease.release();
-        let exit = self
-            .exit
-            .take()
-            .unwrap_or_else(|| SlotExit::new(ExitReason::Aborted));
         // A closed channel means the supervisor incarnation is gone and no
         // longer waits for this child.
         let _ = self.tx.send(ChildExit {
@@ -172,6 +175,14 @@ impl<M> Drop for ExitReport<M> {
             run: self.run,
             exit,
         });
+    }
+}
+
+impl<M> Drop for ExitReport<M> {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.send(SlotExit::new(ExitReason::Aborted));
+        }
     }
 }
 

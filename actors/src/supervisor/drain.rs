@@ -92,6 +92,7 @@ impl SupervisorRun {
             reason: ExitReason::Shutdown,
             drained: 0,
             children: reports,
+            name: None,
         }
     }
 

@@ -119,9 +119,10 @@ impl Entry {
 
     /// A report line for a child that ended (or never ran) during a stop.
     pub(super) fn report(&self, outcome: StopOutcome, exit: Option<SlotExit>) -> ActorReport {
-        let (handled, children) = exit.map_or((0, Vec::new()), |e| (e.drained, e.children));
+        let (handled, children, name) =
+            exit.map_or((0, Vec::new(), None), |e| (e.drained, e.children, e.name));
         ActorReport {
-            name: String::from(&**self.slot.name()),
+            name: name.unwrap_or_else(|| String::from(&**self.slot.name())),
             id: self.slot.id(),
             outcome,
             handled,

@@ -98,17 +98,22 @@ impl<A: Actor> Slot for ActorSlot<A> {
                 return Some(task.abort_handle());
             }
         };
-        let shared = self.shared.clone();
         let task = tokio::spawn(async move {
             // The incarnation catches its handlers' and hooks' panics; this
             // guard is for the engine's own code around them.
             let exit = {
-                let run = std::pin::pin!(incarnation::run(actor, shared, report.rx()));
+                let (shared, rx) = report.parts();
+                let run = std::pin::pin!(incarnation::run(actor, shared, rx));
                 match caught(run).await {
-                    Ok(Exit { reason, drained }) => SlotExit {
+                    Ok(Exit {
+                        reason,
+                        drained,
+                        name,
+                    }) => SlotExit {
                         reason,
                         drained,
                         children: Vec::new(),
+                        name,
                     },
                     Err(p) => SlotExit::new(ExitReason::Panic(p)),
                 }
