@@ -191,6 +191,9 @@ pub(super) struct SupervisorRun {
 /// child on a two-worker runtime).
 const COMMAND_BATCH: usize = 64;
 
+/// How many child exits a wait takes from the exit channel at once.
+const EXIT_BATCH: usize = 64;
+
 /// What the loop does after handling one event.
 pub(super) enum Step {
     Continue,
@@ -447,12 +450,15 @@ impl SupervisorRun {
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let sleep = tokio::time::sleep_until(deadline.unwrap_or(far));
         tokio::pin!(sleep);
+        // Exits are taken in batches: one wake of this task and one pass of
+        // the select per batch, not per child.
+        let mut batch = Vec::with_capacity(EXIT_BATCH.min(left));
         while left > 0 && self.running > 0 {
-            let ce = match deadline {
+            let n = match deadline {
                 Some(_) if !aborted => {
                     tokio::select! {
                         biased;
-                        ce = self.exits.recv() => ce,
+                        n = self.exits.recv_many(&mut batch, EXIT_BATCH) => n,
                         _ = &mut sleep => {
                             self.abort_awaited(seqs);
                             aborted = true;
@@ -460,20 +466,24 @@ impl SupervisorRun {
                         }
                     }
                 }
-                _ => self.exits.recv().await,
+                _ => self.exits.recv_many(&mut batch, EXIT_BATCH).await,
             };
             // `self` holds a sender: the channel never ends while it waits.
-            let Some(ce) = ce else { break };
-            let awaited = self
-                .core
-                .children
-                .get(&ce.seq)
-                .is_some_and(|e| e.awaited && e.run.task() == Some(ce.run));
-            if let Some(exit) = self.exit_of(ce) {
-                if awaited {
-                    left -= 1;
+            if n == 0 {
+                break;
+            }
+            for ce in batch.drain(..) {
+                let awaited = self
+                    .core
+                    .children
+                    .get(&ce.seq)
+                    .is_some_and(|e| e.awaited && e.run.task() == Some(ce.run));
+                if let Some(exit) = self.exit_of(ce) {
+                    if awaited {
+                        left -= 1;
+                    }
+                    exits.push(exit);
                 }
-                exits.push(exit);
             }
         }
         for seq in seqs {
