@@ -101,7 +101,7 @@ async fn run_in_span<A: Actor>(
     let looped = caught(pin!(handle_mailbox(
         &mut actor,
         &mut ctx,
-        &shared,
+        shared,
         rx,
         &mut drained,
         &mut draining,

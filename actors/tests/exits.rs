@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::{block, eventually, incarnation, total, within, Opts, WorkerMsg};
 use prism_actors::{
-    Actor, Backoff, BoxError, ChildSpec, Context, RestartPolicy, StopOutcome,
-    SupervisionStrategy, Supervisor,
+    Actor, Backoff, BoxError, ChildSpec, Context, RestartPolicy, StopOutcome, SupervisionStrategy,
+    Supervisor,
 };
 
 const GRACE: Duration = Duration::from_secs(5);
@@ -92,8 +92,8 @@ async fn many_children_ending_at_once_are_each_reported_and_restarted_once() {
 #[tokio::test(start_paused = true)]
 async fn a_child_that_ignores_a_sibling_restart_is_cut_off_and_restarted() {
     let opts = Opts::default();
-    let stuck_spec = ChildSpec::new("stuck", opts.factory("stuck"))
-        .shutdown_timeout(Duration::from_millis(50));
+    let stuck_spec =
+        ChildSpec::new("stuck", opts.factory("stuck")).shutdown_timeout(Duration::from_millis(50));
     let failing_spec = ChildSpec::new("failing", opts.factory("failing"));
     let (stuck, failing) = (stuck_spec.addr(), failing_spec.addr());
     let root = Supervisor::new("root")

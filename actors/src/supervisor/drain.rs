@@ -26,7 +26,7 @@ impl SupervisorRun {
             }
         }
         let deadline = self.tree.deadline();
-        let mut reports: Vec<ActorReport> = Vec::new();
+        let mut reports: Vec<ActorReport> = Vec::with_capacity(self.core.children.len());
 
         // Children waiting for a restart are not started again.
         self.pending.clear();

@@ -10,9 +10,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::spec::Slot;
-use super::{
-    Child, ChildExit, SlotExit, SupervisorError, SupervisorMsg, SupervisorSlot, TreeCtx,
-};
+use super::{Child, ChildExit, SlotExit, SupervisorError, SupervisorMsg, SupervisorSlot, TreeCtx};
 use crate::addr::{Control, Envelope, Shared};
 use crate::exit::ExitReason;
 use crate::shutdown::{ActorReport, ShutdownReport, StopOutcome};

@@ -65,9 +65,7 @@ impl SupervisorRun {
         let group: Vec<u64> = match self.core.strategy {
             SupervisionStrategy::OneForOne => vec![seq],
             SupervisionStrategy::OneForAll => self.core.children.seqs().collect(),
-            SupervisionStrategy::RestForOne => {
-                self.core.children.seqs_from(seq).collect()
-            }
+            SupervisionStrategy::RestForOne => self.core.children.seqs_from(seq).collect(),
         };
 
         // Invariant: `seq` is a child (checked above) and nothing removed it since.

@@ -222,7 +222,10 @@ impl SupervisorRun {
         self.core.name.clone()
     }
 
-    pub(super) async fn supervise(&mut self, rx: &mut Receiver<Envelope<SupervisorMsg>>) -> SlotExit {
+    pub(super) async fn supervise(
+        &mut self,
+        rx: &mut Receiver<Envelope<SupervisorMsg>>,
+    ) -> SlotExit {
         let name = self.name();
         let id = self.core.id;
         let restarted = self.core.incarnations > 0;
