@@ -100,11 +100,14 @@ impl<A: Actor> Slot for ActorSlot<A> {
         };
         let task = tokio::spawn(async move {
             // The incarnation catches its handlers' and hooks' panics; this
-            // guard is for the engine's own code around them.
+            // guard is for the engine's own code around them. Its state is
+            // boxed by the task itself, on its first poll: the task stays
+            // small, and tokio copies a task's whole future when it spawns it
+            // (on the supervisor) and again when it completes.
             let exit = {
                 let (shared, rx) = report.parts();
-                let run = std::pin::pin!(incarnation::run(actor, shared, rx));
-                match caught(run).await {
+                let mut run = Box::pin(incarnation::run(actor, shared, rx));
+                match caught(run.as_mut()).await {
                     Ok(Exit {
                         reason,
                         drained,
