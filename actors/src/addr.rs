@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::actor::Actor;
+use crate::supervisor::Spawner;
 use crate::tree::{ActorState, Probe};
 
 /// The sending half of a reply: put it in a message as `reply: Reply<T>`.
@@ -67,10 +68,22 @@ pub(crate) struct Shared<M> {
     /// An [`ActorState`], read by snapshots without messaging the actor.
     state: AtomicU8,
     restarts: AtomicU32,
+    /// How a supervisor starts an incarnation of this actor (its factory
+    /// inside): set for the children of [`crate::ChildSpec`], so the
+    /// supervisor holds the child as this very allocation.
+    pub(crate) spawner: Option<Spawner<M>>,
 }
 
 impl<M: Send + 'static> Shared<M> {
     pub(crate) fn new(name: Arc<str>, capacity: usize) -> Arc<Self> {
+        Self::with_spawner(name, capacity, None)
+    }
+
+    pub(crate) fn with_spawner(
+        name: Arc<str>,
+        capacity: usize,
+        spawner: Option<Spawner<M>>,
+    ) -> Arc<Self> {
         let capacity = capacity.max(1);
         let (tx, rx) = mpsc::channel(capacity);
         Arc::new(Shared {
@@ -82,6 +95,7 @@ impl<M: Send + 'static> Shared<M> {
             control: AtomicU8::new(Control::Run as u8),
             state: AtomicU8::new(ActorState::Starting as u8),
             restarts: AtomicU32::new(0),
+            spawner,
         })
     }
 

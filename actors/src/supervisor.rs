@@ -32,6 +32,7 @@ use tracing::{info_span, Instrument};
 pub use handle::{SupervisorHandle, SupervisorRef};
 pub use policy::{Backoff, Intensity, RestartPolicy, SupervisionStrategy};
 pub use spec::{Child, ChildSpec, DEFAULT_MAILBOX};
+pub(crate) use spec::Spawner;
 
 use crate::addr::{Envelope, Lifecycle, MailboxLease, Reply, Shared};
 use crate::exit::ExitReason;
@@ -311,15 +312,16 @@ impl Supervisor {
     pub fn spawn(self) -> SupervisorHandle {
         let tree = Arc::new(TreeCtx::new());
         let sup = self.supervisor_ref();
-        let slot = SupervisorSlot {
+        let slot = Arc::new(SupervisorSlot {
             shared: self.shared,
             core: self.core,
             tree: self.tree,
-        };
-        slot.register(&tree, None);
+        });
+        slot.clone().register(&tree, None);
         let (tx, exits) = mpsc::unbounded_channel();
         // Invariant: a supervisor that was never spawned holds its core and mailbox.
         let abort = slot
+            .clone()
             .spawn(&tx, 0, 0)
             .expect("an unspawned supervisor has its mailbox");
         SupervisorHandle {
@@ -338,7 +340,7 @@ impl From<Supervisor> for Child {
         Child {
             restart: sup.restart,
             shutdown_timeout: sup.shutdown_timeout,
-            slot: Box::new(SupervisorSlot {
+            slot: Arc::new(SupervisorSlot {
                 shared: sup.shared,
                 core: sup.core,
                 tree: sup.tree,
@@ -366,12 +368,12 @@ impl Slot for SupervisorSlot {
     fn lifecycle(&self) -> &dyn Lifecycle {
         &*self.shared
     }
-    fn register(&self, tree: &Arc<TreeCtx>, parent: Option<u64>) {
+    fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>) {
         let _ = self.tree.set(tree.clone());
-        register_probe(tree, &self.shared, parent, true);
+        register_probe(tree, self.shared.clone(), parent, true);
         if let Some(core) = lock_core(&self.core).as_ref() {
             for e in core.children.values() {
-                e.slot.register(tree, Some(self.shared.id));
+                e.slot.clone().register(tree, Some(self.shared.id));
             }
         }
     }
@@ -383,7 +385,7 @@ impl Slot for SupervisorSlot {
             }
         }
     }
-    fn spawn(&self, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle> {
+    fn spawn(self: Arc<Self>, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle> {
         let tree = self.tree.get()?.clone();
         let lease = self.shared.lease()?;
         let Some(core) = lock_core(&self.core).take() else {

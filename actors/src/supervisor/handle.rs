@@ -124,7 +124,7 @@ impl SupervisorRef {
 /// The root of a running supervision tree.
 pub struct SupervisorHandle {
     pub(super) sup: SupervisorRef,
-    pub(super) root: SupervisorSlot,
+    pub(super) root: Arc<SupervisorSlot>,
     pub(super) tree: Arc<TreeCtx>,
     /// Where the root supervisor's task reports its end.
     pub(super) exits: mpsc::UnboundedReceiver<ChildExit>,

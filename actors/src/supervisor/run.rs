@@ -84,7 +84,7 @@ impl Core {
 
 /// One child as its supervisor tracks it.
 pub(super) struct Entry {
-    pub(super) slot: Box<dyn Slot>,
+    pub(super) slot: Arc<dyn Slot>,
     pub(super) restart: RestartPolicy,
     pub(super) shutdown_timeout: Duration,
     pub(super) dynamic: bool,
@@ -350,7 +350,7 @@ impl SupervisorRun {
             // The same mailbox is supervised already: leave it open.
             return Err(SupervisorError::Duplicate(id));
         }
-        child.slot.register(&self.tree, Some(self.core.id));
+        child.slot.clone().register(&self.tree, Some(self.core.id));
         let seq = self.core.push(child, true);
         self.start(seq);
         Ok(id)
@@ -393,7 +393,7 @@ impl SupervisorRun {
         entry.restart_at = None;
         self.pending.remove(&seq);
         let run = self.next_run;
-        match entry.slot.spawn(&self.exits_tx, seq, run) {
+        match entry.slot.clone().spawn(&self.exits_tx, seq, run) {
             Some(abort) => {
                 self.next_run += 1;
                 self.running += 1;

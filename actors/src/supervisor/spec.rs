@@ -17,14 +17,17 @@ use crate::tree::{ActorState, Probe};
 /// Mailbox capacity of [`ChildSpec::new`].
 pub const DEFAULT_MAILBOX: usize = 64;
 
-/// A child of any kind (actor or supervisor), seen by its supervisor.
-pub(super) trait Slot: Send {
+/// A child of any kind (actor or supervisor), seen by its supervisor, which
+/// holds it as an `Arc<dyn Slot>`: for an actor child that is the actor's
+/// [`Shared`] itself (mailbox, flags, factory), so a child costs its
+/// supervisor no allocation of its own.
+pub(super) trait Slot: Send + Sync {
     /// The child's mailbox and flags, which outlive its incarnations.
     fn lifecycle(&self) -> &dyn Lifecycle;
-    fn register(&self, tree: &Arc<TreeCtx>, parent: Option<u64>);
+    fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>);
     /// Spawns a fresh incarnation, number `run` of child `seq`, which reports
     /// its end on `exits`; `None` if the mailbox is gone.
-    fn spawn(&self, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle>;
+    fn spawn(self: Arc<Self>, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle>;
 
     fn id(&self) -> u64 {
         self.lifecycle().id()
@@ -57,7 +60,7 @@ pub(super) trait Slot: Send {
 /// Puts one actor's live figures into the tree's registry, for snapshots.
 pub(super) fn register_probe<M: Send + 'static>(
     tree: &TreeCtx,
-    shared: &Arc<Shared<M>>,
+    shared: Arc<Shared<M>>,
     parent: Option<u64>,
     supervisor: bool,
 ) {
@@ -66,36 +69,27 @@ pub(super) fn register_probe<M: Send + 'static>(
         shared.name.clone(),
         parent,
         supervisor,
-        shared.clone() as Arc<dyn Probe>,
+        shared as Arc<dyn Probe>,
     );
 }
 
-struct ActorSlot<A: Actor> {
-    shared: Arc<Shared<A::Msg>>,
-    factory: Box<dyn Fn() -> A + Send + Sync>,
-}
+/// How a supervisor starts one incarnation of an actor child, given the
+/// incarnation's exit report (which holds the mailbox lease): kept in the
+/// child's [`Shared`], with the factory inside.
+pub(crate) type Spawner<M> = Box<dyn Fn(ExitReport<M>) -> AbortHandle + Send + Sync>;
 
-impl<A: Actor> Slot for ActorSlot<A> {
-    fn lifecycle(&self) -> &dyn Lifecycle {
-        &*self.shared
-    }
-    fn register(&self, tree: &Arc<TreeCtx>, parent: Option<u64>) {
-        register_probe(tree, &self.shared, parent, false);
-    }
-    fn spawn(&self, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle> {
-        let lease = self.shared.lease()?;
-        self.shared.reset_control();
-        let mut report = ExitReport::new(lease, exits, seq, run);
-        // The incarnation is built here, on the supervisor's task, so the
-        // factory is not shared with (nor cloned into) every task. A factory
+/// The spawner of an actor built by `factory`. A closure without captures
+/// makes it a zero-sized box, which allocates nothing.
+fn spawner<A: Actor>(factory: impl Fn() -> A + Send + Sync + 'static) -> Spawner<A::Msg> {
+    Box::new(move |mut report: ExitReport<A::Msg>| {
+        // The incarnation is built here, on the supervisor's task. A factory
         // that panics is a failed start, like a failing hook: its task only
         // reports that.
-        let actor = match std::panic::catch_unwind(AssertUnwindSafe(|| (self.factory)())) {
+        let actor = match std::panic::catch_unwind(AssertUnwindSafe(&factory)) {
             Ok(a) => a,
             Err(p) => {
                 let exit = SlotExit::new(ExitReason::Panic(panic_message(p)));
-                let task = tokio::spawn(async move { report.finish(exit) });
-                return Some(task.abort_handle());
+                return tokio::spawn(async move { report.finish(exit) }).abort_handle();
             }
         };
         let task = tokio::spawn(async move {
@@ -123,7 +117,22 @@ impl<A: Actor> Slot for ActorSlot<A> {
             };
             report.finish(exit);
         });
-        Some(task.abort_handle())
+        task.abort_handle()
+    })
+}
+
+impl<M: Send + 'static> Slot for Shared<M> {
+    fn lifecycle(&self) -> &dyn Lifecycle {
+        self
+    }
+    fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>) {
+        register_probe(tree, self, parent, false);
+    }
+    fn spawn(self: Arc<Self>, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle> {
+        let spawner = self.spawner.as_ref()?;
+        let lease = self.lease()?;
+        self.reset_control();
+        Some(spawner(ExitReport::new(lease, exits, seq, run)))
     }
 }
 
@@ -132,7 +141,6 @@ impl<A: Actor> Slot for ActorSlot<A> {
 /// supervised life.
 pub struct ChildSpec<A: Actor> {
     shared: Arc<Shared<A::Msg>>,
-    factory: Box<dyn Fn() -> A + Send + Sync>,
     restart: RestartPolicy,
     shutdown_timeout: Duration,
 }
@@ -153,8 +161,7 @@ impl<A: Actor> ChildSpec<A> {
         factory: impl Fn() -> A + Send + Sync + 'static,
     ) -> Self {
         ChildSpec {
-            shared: Shared::new(name.into(), capacity),
-            factory: Box::new(factory),
+            shared: Shared::with_spawner(name.into(), capacity, Some(spawner(factory))),
             restart: RestartPolicy::Permanent,
             shutdown_timeout: Duration::from_secs(5),
         }
@@ -184,7 +191,7 @@ impl<A: Actor> ChildSpec<A> {
 /// A child of any kind, ready to be given to a supervisor. Built from a
 /// [`ChildSpec`] or a [`crate::Supervisor`] with `into()`.
 pub struct Child {
-    pub(super) slot: Box<dyn Slot>,
+    pub(super) slot: Arc<dyn Slot>,
     pub(super) restart: RestartPolicy,
     pub(super) shutdown_timeout: Duration,
 }
@@ -199,10 +206,7 @@ impl Child {
 impl<A: Actor> From<ChildSpec<A>> for Child {
     fn from(spec: ChildSpec<A>) -> Self {
         Child {
-            slot: Box::new(ActorSlot {
-                shared: spec.shared,
-                factory: spec.factory,
-            }),
+            slot: spec.shared,
             restart: spec.restart,
             shutdown_timeout: spec.shutdown_timeout,
         }
