@@ -31,8 +31,8 @@ use tracing::{info_span, Instrument};
 
 pub use handle::{SupervisorHandle, SupervisorRef};
 pub use policy::{Backoff, Intensity, RestartPolicy, SupervisionStrategy};
-pub use spec::{Child, ChildSpec, DEFAULT_MAILBOX};
 pub(crate) use spec::Spawner;
+pub use spec::{Child, ChildSpec, DEFAULT_MAILBOX};
 
 use crate::addr::{Envelope, Lifecycle, MailboxLease, Reply, Shared};
 use crate::exit::ExitReason;
