@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::actor::Actor;
+use crate::supervisor::Spawner;
 use crate::tree::{ActorState, Probe};
 
 /// The sending half of a reply: put it in a message as `reply: Reply<T>`.
@@ -67,10 +68,22 @@ pub(crate) struct Shared<M> {
     /// An [`ActorState`], read by snapshots without messaging the actor.
     state: AtomicU8,
     restarts: AtomicU32,
+    /// How a supervisor starts an incarnation of this actor (its factory
+    /// inside): set for the children of [`crate::ChildSpec`], so the
+    /// supervisor holds the child as this very allocation.
+    pub(crate) spawner: Option<Spawner<M>>,
 }
 
 impl<M: Send + 'static> Shared<M> {
     pub(crate) fn new(name: Arc<str>, capacity: usize) -> Arc<Self> {
+        Self::with_spawner(name, capacity, None)
+    }
+
+    pub(crate) fn with_spawner(
+        name: Arc<str>,
+        capacity: usize,
+        spawner: Option<Spawner<M>>,
+    ) -> Arc<Self> {
         let capacity = capacity.max(1);
         let (tx, rx) = mpsc::channel(capacity);
         Arc::new(Shared {
@@ -82,6 +95,7 @@ impl<M: Send + 'static> Shared<M> {
             control: AtomicU8::new(Control::Run as u8),
             state: AtomicU8::new(ActorState::Starting as u8),
             restarts: AtomicU32::new(0),
+            spawner,
         })
     }
 
@@ -202,20 +216,41 @@ pub(crate) struct MailboxLease<M> {
 
 impl<M> MailboxLease<M> {
     pub(crate) fn rx(&mut self) -> &mut mpsc::Receiver<Envelope<M>> {
-        // Invariant: `rx` is only taken in `Drop`.
-        self.rx.as_mut().expect("mailbox lease holds its receiver")
+        self.parts().1
+    }
+
+    /// The actor's shared state and its receiver, borrowed together.
+    pub(crate) fn parts(&mut self) -> (&Arc<Shared<M>>, &mut mpsc::Receiver<Envelope<M>>) {
+        // Invariant: `rx` is only taken by `release`, when the lease ends.
+        let rx = self.rx.as_mut().expect("mailbox lease holds its receiver");
+        (&self.shared, rx)
     }
 }
 
-impl<M> Drop for MailboxLease<M> {
-    fn drop(&mut self) {
+impl<M> MailboxLease<M> {
+    /// Parks the receiver back in [`Shared`] now, for the next incarnation;
+    /// the lease is empty afterwards. A closed receiver (a drain closed it)
+    /// never takes a message again and no incarnation follows a drain, so it
+    /// is dropped here instead, which fails what is still queued: the
+    /// incarnation's own task does that work, not its supervisor's close.
+    pub(crate) fn release(&mut self) {
         if let Some(rx) = self.rx.take() {
+            if rx.is_closed() {
+                drop(rx);
+                return;
+            }
             *self
                 .shared
                 .mailbox
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = Some(rx);
         }
+    }
+}
+
+impl<M> Drop for MailboxLease<M> {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

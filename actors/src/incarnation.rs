@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -11,7 +12,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::actor::{Actor, Context};
-use crate::addr::{Addr, Control, Envelope, MailboxLease, Shared};
+use crate::addr::{Addr, Control, Envelope, Shared};
 use crate::exit::{panic_message, ExitReason};
 use crate::tree::ActorState;
 
@@ -20,13 +21,26 @@ pub(crate) struct Exit {
     pub(crate) reason: ExitReason,
     /// Messages handled after a drain began.
     pub(crate) drained: u64,
+    /// After a drain, the actor's name for its report line: copied by the
+    /// incarnation's own task rather than by its supervisor, which handles
+    /// every child's end in turn.
+    pub(crate) name: Option<String>,
 }
 
 /// Polls `fut`, turning a panic inside it into `Err(panic message)`. The future
 /// is pinned on the stack, so the happy path costs no allocation. Actors use
 /// it for work they spawn, to report a panic as their own failure.
 pub async fn catch_panic<F: Future>(fut: F) -> Result<F::Output, String> {
-    let mut fut = std::pin::pin!(fut);
+    caught(std::pin::pin!(fut)).await
+}
+
+/// [`catch_panic`] for a future its caller has pinned already, e.g. with
+/// `std::pin::pin!(..)` in an async fn: the future then lives once in the
+/// caller's state. `catch_panic(fut)` keeps both its argument and the pinned
+/// copy in its own state, which doubles the size of every task that nests it.
+pub(crate) fn caught<F: Future>(
+    mut fut: Pin<&mut F>,
+) -> impl Future<Output = Result<F::Output, String>> + '_ {
     std::future::poll_fn(move |cx| {
         match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
             Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
@@ -34,37 +48,41 @@ pub async fn catch_panic<F: Future>(fut: F) -> Result<F::Output, String> {
             Err(payload) => Poll::Ready(Err(panic_message(payload))),
         }
     })
-    .await
 }
 
 /// Runs one incarnation to its end, inside a span with the actor's `actor`
 /// and `actor_id`, so every event its handlers emit carries them. The span is
 /// a root, not a child of the supervisor's: the tree is in the snapshot, and
-/// a span per level would make every log line of a deep tree long. The mailbox
-/// lease is dropped on return (or when the task is aborted), which parks the
-/// receiver back in `shared` for the next incarnation.
-pub(crate) fn run<A: Actor>(
+/// a span per level would make every log line of a deep tree long. The
+/// receiver and `shared` are borrowed from the mailbox lease its caller
+/// holds; the caller returns the receiver to `shared` (also when the task is
+/// aborted) for the next incarnation.
+pub(crate) fn run<'a, A: Actor>(
     actor: A,
-    shared: Arc<Shared<A::Msg>>,
-    lease: MailboxLease<A::Msg>,
-) -> impl Future<Output = Exit> + Send {
+    shared: &'a Arc<Shared<A::Msg>>,
+    rx: &'a mut Receiver<Envelope<A::Msg>>,
+) -> impl Future<Output = Exit> + Send + 'a {
     let span = info_span!(parent: None, "actor", actor = %shared.name, actor_id = shared.id);
-    run_in_span(actor, shared, lease).instrument(span)
+    run_in_span(actor, shared, rx).instrument(span)
 }
 
 async fn run_in_span<A: Actor>(
     mut actor: A,
-    shared: Arc<Shared<A::Msg>>,
-    mut lease: MailboxLease<A::Msg>,
+    shared: &Arc<Shared<A::Msg>>,
+    rx: &mut Receiver<Envelope<A::Msg>>,
 ) -> Exit {
-    let name = shared.name.clone();
+    let name = &shared.name;
     let id = shared.id;
     let mut ctx = Context::new(Addr {
         shared: shared.clone(),
     });
-    if let Some(reason) = ExitReason::from_outcome(catch_panic(actor.started(&mut ctx)).await) {
+    if let Some(reason) = ExitReason::from_outcome(caught(pin!(actor.started(&mut ctx))).await) {
         warn!(actor = %name, actor_id = id, error = %reason.chain(), "actor failed to start");
-        return Exit { reason, drained: 0 };
+        return Exit {
+            reason,
+            drained: 0,
+            name: None,
+        };
     }
     // A drain requested while the incarnation was starting is honoured below;
     // only a fresh start may flip the state to running.
@@ -80,14 +98,14 @@ async fn run_in_span<A: Actor>(
     // message (a poll handles every message already queued).
     let mut drained = 0u64;
     let mut draining = false;
-    let looped = catch_panic(handle_mailbox(
+    let looped = caught(pin!(handle_mailbox(
         &mut actor,
         &mut ctx,
-        &shared,
-        lease.rx(),
+        shared,
+        rx,
         &mut drained,
         &mut draining,
-    ))
+    )))
     .await;
     let mut reason = looped.unwrap_or_else(ExitReason::Panic);
     if draining {
@@ -98,17 +116,22 @@ async fn run_in_span<A: Actor>(
         warn!(actor = %name, actor_id = id, error = %reason.chain(), "actor failed");
     }
     shared.set_state(ActorState::Stopping);
-    if let Some(hook_failure) =
-        ExitReason::from_outcome(catch_panic(actor.stopped(&reason, &mut ctx)).await)
-    {
+    let hook = {
+        let stopped = pin!(actor.stopped(&reason, &mut ctx));
+        ExitReason::from_outcome(caught(stopped).await)
+    };
+    if let Some(hook_failure) = hook {
         warn!(actor = %name, actor_id = id, error = %hook_failure.chain(), "actor stop hook failed");
         if !reason.is_failure() {
             reason = hook_failure;
         }
     }
     info!(actor = %name, actor_id = id, reason = %reason, "actor stopped");
-    drop(lease);
-    Exit { reason, drained }
+    Exit {
+        reason,
+        drained,
+        name: draining.then(|| String::from(&**name)),
+    }
 }
 
 /// Handles the mailbox until the incarnation ends and returns why: a
@@ -207,7 +230,12 @@ pub fn spawn<A: Actor>(name: impl Into<Arc<str>>, capacity: usize, actor: A) -> 
     // Invariant: a fresh `Shared` parks its receiver, so the lease exists.
     let lease = shared.lease().expect("a new mailbox is not leased");
     debug!(actor = %shared.name, actor_id = shared.id, "actor spawning");
-    let join = tokio::spawn(run(actor, shared.clone(), lease));
+    let join = tokio::spawn(async move {
+        let mut lease = lease;
+        let (shared, rx) = lease.parts();
+        run(actor, shared, rx).await
+        // The lease is dropped here, or with the task when it is aborted.
+    });
     ActorHandle {
         addr: Addr { shared },
         join,

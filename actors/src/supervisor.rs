@@ -12,6 +12,7 @@
 //! - `drain`: the shutdown of one supervisor's children;
 //! - `handle`: [`SupervisorRef`] and [`SupervisorHandle`].
 
+mod children;
 mod drain;
 mod handle;
 mod policy;
@@ -23,17 +24,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::{info_span, Instrument};
 
 pub use handle::{SupervisorHandle, SupervisorRef};
 pub use policy::{Backoff, Intensity, RestartPolicy, SupervisionStrategy};
+pub(crate) use spec::Spawner;
 pub use spec::{Child, ChildSpec, DEFAULT_MAILBOX};
 
-use crate::addr::{Lifecycle, Reply, Shared};
+use crate::addr::{Envelope, Lifecycle, MailboxLease, Reply, Shared};
 use crate::exit::ExitReason;
-use crate::incarnation::catch_panic;
+use crate::incarnation::caught;
 use crate::shutdown::ActorReport;
 use crate::tree::Registry;
 use run::{Core, SupervisorRun};
@@ -94,6 +97,8 @@ pub(crate) struct SlotExit {
     reason: ExitReason,
     drained: u64,
     children: Vec<ActorReport>,
+    /// The name for the report line, when the child's task copied it.
+    name: Option<String>,
 }
 
 impl SlotExit {
@@ -103,6 +108,81 @@ impl SlotExit {
             reason,
             drained: 0,
             children: Vec::new(),
+            name: None,
+        }
+    }
+}
+
+/// A child task's end as its supervisor receives it: which child (`seq`),
+/// which of its incarnations (`run`), and how it ended.
+pub(crate) struct ChildExit {
+    pub(crate) seq: u64,
+    pub(crate) run: u64,
+    pub(crate) exit: SlotExit,
+}
+
+/// Where a supervisor's children report their ends: one channel per
+/// supervisor incarnation, instead of a `JoinSet` with its per-task
+/// bookkeeping.
+pub(crate) type ExitTx = mpsc::UnboundedSender<ChildExit>;
+
+/// What a child's task owns to report its end: its mailbox lease and the
+/// supervisor's exit channel. Exactly one [`ChildExit`] is sent per task:
+/// the one given to [`ExitReport::finish`], or `Aborted` when the task is
+/// dropped before it finished (cut off at a deadline, or a panic that escaped
+/// every guard). The mailbox goes back to the child before the exit is sent,
+/// so a supervisor that restarts the child on that exit finds it there.
+pub(crate) struct ExitReport<M> {
+    lease: MailboxLease<M>,
+    tx: ExitTx,
+    seq: u64,
+    run: u64,
+    sent: bool,
+}
+
+impl<M> ExitReport<M> {
+    pub(crate) fn new(lease: MailboxLease<M>, tx: &ExitTx, seq: u64, run: u64) -> Self {
+        ExitReport {
+            lease,
+            tx: tx.clone(),
+            seq,
+            run,
+            sent: false,
+        }
+    }
+
+    /// The mailbox the task handles.
+    pub(crate) fn rx(&mut self) -> &mut mpsc::Receiver<Envelope<M>> {
+        self.lease.rx()
+    }
+
+    /// The child's shared state and the mailbox the task handles.
+    pub(crate) fn parts(&mut self) -> (&Arc<Shared<M>>, &mut mpsc::Receiver<Envelope<M>>) {
+        self.lease.parts()
+    }
+
+    /// Gives the mailbox back, then reports `exit`.
+    pub(crate) fn finish(mut self, exit: SlotExit) {
+        self.send(exit);
+    }
+
+    fn send(&mut self, exit: SlotExit) {
+        self.sent = true;
+        self.lease.release();
+        // A closed channel means the supervisor incarnation is gone and no
+        // longer waits for this child.
+        let _ = self.tx.send(ChildExit {
+            seq: self.seq,
+            run: self.run,
+            exit,
+        });
+    }
+}
+
+impl<M> Drop for ExitReport<M> {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.send(SlotExit::new(ExitReason::Aborted));
         }
     }
 }
@@ -232,21 +312,24 @@ impl Supervisor {
     pub fn spawn(self) -> SupervisorHandle {
         let tree = Arc::new(TreeCtx::new());
         let sup = self.supervisor_ref();
-        let slot = SupervisorSlot {
+        let slot = Arc::new(SupervisorSlot {
             shared: self.shared,
             core: self.core,
             tree: self.tree,
-        };
-        slot.register(&tree, None);
-        let mut set = JoinSet::new();
+        });
+        slot.clone().register(&tree, None);
+        let (tx, exits) = mpsc::unbounded_channel();
         // Invariant: a supervisor that was never spawned holds its core and mailbox.
-        slot.spawn(&mut set)
+        let abort = slot
+            .clone()
+            .spawn(&tx, 0, 0)
             .expect("an unspawned supervisor has its mailbox");
         SupervisorHandle {
             sup,
             root: slot,
             tree,
-            set,
+            exits,
+            abort,
             exit: None,
         }
     }
@@ -257,7 +340,7 @@ impl From<Supervisor> for Child {
         Child {
             restart: sup.restart,
             shutdown_timeout: sup.shutdown_timeout,
-            slot: Box::new(SupervisorSlot {
+            slot: Arc::new(SupervisorSlot {
                 shared: sup.shared,
                 core: sup.core,
                 tree: sup.tree,
@@ -285,12 +368,12 @@ impl Slot for SupervisorSlot {
     fn lifecycle(&self) -> &dyn Lifecycle {
         &*self.shared
     }
-    fn register(&self, tree: &Arc<TreeCtx>, parent: Option<u64>) {
+    fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>) {
         let _ = self.tree.set(tree.clone());
-        register_probe(tree, &self.shared, parent, true);
+        register_probe(tree, self.shared.clone(), parent, true);
         if let Some(core) = lock_core(&self.core).as_ref() {
             for e in core.children.values() {
-                e.slot.register(tree, Some(self.shared.id));
+                e.slot.clone().register(tree, Some(self.shared.id));
             }
         }
     }
@@ -302,7 +385,7 @@ impl Slot for SupervisorSlot {
             }
         }
     }
-    fn spawn(&self, set: &mut JoinSet<SlotExit>) -> Option<AbortHandle> {
+    fn spawn(self: Arc<Self>, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle> {
         let tree = self.tree.get()?.clone();
         let lease = self.shared.lease()?;
         let Some(core) = lock_core(&self.core).take() else {
@@ -316,21 +399,24 @@ impl Slot for SupervisorSlot {
         // A root span, like an actor's: see `incarnation::run`.
         let span =
             info_span!(parent: None, "supervisor", actor = %shared.name, actor_id = shared.id);
-        Some(
-            set.spawn(
-                async move {
-                    let mut run = SupervisorRun::new(core, shared, tree);
-                    let exit = match catch_panic(run.supervise(lease)).await {
+        let mut report = ExitReport::new(lease, exits, seq, run);
+        let task = tokio::spawn(
+            async move {
+                let mut run = SupervisorRun::new(core, shared, tree);
+                let exit = {
+                    let supervise = std::pin::pin!(run.supervise(report.rx()));
+                    match caught(supervise).await {
                         Ok(exit) => exit,
                         Err(p) => SlotExit::new(ExitReason::Panic(p)),
-                    };
-                    // Hand the children back for the next incarnation.
-                    *lock_core(&home) = Some(run.core);
-                    exit
-                }
-                .instrument(span),
-            ),
-        )
+                    }
+                };
+                // Hand the children back for the next incarnation.
+                *lock_core(&home) = Some(run.core);
+                report.finish(exit);
+            }
+            .instrument(span),
+        );
+        Some(task.abort_handle())
     }
     fn is_supervisor(&self) -> bool {
         true

@@ -1,7 +1,7 @@
 //! The live actor tree: a registry every supervisor writes to, and the
 //! snapshot operators read from it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 
@@ -77,8 +77,6 @@ impl Hasher for IdHasher {
 
 /// A map keyed by engine ids, hashed with [`IdHasher`].
 pub(crate) type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
-/// A set of engine ids, hashed with [`IdHasher`].
-pub(crate) type IdSet<K> = HashSet<K, BuildHasherDefault<IdHasher>>;
 
 /// Live figures of one actor, read without messaging it.
 pub(crate) trait Probe: Send + Sync {
@@ -152,7 +150,7 @@ impl Registry {
         ) -> Option<ActorInfo> {
             let e = map.get(&id)?;
             Some(ActorInfo {
-                name: e.name.to_string(),
+                name: String::from(&*e.name),
                 id,
                 parent: e.parent,
                 supervisor: e.supervisor,

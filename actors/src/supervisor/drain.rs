@@ -26,7 +26,7 @@ impl SupervisorRun {
             }
         }
         let deadline = self.tree.deadline();
-        let mut reports: Vec<ActorReport> = Vec::new();
+        let mut reports: Vec<ActorReport> = Vec::with_capacity(self.core.children.len());
 
         // Children waiting for a restart are not started again.
         self.pending.clear();
@@ -57,9 +57,9 @@ impl SupervisorRun {
                         // lose that report.
                         group_deadline = deadline.map(|d| d + SUBTREE_MARGIN);
                     }
-                    if let Some(task) = e.run.task() {
+                    if e.run.task().is_some() {
                         e.slot.request_stop(Control::Drain);
-                        tasks.push(task);
+                        tasks.push(*seq);
                     }
                 }
             }
@@ -73,7 +73,12 @@ impl SupervisorRun {
         }
         // Children that ended on their own during the drain, or that a
         // sub-supervisor abort left behind.
-        self.set.shutdown().await;
+        for (seq, _) in self.abort_all().await {
+            if let Some(e) = self.core.children.get(&seq) {
+                e.slot.set_state(ActorState::Stopped);
+                e.slot.close();
+            }
+        }
         // Every child reported above is idle and closed already (closing sets
         // its state to stopped); only the ones still marked as running need it.
         for e in self.core.children.values() {
@@ -87,6 +92,7 @@ impl SupervisorRun {
             reason: ExitReason::Shutdown,
             drained: 0,
             children: reports,
+            name: None,
         }
     }
 
@@ -97,7 +103,7 @@ impl SupervisorRun {
             .iter()
             .rev()
             .filter(|(_, e)| e.dynamic == dynamic && e.run.task().is_some())
-            .map(|(s, _)| *s)
+            .map(|(s, _)| s)
             .collect()
     }
 }

@@ -5,12 +5,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::spec::Slot;
-use super::{Child, SlotExit, SupervisorError, SupervisorMsg, SupervisorSlot, TreeCtx};
+use super::{Child, ChildExit, SlotExit, SupervisorError, SupervisorMsg, SupervisorSlot, TreeCtx};
 use crate::addr::{Control, Envelope, Shared};
 use crate::exit::ExitReason;
 use crate::shutdown::{ActorReport, ShutdownReport, StopOutcome};
@@ -124,9 +124,11 @@ impl SupervisorRef {
 /// The root of a running supervision tree.
 pub struct SupervisorHandle {
     pub(super) sup: SupervisorRef,
-    pub(super) root: SupervisorSlot,
+    pub(super) root: Arc<SupervisorSlot>,
     pub(super) tree: Arc<TreeCtx>,
-    pub(super) set: JoinSet<SlotExit>,
+    /// Where the root supervisor's task reports its end.
+    pub(super) exits: mpsc::UnboundedReceiver<ChildExit>,
+    pub(super) abort: AbortHandle,
     pub(super) exit: Option<SlotExit>,
 }
 
@@ -147,9 +149,8 @@ impl SupervisorHandle {
         if let Some(exit) = &self.exit {
             return exit.reason.clone();
         }
-        let exit = match self.set.join_next().await {
-            Some(Ok(exit)) => exit,
-            Some(Err(e)) => SlotExit::new(ExitReason::from_join_error(e)),
+        let exit = match self.exits.recv().await {
+            Some(ce) => ce.exit,
             // No task left: nothing runs any more.
             None => SlotExit::new(ExitReason::Aborted),
         };
@@ -178,13 +179,14 @@ impl SupervisorHandle {
             // Every supervisor enforces the deadline on its own children; the
             // margin only catches a supervisor that is itself stuck.
             let margin = Duration::from_secs(1);
-            match tokio::time::timeout_at(deadline + margin, self.set.join_next()).await {
-                Ok(Some(Ok(exit))) => exit,
-                Ok(Some(Err(e))) => SlotExit::new(ExitReason::from_join_error(e)),
+            match tokio::time::timeout_at(deadline + margin, self.exits.recv()).await {
+                Ok(Some(ce)) => ce.exit,
                 Ok(None) => SlotExit::new(ExitReason::Aborted),
                 Err(_) => {
                     warn!(actor = %name, actor_id = id, "grace period over, aborting the tree");
-                    self.set.shutdown().await;
+                    self.abort.abort();
+                    // The task reports `Aborted` once it is dropped.
+                    let _ = self.exits.recv().await;
                     SlotExit::new(ExitReason::Aborted)
                 }
             }
@@ -192,7 +194,7 @@ impl SupervisorHandle {
         self.root.close();
         let report = ShutdownReport {
             root: ActorReport {
-                name: name.to_string(),
+                name: String::from(&*name),
                 id,
                 outcome: StopOutcome::of(root.reason),
                 handled: root.drained,

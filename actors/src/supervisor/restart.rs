@@ -4,20 +4,19 @@
 
 use std::cmp::Reverse;
 
-use tokio::task::{Id as TaskId, JoinError};
 use tokio::time::Instant;
 use tracing::warn;
 
 use super::run::{Removal, Run, Step, SupervisorRun};
-use super::{RestartPolicy, SlotExit, SupervisionStrategy};
+use super::{ChildExit, RestartPolicy, SupervisionStrategy};
 use crate::addr::Control;
 use crate::exit::ExitReason;
 use crate::shutdown::StopOutcome;
 use crate::tree::ActorState;
 
 impl SupervisorRun {
-    pub(super) fn child_exited(&mut self, res: Result<(TaskId, SlotExit), JoinError>) -> Step {
-        let Some((seq, exit)) = self.exit_of(res) else {
+    pub(super) fn child_exited(&mut self, ce: ChildExit) -> Step {
+        let Some((seq, exit)) = self.exit_of(ce) else {
             return Step::Continue;
         };
         let Some(entry) = self.core.children.get_mut(&seq) else {
@@ -65,10 +64,8 @@ impl SupervisorRun {
 
         let group: Vec<u64> = match self.core.strategy {
             SupervisionStrategy::OneForOne => vec![seq],
-            SupervisionStrategy::OneForAll => self.core.children.keys().copied().collect(),
-            SupervisionStrategy::RestForOne => {
-                self.core.children.range(seq..).map(|(s, _)| *s).collect()
-            }
+            SupervisionStrategy::OneForAll => self.core.children.seqs().collect(),
+            SupervisionStrategy::RestForOne => self.core.children.seqs_from(seq).collect(),
         };
 
         // Invariant: `seq` is a child (checked above) and nothing removed it since.
@@ -177,24 +174,23 @@ impl SupervisorRun {
     /// for the next incarnation of this supervisor.
     pub(super) async fn stop_all_for_restart(&mut self) {
         self.pending.clear();
-        let seqs: Vec<u64> = self.core.children.keys().rev().copied().collect();
+        let seqs: Vec<u64> = self.core.children.seqs().rev().collect();
         for seq in seqs {
             let Some(e) = self.core.children.get_mut(&seq) else {
                 continue;
             };
             e.restart_at = None;
-            if let Some(task) = e.run.task() {
+            if e.run.task().is_some() {
                 e.slot.request_stop(Control::Yield);
                 let timeout = e.shutdown_timeout;
-                self.wait_for(&[task], Some(Instant::now() + timeout)).await;
+                self.wait_for(&[seq], Some(Instant::now() + timeout)).await;
             }
             if let Some(e) = self.core.children.get(&seq) {
                 e.slot.set_state(ActorState::Restarting);
             }
         }
         // Whatever still runs (a child that ignored the stop) is cut off.
-        self.set.shutdown().await;
-        self.by_task.clear();
+        self.abort_all().await;
         for e in self.core.children.values_mut() {
             e.run = Run::Idle;
         }

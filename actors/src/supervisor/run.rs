@@ -3,23 +3,25 @@
 //! removing children.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::{AbortHandle, Id as TaskId, JoinError, JoinSet};
+use tokio::sync::mpsc::{self, Receiver, UnboundedReceiver};
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use super::children::Children;
 use super::spec::Slot;
 use super::{
-    Backoff, Child, Intensity, RestartPolicy, SlotExit, SupervisionStrategy, SupervisorError,
-    SupervisorMsg, TreeCtx,
+    Backoff, Child, ChildExit, ExitTx, Intensity, RestartPolicy, SlotExit, SupervisionStrategy,
+    SupervisorError, SupervisorMsg, TreeCtx,
 };
-use crate::addr::{Control, Envelope, MailboxLease, Reply, Shared};
+use crate::addr::{Control, Envelope, Reply, Shared};
 use crate::exit::ExitReason;
 use crate::shutdown::{ActorReport, StopOutcome};
-use crate::tree::{ActorState, IdMap, IdSet};
+use crate::tree::{ActorState, IdMap};
 
 /// What a supervisor keeps across its own restarts: its configuration and its
 /// children (with their mailboxes).
@@ -30,7 +32,7 @@ pub(super) struct Core {
     pub(super) intensity: Intensity,
     pub(super) backoff: Backoff,
     /// Children by seq: start order.
-    pub(super) children: BTreeMap<u64, Entry>,
+    pub(super) children: Children,
     /// Child actor id -> seq, so adds and removals need no scan of `children`.
     ids: IdMap<u64, u64>,
     next_seq: u64,
@@ -50,7 +52,7 @@ impl Core {
             strategy: SupervisionStrategy::default(),
             intensity: Intensity::default(),
             backoff: Backoff::default(),
-            children: BTreeMap::new(),
+            children: Children::default(),
             ids: IdMap::default(),
             next_seq: 0,
             incarnations: 0,
@@ -62,7 +64,7 @@ impl Core {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.ids.insert(child.slot.id(), seq);
-        self.children.insert(
+        self.children.push(
             seq,
             Entry {
                 slot: child.slot,
@@ -71,6 +73,7 @@ impl Core {
                 dynamic,
                 history: VecDeque::new(),
                 run: Run::Idle,
+                awaited: false,
                 restart_at: None,
                 removal: None,
             },
@@ -81,13 +84,15 @@ impl Core {
 
 /// One child as its supervisor tracks it.
 pub(super) struct Entry {
-    pub(super) slot: Box<dyn Slot>,
+    pub(super) slot: Arc<dyn Slot>,
     pub(super) restart: RestartPolicy,
     pub(super) shutdown_timeout: Duration,
     pub(super) dynamic: bool,
     /// Restart times of this child within the intensity window: its backoff attempt.
     pub(super) history: VecDeque<Instant>,
     pub(super) run: Run,
+    /// True while a [`SupervisorRun::wait_for`] waits for this child's exit.
+    pub(super) awaited: bool,
     /// When set, the child is started again once idle and this instant has passed.
     pub(super) restart_at: Option<Instant>,
     /// When set, the child leaves the tree once it has stopped.
@@ -99,12 +104,12 @@ impl Entry {
     /// ended by its shutdown timeout. Returns that kill time, for the
     /// supervisor's timers; `None` if the child was not running.
     pub(super) fn begin_stop(&mut self, mode: Control, now: Instant) -> Option<Instant> {
-        let (Run::Running { task, abort } | Run::Stopping { task, abort, .. }) = &self.run else {
+        let (Run::Running { run, abort } | Run::Stopping { run, abort, .. }) = &self.run else {
             return None;
         };
         let kill_at = now + self.shutdown_timeout;
         self.run = Run::Stopping {
-            task: *task,
+            run: *run,
             abort: abort.clone(),
             kill_at: Some(kill_at),
         };
@@ -114,9 +119,10 @@ impl Entry {
 
     /// A report line for a child that ended (or never ran) during a stop.
     pub(super) fn report(&self, outcome: StopOutcome, exit: Option<SlotExit>) -> ActorReport {
-        let (handled, children) = exit.map_or((0, Vec::new()), |e| (e.drained, e.children));
+        let (handled, children, name) =
+            exit.map_or((0, Vec::new(), None), |e| (e.drained, e.children, e.name));
         ActorReport {
-            name: self.slot.name().to_string(),
+            name: name.unwrap_or_else(|| String::from(&**self.slot.name())),
             id: self.slot.id(),
             outcome,
             handled,
@@ -133,25 +139,27 @@ pub(super) enum Removal {
     Reply(Reply<Result<ActorReport, SupervisorError>>),
 }
 
-/// Whether a child's task runs.
+/// Whether a child's task runs. `run` numbers the tasks one supervisor
+/// incarnation spawns, so an exit is matched to the task that sent it.
 pub(super) enum Run {
     Idle,
     Running {
-        task: TaskId,
+        run: u64,
         abort: AbortHandle,
     },
     Stopping {
-        task: TaskId,
+        run: u64,
         abort: AbortHandle,
         kill_at: Option<Instant>,
     },
 }
 
 impl Run {
-    pub(super) fn task(&self) -> Option<TaskId> {
+    /// The running task's number, if a task runs.
+    pub(super) fn task(&self) -> Option<u64> {
         match self {
             Run::Idle => None,
-            Run::Running { task, .. } | Run::Stopping { task, .. } => Some(*task),
+            Run::Running { run, .. } | Run::Stopping { run, .. } => Some(*run),
         }
     }
 }
@@ -161,8 +169,13 @@ pub(super) struct SupervisorRun {
     pub(super) core: Core,
     pub(super) shared: Arc<Shared<SupervisorMsg>>,
     pub(super) tree: Arc<TreeCtx>,
-    pub(super) set: JoinSet<SlotExit>,
-    pub(super) by_task: IdMap<TaskId, u64>,
+    /// Where this incarnation's child tasks report their ends.
+    exits_tx: ExitTx,
+    exits: UnboundedReceiver<ChildExit>,
+    /// Child tasks spawned by this incarnation whose exit has not arrived
+    /// yet: every task reports exactly once.
+    pub(super) running: usize,
+    next_run: u64,
     /// Restart times within the intensity window, all children together.
     pub(super) restarts: VecDeque<Instant>,
     /// Pending restarts and kill deadlines; entries may be stale.
@@ -178,6 +191,9 @@ pub(super) struct SupervisorRun {
 /// child on a two-worker runtime).
 const COMMAND_BATCH: usize = 64;
 
+/// How many child exits a wait takes from the exit channel at once.
+const EXIT_BATCH: usize = 64;
+
 /// What the loop does after handling one event.
 pub(super) enum Step {
     Continue,
@@ -187,12 +203,15 @@ pub(super) enum Step {
 
 impl SupervisorRun {
     pub(super) fn new(core: Core, shared: Arc<Shared<SupervisorMsg>>, tree: Arc<TreeCtx>) -> Self {
+        let (exits_tx, exits) = mpsc::unbounded_channel();
         SupervisorRun {
             core,
             shared,
             tree,
-            set: JoinSet::new(),
-            by_task: IdMap::default(),
+            exits_tx,
+            exits,
+            running: 0,
+            next_run: 0,
             restarts: VecDeque::new(),
             timers: BinaryHeap::new(),
             pending: BTreeSet::new(),
@@ -203,7 +222,10 @@ impl SupervisorRun {
         self.core.name.clone()
     }
 
-    pub(super) async fn supervise(&mut self, mut lease: MailboxLease<SupervisorMsg>) -> SlotExit {
+    pub(super) async fn supervise(
+        &mut self,
+        rx: &mut Receiver<Envelope<SupervisorMsg>>,
+    ) -> SlotExit {
         let name = self.name();
         let id = self.core.id;
         let restarted = self.core.incarnations > 0;
@@ -217,12 +239,12 @@ impl SupervisorRun {
             .filter(|(_, e)| {
                 (restarted && e.restart == RestartPolicy::Temporary) || e.removal.is_some()
             })
-            .map(|(s, _)| *s)
+            .map(|(s, _)| s)
             .collect();
         for seq in gone {
             self.discard(seq);
         }
-        let seqs: Vec<u64> = self.core.children.keys().copied().collect();
+        let seqs: Vec<u64> = self.core.children.seqs().collect();
         for seq in seqs {
             self.start(seq);
         }
@@ -231,7 +253,6 @@ impl SupervisorRun {
         }
         info!(actor = %name, actor_id = id, children = self.core.children.len(), "supervisor started");
 
-        let rx = lease.rx();
         let mut batch = Vec::with_capacity(COMMAND_BATCH);
         loop {
             // Control before data: a stop request wins over queued commands.
@@ -265,8 +286,8 @@ impl SupervisorRun {
                     }
                     Step::Continue
                 }
-                Some(res) = self.set.join_next_with_id(), if !self.set.is_empty() => {
-                    self.child_exited(res)
+                Some(exit) = self.exits.recv(), if self.running > 0 => {
+                    self.child_exited(exit)
                 }
                 _ = sleep_until_opt(next_timer), if next_timer.is_some() => {
                     self.fire_timers();
@@ -329,7 +350,7 @@ impl SupervisorRun {
             // The same mailbox is supervised already: leave it open.
             return Err(SupervisorError::Duplicate(id));
         }
-        child.slot.register(&self.tree, Some(self.core.id));
+        child.slot.clone().register(&self.tree, Some(self.core.id));
         let seq = self.core.push(child, true);
         self.start(seq);
         Ok(id)
@@ -371,11 +392,12 @@ impl SupervisorRun {
         }
         entry.restart_at = None;
         self.pending.remove(&seq);
-        match entry.slot.spawn(&mut self.set) {
+        let run = self.next_run;
+        match entry.slot.clone().spawn(&self.exits_tx, seq, run) {
             Some(abort) => {
-                let task = abort.id();
-                self.by_task.insert(task, seq);
-                entry.run = Run::Running { task, abort };
+                self.next_run += 1;
+                self.running += 1;
+                entry.run = Run::Running { run, abort };
             }
             None => {
                 warn!(actor = %entry.slot.name(), actor_id = entry.slot.id(), "child has no mailbox, removing it");
@@ -396,77 +418,118 @@ impl SupervisorRun {
 
     /// Marks the child whose task ended as idle and returns it with its exit;
     /// `None` for a task this incarnation no longer tracks.
-    pub(super) fn exit_of(
-        &mut self,
-        res: Result<(TaskId, SlotExit), JoinError>,
-    ) -> Option<(u64, SlotExit)> {
-        let (task, exit) = match res {
-            Ok((task, exit)) => (task, exit),
-            Err(e) => (e.id(), SlotExit::new(ExitReason::from_join_error(e))),
-        };
-        let seq = self.by_task.remove(&task)?;
-        let entry = self.core.children.get_mut(&seq)?;
+    pub(super) fn exit_of(&mut self, ce: ChildExit) -> Option<(u64, SlotExit)> {
+        self.running = self.running.saturating_sub(1);
+        let entry = self.core.children.get_mut(&ce.seq)?;
+        if entry.run.task() != Some(ce.run) {
+            return None;
+        }
         entry.run = Run::Idle;
-        Some((seq, exit))
+        entry.awaited = false;
+        Some((ce.seq, ce.exit))
     }
 
-    /// Waits until every task in `tasks` has ended, aborting all of them at
-    /// `deadline`. Returns the exits, in the order they arrived.
+    /// Waits until every running child in `seqs` has ended, aborting all of
+    /// them at `deadline`. Returns the exits, in the order they arrived (other
+    /// children that ended meanwhile included).
     pub(super) async fn wait_for(
         &mut self,
-        tasks: &[TaskId],
+        seqs: &[u64],
         deadline: Option<Instant>,
     ) -> Vec<(u64, SlotExit)> {
-        let mut left: IdSet<TaskId> = tasks.iter().copied().collect();
-        let mut exits = Vec::with_capacity(tasks.len());
+        let mut left = 0usize;
+        for seq in seqs {
+            if let Some(e) = self.core.children.get_mut(seq) {
+                if e.run.task().is_some() && !e.awaited {
+                    e.awaited = true;
+                    left += 1;
+                }
+            }
+        }
+        let mut exits = Vec::with_capacity(left);
         let mut aborted = false;
         // One timer for the whole wait: registering a fresh one per exit would
         // cost a timer-wheel insert and removal for every child.
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let sleep = tokio::time::sleep_until(deadline.unwrap_or(far));
         tokio::pin!(sleep);
-        while !left.is_empty() && !self.set.is_empty() {
-            let res = match deadline {
+        // Exits are taken in batches: one wake of this task and one pass of
+        // the select per batch, not per child.
+        let mut batch = Vec::with_capacity(EXIT_BATCH.min(left));
+        while left > 0 && self.running > 0 {
+            let n = match deadline {
                 Some(_) if !aborted => {
                     tokio::select! {
                         biased;
-                        res = self.set.join_next_with_id() => res,
+                        n = self.exits.recv_many(&mut batch, EXIT_BATCH) => n,
                         _ = &mut sleep => {
-                            self.abort_tasks(&left);
+                            self.abort_awaited(seqs);
                             aborted = true;
                             continue;
                         }
                     }
                 }
-                _ => self.set.join_next_with_id().await,
+                _ => self.exits.recv_many(&mut batch, EXIT_BATCH).await,
             };
-            let Some(res) = res else { break };
-            let task = match &res {
-                Ok((t, _)) => *t,
-                Err(e) => e.id(),
-            };
-            left.remove(&task);
-            if let Some(exit) = self.exit_of(res) {
-                exits.push(exit);
+            // `self` holds a sender: the channel never ends while it waits.
+            if n == 0 {
+                break;
+            }
+            for ce in batch.drain(..) {
+                let awaited = self
+                    .core
+                    .children
+                    .get(&ce.seq)
+                    .is_some_and(|e| e.awaited && e.run.task() == Some(ce.run));
+                if let Some(exit) = self.exit_of(ce) {
+                    if awaited {
+                        left -= 1;
+                    }
+                    exits.push(exit);
+                }
+            }
+        }
+        for seq in seqs {
+            if let Some(e) = self.core.children.get_mut(seq) {
+                e.awaited = false;
             }
         }
         exits
     }
 
-    fn abort_tasks(&self, tasks: &IdSet<TaskId>) {
-        for t in tasks {
-            let Some(e) = self
-                .by_task
-                .get(t)
-                .and_then(|seq| self.core.children.get(seq))
-            else {
+    fn abort_awaited(&self, seqs: &[u64]) {
+        for seq in seqs {
+            let Some(e) = self.core.children.get(seq) else {
                 continue;
             };
-            warn!(actor = %e.slot.name(), actor_id = e.slot.id(), "grace period over, aborting actor");
+            if let Run::Running { abort, .. } | Run::Stopping { abort, .. } = &e.run {
+                if e.awaited {
+                    warn!(actor = %e.slot.name(), actor_id = e.slot.id(), "grace period over, aborting actor");
+                    abort.abort();
+                }
+            }
+        }
+    }
+
+    /// Aborts every child task still running and waits for their exits,
+    /// which mark them idle: what `JoinSet::shutdown` did. Returns the
+    /// exits, in the order they arrived.
+    pub(super) async fn abort_all(&mut self) -> Vec<(u64, SlotExit)> {
+        for e in self.core.children.values() {
             if let Run::Running { abort, .. } | Run::Stopping { abort, .. } = &e.run {
                 abort.abort();
             }
         }
+        let mut exits = Vec::new();
+        while self.running > 0 {
+            let Some(ce) = self.exits.recv().await else {
+                break;
+            };
+            if let Some(exit) = self.exit_of(ce) {
+                exits.push(exit);
+            }
+        }
+        exits
     }
 }
 

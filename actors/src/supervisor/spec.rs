@@ -1,28 +1,33 @@
 //! What a supervisor holds: a [`Child`] of any kind behind the [`Slot`]
 //! trait, and the [`ChildSpec`] an actor child is described by.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::task::AbortHandle;
 
-use super::{RestartPolicy, SlotExit, TreeCtx};
+use super::{ExitReport, ExitTx, RestartPolicy, SlotExit, TreeCtx};
 use crate::actor::Actor;
 use crate::addr::{Addr, Control, Lifecycle, Shared};
 use crate::exit::{panic_message, ExitReason};
-use crate::incarnation::{self, Exit};
+use crate::incarnation::{self, caught, Exit};
 use crate::tree::{ActorState, Probe};
 
 /// Mailbox capacity of [`ChildSpec::new`].
 pub const DEFAULT_MAILBOX: usize = 64;
 
-/// A child of any kind (actor or supervisor), seen by its supervisor.
-pub(super) trait Slot: Send {
+/// A child of any kind (actor or supervisor), seen by its supervisor, which
+/// holds it as an `Arc<dyn Slot>`: for an actor child that is the actor's
+/// [`Shared`] itself (mailbox, flags, factory), so a child costs its
+/// supervisor no allocation of its own.
+pub(super) trait Slot: Send + Sync {
     /// The child's mailbox and flags, which outlive its incarnations.
     fn lifecycle(&self) -> &dyn Lifecycle;
-    fn register(&self, tree: &Arc<TreeCtx>, parent: Option<u64>);
-    /// Spawns a fresh incarnation into `set`; `None` if the mailbox is gone.
-    fn spawn(&self, set: &mut JoinSet<SlotExit>) -> Option<AbortHandle>;
+    fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>);
+    /// Spawns a fresh incarnation, number `run` of child `seq`, which reports
+    /// its end on `exits`; `None` if the mailbox is gone.
+    fn spawn(self: Arc<Self>, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle>;
 
     fn id(&self) -> u64 {
         self.lifecycle().id()
@@ -55,7 +60,7 @@ pub(super) trait Slot: Send {
 /// Puts one actor's live figures into the tree's registry, for snapshots.
 pub(super) fn register_probe<M: Send + 'static>(
     tree: &TreeCtx,
-    shared: &Arc<Shared<M>>,
+    shared: Arc<Shared<M>>,
     parent: Option<u64>,
     supervisor: bool,
 ) {
@@ -64,43 +69,70 @@ pub(super) fn register_probe<M: Send + 'static>(
         shared.name.clone(),
         parent,
         supervisor,
-        shared.clone() as Arc<dyn Probe>,
+        shared as Arc<dyn Probe>,
     );
 }
 
-struct ActorSlot<A: Actor> {
-    shared: Arc<Shared<A::Msg>>,
-    factory: Arc<dyn Fn() -> A + Send + Sync>,
-}
+/// How a supervisor starts one incarnation of an actor child, given the
+/// incarnation's exit report (which holds the mailbox lease): kept in the
+/// child's [`Shared`], with the factory inside.
+pub(crate) type Spawner<M> = Box<dyn Fn(ExitReport<M>) -> AbortHandle + Send + Sync>;
 
-impl<A: Actor> Slot for ActorSlot<A> {
-    fn lifecycle(&self) -> &dyn Lifecycle {
-        &*self.shared
-    }
-    fn register(&self, tree: &Arc<TreeCtx>, parent: Option<u64>) {
-        register_probe(tree, &self.shared, parent, false);
-    }
-    fn spawn(&self, set: &mut JoinSet<SlotExit>) -> Option<AbortHandle> {
-        let lease = self.shared.lease()?;
-        self.shared.reset_control();
-        let shared = self.shared.clone();
-        let factory = self.factory.clone();
-        Some(set.spawn(async move {
-            // A factory that panics is a failed start, like a failing hook.
-            let actor = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory())) {
-                Ok(a) => a,
-                Err(p) => {
-                    drop(lease);
-                    return SlotExit::new(ExitReason::Panic(panic_message(p)));
+/// The spawner of an actor built by `factory`. A closure without captures
+/// makes it a zero-sized box, which allocates nothing.
+fn spawner<A: Actor>(factory: impl Fn() -> A + Send + Sync + 'static) -> Spawner<A::Msg> {
+    Box::new(move |mut report: ExitReport<A::Msg>| {
+        // The incarnation is built here, on the supervisor's task. A factory
+        // that panics is a failed start, like a failing hook: its task only
+        // reports that.
+        let actor = match std::panic::catch_unwind(AssertUnwindSafe(&factory)) {
+            Ok(a) => a,
+            Err(p) => {
+                let exit = SlotExit::new(ExitReason::Panic(panic_message(p)));
+                return tokio::spawn(async move { report.finish(exit) }).abort_handle();
+            }
+        };
+        let task = tokio::spawn(async move {
+            // The incarnation catches its handlers' and hooks' panics; this
+            // guard is for the engine's own code around them. Its state is
+            // boxed by the task itself, on its first poll: the task stays
+            // small, and tokio copies a task's whole future when it spawns it
+            // (on the supervisor) and again when it completes.
+            let exit = {
+                let (shared, rx) = report.parts();
+                let mut run = Box::pin(incarnation::run(actor, shared, rx));
+                match caught(run.as_mut()).await {
+                    Ok(Exit {
+                        reason,
+                        drained,
+                        name,
+                    }) => SlotExit {
+                        reason,
+                        drained,
+                        children: Vec::new(),
+                        name,
+                    },
+                    Err(p) => SlotExit::new(ExitReason::Panic(p)),
                 }
             };
-            let Exit { reason, drained } = incarnation::run(actor, shared, lease).await;
-            SlotExit {
-                reason,
-                drained,
-                children: Vec::new(),
-            }
-        }))
+            report.finish(exit);
+        });
+        task.abort_handle()
+    })
+}
+
+impl<M: Send + 'static> Slot for Shared<M> {
+    fn lifecycle(&self) -> &dyn Lifecycle {
+        self
+    }
+    fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>) {
+        register_probe(tree, self, parent, false);
+    }
+    fn spawn(self: Arc<Self>, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle> {
+        let spawner = self.spawner.as_ref()?;
+        let lease = self.lease()?;
+        self.reset_control();
+        Some(spawner(ExitReport::new(lease, exits, seq, run)))
     }
 }
 
@@ -109,14 +141,15 @@ impl<A: Actor> Slot for ActorSlot<A> {
 /// supervised life.
 pub struct ChildSpec<A: Actor> {
     shared: Arc<Shared<A::Msg>>,
-    factory: Arc<dyn Fn() -> A + Send + Sync>,
     restart: RestartPolicy,
     shutdown_timeout: Duration,
 }
 
 impl<A: Actor> ChildSpec<A> {
     /// A permanent child with a mailbox of [`DEFAULT_MAILBOX`] messages; each
-    /// incarnation is built by `factory`.
+    /// incarnation is built by `factory`, which the supervisor calls right
+    /// before it spawns the incarnation's task (keep it cheap: it holds up the
+    /// supervisor's other work).
     pub fn new(name: impl Into<Arc<str>>, factory: impl Fn() -> A + Send + Sync + 'static) -> Self {
         Self::with_mailbox(name, DEFAULT_MAILBOX, factory)
     }
@@ -128,8 +161,7 @@ impl<A: Actor> ChildSpec<A> {
         factory: impl Fn() -> A + Send + Sync + 'static,
     ) -> Self {
         ChildSpec {
-            shared: Shared::new(name.into(), capacity),
-            factory: Arc::new(factory),
+            shared: Shared::with_spawner(name.into(), capacity, Some(spawner(factory))),
             restart: RestartPolicy::Permanent,
             shutdown_timeout: Duration::from_secs(5),
         }
@@ -159,7 +191,7 @@ impl<A: Actor> ChildSpec<A> {
 /// A child of any kind, ready to be given to a supervisor. Built from a
 /// [`ChildSpec`] or a [`crate::Supervisor`] with `into()`.
 pub struct Child {
-    pub(super) slot: Box<dyn Slot>,
+    pub(super) slot: Arc<dyn Slot>,
     pub(super) restart: RestartPolicy,
     pub(super) shutdown_timeout: Duration,
 }
@@ -174,10 +206,7 @@ impl Child {
 impl<A: Actor> From<ChildSpec<A>> for Child {
     fn from(spec: ChildSpec<A>) -> Self {
         Child {
-            slot: Box::new(ActorSlot {
-                shared: spec.shared,
-                factory: spec.factory,
-            }),
+            slot: spec.shared,
             restart: spec.restart,
             shutdown_timeout: spec.shutdown_timeout,
         }
