@@ -15,7 +15,7 @@
 //! when the next incarnation is up, or ends at its deadline.
 
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use prism_actors::{catch_panic, Addr};
@@ -186,26 +186,27 @@ impl Pool {
                 self.gate.pool_size, self.gate.queue
             )));
         };
+        // One timer bounds both the wait for a slot and the operation; which
+        // of the two the deadline cut short decides the answer.
+        let running = AtomicBool::new(false);
         let work = async {
             let Ok(_slot) = self.gate.permits.acquire().await else {
                 return Err(ApiError::Unavailable("backend pool closed".into()));
             };
-            let res = tokio::time::timeout_at(
-                deadline,
-                catch_panic(backend.exec_until(namespace, op, deadline)),
-            )
-            .await
-            .ok();
-            self.settle(live, namespace, res, caller_bound)
+            running.store(true, Ordering::Relaxed);
+            let res = catch_panic(backend.exec_until(namespace, op, deadline)).await;
+            self.settle(live, namespace, Some(res), caller_bound)
         };
-        // Whichever comes first: the outcome, the deadline while waiting
-        // for a slot, or the incarnation failing. Dropping this future (the
-        // caller went away) drops the backend's, which cancels the call.
+        // Whichever comes first: the outcome, the deadline, or the
+        // incarnation failing. Dropping this future (the caller went away)
+        // drops the backend's, which cancels the call.
         tokio::select! {
             biased;
-            res = tokio::time::timeout_at(deadline, work) => res.unwrap_or(Err(
-                ApiError::DeadlineExceeded("waiting for a backend connection"),
-            )),
+            res = tokio::time::timeout_at(deadline, work) => match res {
+                Ok(res) => res,
+                Err(_) if running.load(Ordering::Relaxed) => self.settle(live, namespace, None, caller_bound),
+                Err(_) => Err(ApiError::DeadlineExceeded("waiting for a backend connection")),
+            },
             () = live.failed.cancelled() => Err(ApiError::Unavailable(format!(
                 "backend of namespace '{namespace}' failed during the request; retry"
             ))),
