@@ -20,7 +20,8 @@
 //! the connection opens, as a startup parameter that costs no round trip.
 //! An operation whose time left is within a small tolerance below the
 //! resting value (see [`keeps_resting`]) runs its statement alone: one
-//! round trip. Any other (a caller with a deadline of its own, a namespace
+//! round trip before its answer (the pool pings a connection before use
+//! only after [`PING_WHEN_IDLE`] of idleness). Any other (a caller with a deadline of its own, a namespace
 //! with another timeout, an operation that waited long for a connection)
 //! first sets its own value with `set_config`, runs its statement, answers
 //! its caller, and only then restores the resting value, in the background,
@@ -242,6 +243,19 @@ impl PostgresConnector {
             .acquire_timeout(self.config.acquire_timeout)
             .idle_timeout(self.config.idle_timeout)
             .max_lifetime(self.config.max_lifetime)
+            // sqlx pings a connection when it takes it back (always) and
+            // when it hands it out (by default): a round trip ahead of
+            // every statement. A connection that went idle a moment ago
+            // passed the first; only one idle for longer is pinged again.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_WHEN_IDLE {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(pooled)
             .await
             .map_err(map_sqlx)?;
@@ -835,6 +849,12 @@ async fn run(
         }
     }
 }
+
+/// A pooled connection idle for at least this long is pinged before an
+/// operation gets it, so one the server or the network dropped meanwhile
+/// is replaced instead of failing the operation. One idle for less was
+/// pinged when it came back to the pool a moment ago.
+const PING_WHEN_IDLE: Duration = Duration::from_secs(1);
 
 /// How long an operation whose caller gave up at its deadline may go on
 /// in the background before its connection is closed instead.

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::{
     keeps_resting, resting_timeout, tolerance, PostgresBackend, PostgresConfig, PostgresConnector,
-    MIGRATIONS,
+    MIGRATIONS, PING_WHEN_IDLE,
 };
 use crate::backend::{Backend, Connector, Error, Op, Outcome};
 use crate::testing::Cleanup;
@@ -882,5 +882,49 @@ async fn connections_cut_off_with_a_deadline_of_their_own_come_back_restored() {
     }
     drop(holder);
     assert_eq!(pooled_statement_timeouts_ms(&b, 2).await, [3000, 3000]);
+    close(&b.pool).await;
+}
+
+#[tokio::test]
+async fn a_connection_the_server_dropped_while_idle_is_replaced() {
+    let (b, guard) = small_pool(1).await;
+    b.exec("ns", put_op("k", b"v")).await.expect("put");
+    let pid: i32 = {
+        let mut conn = b.pool.acquire().await.expect("acquire");
+        sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("pid")
+    };
+    let mut admin = admin().await;
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&mut admin)
+        .await
+        .expect("terminate");
+    let patience = Instant::now() + PATIENCE;
+    loop {
+        let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+            .bind(pid)
+            .fetch_one(&mut admin)
+            .await
+            .expect("pg_stat_activity");
+        if alive == 0 {
+            break;
+        }
+        assert!(Instant::now() < patience, "the session was not terminated");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = admin.close().await;
+    // Idle long enough to be checked before use: the operation gets a new
+    // connection, not an error.
+    tokio::time::sleep(PING_WHEN_IDLE + Duration::from_millis(100)).await;
+    match b
+        .exec_until("ns", get_op("k"), Instant::now() + PATIENCE)
+        .await
+    {
+        Ok(Outcome::Get(Some(r))) => assert_eq!(r.value, Bytes::from_static(b"v")),
+        other => panic!("{other:?} (table {})", guard.table),
+    }
     close(&b.pool).await;
 }
