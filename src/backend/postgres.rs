@@ -21,11 +21,12 @@
 //! An operation whose time left is within a small tolerance below the
 //! resting value (see [`keeps_resting`]) runs its statement alone: one
 //! round trip before its answer (the pool pings a connection before use
-//! only after [`PING_WHEN_IDLE`] of idleness). Any other (a caller with a deadline of its own, a namespace
-//! with another timeout, an operation that waited long for a connection)
-//! first sets its own value with `set_config`, runs its statement, answers
-//! its caller, and only then restores the resting value, in the background,
-//! before the connection goes back to the pool.
+//! only after [`PING_WHEN_IDLE`] of idleness). Any other (a caller with a
+//! deadline of its own, a namespace with another timeout, an operation
+//! that waited long for a connection) first sets its own value with
+//! `set_config`, runs its statement, answers its caller, and only then
+//! restores the resting value, in the background, before the connection
+//! goes back to the pool.
 //!
 //! Invariant: **a connection in the pool always has the resting
 //! `statement_timeout`.** Whatever changes it restores it before releasing
@@ -567,10 +568,10 @@ fn resting_timeout(config: &PostgresConfig) -> Option<Duration> {
 /// nothing the client sees: the gateway answers `Timeout` at the deadline
 /// regardless, and the statement only holds its connection a moment
 /// longer, in the background. The 2 ms floor covers the rounding of every
-/// setting up to whole milliseconds and the usual way here on a fast
-/// path; the 1 % keeps the share of operations that still pay for their
-/// own setting small when requests queue for a moment under load, while a
-/// statement stays bounded by about its deadline.
+/// setting up to whole milliseconds and the usual way to the connection;
+/// the 1 % keeps operations that queued a moment under load on the one
+/// round trip, while a statement still ends at most 1 % (or 2 ms) past its
+/// deadline.
 fn tolerance(resting: Duration) -> Duration {
     (resting / 100).max(Duration::from_millis(2))
 }
