@@ -72,6 +72,20 @@ impl Settings {
             .max()
             .unwrap_or(0)
     }
+
+    /// The deadline most requests to backend `backend` arrive with: the
+    /// most common `timeout` among the namespaces it serves (of equally
+    /// common ones, the longest); `None` when it serves none.
+    pub fn common_timeout(&self, backend: &str) -> Option<Duration> {
+        let mut counts: BTreeMap<Duration, usize> = BTreeMap::new();
+        for ns in self.namespaces.values().filter(|n| n.backend == backend) {
+            *counts.entry(ns.timeout).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .max_by_key(|&(timeout, n)| (n, timeout))
+            .map(|(timeout, _)| timeout)
+    }
 }
 
 /// `[server]`
@@ -310,6 +324,49 @@ pub const MAX_NAME_LEN: usize = 64;
 #[cfg(test)]
 mod tests {
     use super::log_filter;
+    use super::Settings;
+    use std::time::Duration;
+
+    #[test]
+    fn the_common_timeout_is_the_most_frequent_then_the_longest() {
+        let s = Settings::from_toml(
+            r#"
+            [server]
+            grpc_addr = "127.0.0.1:0"
+            http_addr = "127.0.0.1:0"
+            [log]
+            level = "warn"
+            [backends.pg]
+            kind = "memory"
+            [backends.other]
+            kind = "memory"
+            [backends.idle]
+            kind = "memory"
+            [namespaces.a]
+            backend = "pg"
+            timeout = "2s"
+            [namespaces.b]
+            backend = "pg"
+            timeout = "2s"
+            [namespaces.c]
+            backend = "pg"
+            timeout = "9s"
+            [namespaces.d]
+            backend = "other"
+            timeout = "1s"
+            [namespaces.e]
+            backend = "other"
+            timeout = "3s"
+            [namespaces.f]
+            backend = "other"
+            "#,
+        )
+        .expect("settings");
+        assert_eq!(s.common_timeout("pg"), Some(Duration::from_secs(2)));
+        // One each: the longest (f has the default, 5s).
+        assert_eq!(s.common_timeout("other"), Some(Duration::from_secs(5)));
+        assert_eq!(s.common_timeout("idle"), None);
+    }
 
     #[test]
     fn levels_and_directives_are_accepted() {

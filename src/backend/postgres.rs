@@ -6,12 +6,34 @@
 //! scans. Expiry is a `TIMESTAMPTZ` computed from the database's `now()`, never
 //! from a gateway's clock, so several gateways agree on what has expired.
 //!
-//! Deadlines reach the server: every operation first sets the session's
-//! `statement_timeout` to the time its caller has left. A future dropped at
-//! its deadline leaves its statement running on the server and its
-//! connection busy until the statement ends; the statement timeout makes
-//! the server cancel it at about the same moment, so the connection comes
-//! back to the pool instead of waiting behind, say, a row lock.
+//! Deadlines reach the server as the session's `statement_timeout`. A
+//! future dropped at its deadline leaves its statement running on the
+//! server and its connection busy until the statement ends; the statement
+//! timeout makes the server cancel it at about the same moment, so the
+//! connection comes back to the pool instead of waiting behind, say, a row
+//! lock.
+//!
+//! Most operations arrive with the same deadline: their namespace's
+//! `timeout`, minus the little it took them to get here. So every pooled
+//! connection carries a *resting* statement timeout, that common one (and
+//! never more than the backend's own `statement_timeout`), set once when
+//! the connection opens, as a startup parameter that costs no round trip.
+//! An operation whose time left is within a small tolerance below the
+//! resting value (see [`keeps_resting`]) runs its statement alone: one
+//! round trip before its answer (the pool pings a connection before use
+//! only after [`PING_WHEN_IDLE`] of idleness). Any other (a caller with a
+//! deadline of its own, a namespace with another timeout, an operation
+//! that waited long for a connection) first sets its own value with
+//! `set_config`, runs its statement, answers its caller, and only then
+//! restores the resting value, in the background, before the connection
+//! goes back to the pool.
+//!
+//! Invariant: **a connection in the pool always has the resting
+//! `statement_timeout`.** Whatever changes it restores it before releasing
+//! the connection; a connection whose restore fails or is cut short, or
+//! whose user was dropped mid-way, is closed instead of pooled (see
+//! [`Checkout`]). The migration and purge sessions are not pooled and set
+//! their own timeouts.
 //!
 //! Purges run on one instance at a time: the one whose dedicated session
 //! holds the table's purge lock (`pg_try_advisory_lock`). The lock lives as
@@ -21,7 +43,7 @@
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +89,13 @@ pub struct PostgresConfig {
     pub statement_timeout: Option<Duration>,
     /// Shown in `pg_stat_activity`. Default `prism`.
     pub application_name: String,
+    /// The deadline most operations arrive with: the most common `timeout`
+    /// of the namespaces this backend serves. With `statement_timeout` it
+    /// gives the resting statement timeout of the pooled connections (the
+    /// smaller of the two), under which such operations need no round trip
+    /// to set their own. Default `None`: the resting value is
+    /// `statement_timeout`.
+    pub common_timeout: Option<Duration>,
 }
 
 impl Default for PostgresConfig {
@@ -82,6 +111,7 @@ impl Default for PostgresConfig {
             max_lifetime: Some(Duration::from_secs(1800)),
             statement_timeout: None,
             application_name: "prism".into(),
+            common_timeout: None,
         }
     }
 }
@@ -99,6 +129,7 @@ impl fmt::Debug for PostgresConfig {
             .field("max_lifetime", &self.max_lifetime)
             .field("statement_timeout", &self.statement_timeout)
             .field("application_name", &self.application_name)
+            .field("common_timeout", &self.common_timeout)
             .finish()
     }
 }
@@ -202,19 +233,41 @@ impl PostgresConnector {
         migrated?;
 
         let max = self.config.max_connections.max(1);
+        let resting = resting_timeout(&self.config);
+        let pooled = self
+            .options
+            .clone()
+            .options([("statement_timeout", statement_timeout_setting(resting))]);
         let pool = PgPoolOptions::new()
             .max_connections(max)
             .min_connections(self.config.min_connections.min(max))
             .acquire_timeout(self.config.acquire_timeout)
             .idle_timeout(self.config.idle_timeout)
             .max_lifetime(self.config.max_lifetime)
-            .connect_with(self.options.clone())
+            // sqlx pings a connection when it takes it back (always) and
+            // when it hands it out (by default): a round trip ahead of
+            // every statement. A connection that went idle a moment ago
+            // passed the first; only one idle for longer is pinged again.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_WHEN_IDLE {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
+            .connect_with(pooled)
             .await
             .map_err(map_sqlx)?;
         Ok(PostgresBackend {
             pool,
             sql: Arc::clone(&self.sql),
-            statement_timeout: self.config.statement_timeout,
+            timeouts: Arc::new(Timeouts {
+                statement: self.config.statement_timeout,
+                resting,
+                sets: AtomicU64::new(0),
+            }),
             options: self.options.clone(),
             connect_timeout: self.config.acquire_timeout,
             purge_session: tokio::sync::Mutex::new(None),
@@ -493,11 +546,65 @@ fn statement_timeout_setting(timeout: Option<Duration>) -> String {
     }
 }
 
+/// The resting statement timeout of `config`'s pooled connections: the
+/// smaller of its `statement_timeout` and its `common_timeout`; `None`
+/// (no timeout) when it has neither.
+fn resting_timeout(config: &PostgresConfig) -> Option<Duration> {
+    match (config.statement_timeout, config.common_timeout) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// How far below the resting statement timeout an operation's time left
+/// may be and still run under it: 1 % of the resting value, at least 2 ms.
+///
+/// An operation with the common deadline reaches its connection some tens
+/// or hundreds of microseconds after its request arrived (more when it
+/// queued for a connection), so its time left is always a little short of
+/// the resting value; running it under the resting value lets the server
+/// cancel its statement up to that little later than the gateway's
+/// deadline, and the tolerance bounds how late. Late by that much costs
+/// nothing the client sees: the gateway answers `Timeout` at the deadline
+/// regardless, and the statement only holds its connection a moment
+/// longer, in the background. The 2 ms floor covers the rounding of every
+/// setting up to whole milliseconds and the usual way to the connection;
+/// the 1 % keeps operations that queued a moment under load on the one
+/// round trip, while a statement still ends at most 1 % (or 2 ms) past its
+/// deadline.
+fn tolerance(resting: Duration) -> Duration {
+    (resting / 100).max(Duration::from_millis(2))
+}
+
+/// Whether an operation that needs a statement timeout of `want` (`None`:
+/// none) can run under the resting value `resting` without setting its
+/// own: `want` is at most the resting value, and short of it by at most
+/// the [`tolerance`]. Never when `want` is longer: the server would cancel
+/// the statement before its deadline.
+fn keeps_resting(want: Option<Duration>, resting: Option<Duration>) -> bool {
+    match (want, resting) {
+        (None, None) => true,
+        (Some(want), Some(resting)) => want <= resting && want + tolerance(resting) >= resting,
+        _ => false,
+    }
+}
+
+/// The statement timeouts of the pooled connections.
+struct Timeouts {
+    /// [`PostgresConfig::statement_timeout`].
+    statement: Option<Duration>,
+    /// The value every connection in the pool has; see [`resting_timeout`].
+    resting: Option<Duration>,
+    /// `set_config` statements run on pooled connections (settings and
+    /// restores): the round trips operations spent on timeouts.
+    sets: AtomicU64,
+}
+
 /// A pool of connections to the database.
 struct PostgresBackend {
     pool: PgPool,
     sql: Arc<Sql>,
-    statement_timeout: Option<Duration>,
+    timeouts: Arc<Timeouts>,
     options: PgConnectOptions,
     connect_timeout: Duration,
     /// A session of its own for purges, outside the pool, and whether it
@@ -512,7 +619,8 @@ impl PostgresBackend {
     /// Runs `op` on a pooled connection, bounded by `deadline` when there is
     /// one: on the client, by giving up at the deadline (waiting for a
     /// connection included), and on the server, by a statement timeout of
-    /// the time left.
+    /// the time left (the resting one when that is close enough, see
+    /// [`keeps_resting`]).
     ///
     /// A query future dropped mid-flight can leave its connection waiting
     /// for answers that never come, so the attempt is never cut short: at
@@ -552,26 +660,35 @@ impl PostgresBackend {
     ) -> impl Future<Output = Result<Outcome, Error>> + Send + 'static {
         let pool = self.pool.clone();
         let sql = Arc::clone(&self.sql);
-        let statement_timeout = self.statement_timeout;
+        let timeouts = Arc::clone(&self.timeouts);
         let namespace = namespace.to_owned();
         async move {
             let mut conn = Checkout::new(pool.acquire().await.map_err(map_sqlx)?);
-            let timeout = match deadline {
+            let want = match deadline {
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         conn.finished();
                         return Err(Error::Timeout);
                     }
-                    Some(statement_timeout.map_or(left, |t| t.min(left)))
+                    Some(timeouts.statement.map_or(left, |t| t.min(left)))
                 }
-                None => statement_timeout,
+                None => timeouts.statement,
             };
-            let out = match set_statement_timeout(&mut conn, timeout).await {
+            if keeps_resting(want, timeouts.resting) {
+                let out = run(&sql, &mut conn, &namespace, op).await.map_err(map_sqlx);
+                conn.finished();
+                return out;
+            }
+            timeouts.sets.fetch_add(1, Ordering::Relaxed);
+            let out = match set_statement_timeout(&mut conn, want).await {
                 Ok(()) => run(&sql, &mut conn, &namespace, op).await.map_err(map_sqlx),
                 Err(e) => Err(e),
             };
-            conn.finished();
+            // The caller has its answer now; the connection goes back to
+            // the pool once it has the resting value again.
+            timeouts.sets.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(restore(conn, timeouts));
             out
         }
     }
@@ -612,7 +729,7 @@ impl PostgresBackend {
         let Some((conn, held)) = session.as_mut() else {
             return Ok(0);
         };
-        set_statement_timeout(conn, self.statement_timeout).await?;
+        set_statement_timeout(conn, self.timeouts.statement).await?;
         if !*held {
             *held = sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
                 .bind(self.sql.purge_lock)
@@ -639,9 +756,10 @@ impl PostgresBackend {
         .await
     }
 
+    /// One statement on a pooled connection, under its resting statement
+    /// timeout: nothing to restore.
     async fn ping(&self) -> Result<(), Error> {
         let mut conn = Checkout::new(self.pool.acquire().await.map_err(map_sqlx)?);
-        set_statement_timeout(&mut conn, self.statement_timeout).await?;
         sqlx::query("SELECT 1")
             .execute(&mut *conn)
             .await
@@ -733,9 +851,34 @@ async fn run(
     }
 }
 
+/// A pooled connection idle for at least this long is pinged before an
+/// operation gets it, so one the server or the network dropped meanwhile
+/// is replaced instead of failing the operation. One idle for less was
+/// pinged when it came back to the pool a moment ago.
+const PING_WHEN_IDLE: Duration = Duration::from_secs(1);
+
 /// How long an operation whose caller gave up at its deadline may go on
 /// in the background before its connection is closed instead.
 const ABANDONED_GRACE: Duration = Duration::from_secs(5);
+
+/// How long restoring a connection's resting statement timeout may take
+/// before the connection is closed instead.
+const RESTORE_GRACE: Duration = Duration::from_secs(5);
+
+/// Gives `conn` its resting statement timeout back, then returns it to
+/// the pool; closes it when that fails or takes longer than
+/// [`RESTORE_GRACE`], so that no connection with another value is ever
+/// pooled.
+async fn restore(mut conn: Checkout, timeouts: Arc<Timeouts>) {
+    let restored = tokio::time::timeout(
+        RESTORE_GRACE,
+        set_statement_timeout(&mut conn, timeouts.resting),
+    )
+    .await;
+    if matches!(restored, Ok(Ok(()))) {
+        conn.finished();
+    }
+}
 
 /// A pooled connection that goes back to the pool only when its user
 /// finished with it. Dropped in the middle of a statement (its future
@@ -783,10 +926,9 @@ impl Drop for Checkout {
     }
 }
 
-/// Sets the session's statement timeout. Every use of a pooled connection
-/// sets it first, since the previous user may have left a shorter one; a
-/// session setting costs one round trip, where a transaction with
-/// `SET LOCAL` would cost two more (BEGIN and COMMIT).
+/// Sets the session's statement timeout: one round trip, where a
+/// transaction with `SET LOCAL` would cost two more (BEGIN and COMMIT). On
+/// a pooled connection, [`restore`] must follow.
 async fn set_statement_timeout(
     conn: &mut PgConnection,
     timeout: Option<Duration>,

@@ -43,7 +43,11 @@ impl Gateway {
             )),
             BackendKind::Memory => Arc::new(MemoryConnector::new()),
             BackendKind::Postgres(s) => {
-                Arc::new(PostgresConnector::new(s.config(&b.pool)).map_err(invalid)?)
+                let config = crate::backend::postgres::PostgresConfig {
+                    common_timeout: self.settings.common_timeout(name),
+                    ..s.config(&b.pool)
+                };
+                Arc::new(PostgresConnector::new(config).map_err(invalid)?)
             }
             BackendKind::Redis(s) => Arc::new(
                 RedisConnector::new(s.config(&b.pool))

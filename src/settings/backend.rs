@@ -578,6 +578,9 @@ impl PostgresSettings {
             max_lifetime: Some(self.max_lifetime),
             statement_timeout: self.statement_timeout,
             application_name: PostgresConfig::default().application_name,
+            // The namespaces' timeouts are not the backend's to know; the
+            // gateway fills this in (see `Settings::common_timeout`).
+            common_timeout: None,
         }
     }
 }

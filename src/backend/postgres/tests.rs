@@ -8,7 +8,10 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, Executor, PgConnection};
 use tokio::time::Instant;
 
-use super::{PostgresBackend, PostgresConfig, PostgresConnector, MIGRATIONS};
+use super::{
+    keeps_resting, resting_timeout, tolerance, PostgresBackend, PostgresConfig, PostgresConnector,
+    MIGRATIONS, PING_WHEN_IDLE,
+};
 use crate::backend::{Backend, Connector, Error, Op, Outcome};
 use crate::testing::Cleanup;
 
@@ -70,11 +73,21 @@ impl DropTables {
 
 /// A backend on a table of its own with a pool of `max_connections`.
 async fn small_pool(max_connections: u32) -> (PostgresBackend, DropTables) {
+    resting_pool(max_connections, None).await
+}
+
+/// A backend on a table of its own with a pool of `max_connections`, for
+/// namespaces whose requests mostly have `common_timeout`.
+async fn resting_pool(
+    max_connections: u32,
+    common_timeout: Option<Duration>,
+) -> (PostgresBackend, DropTables) {
     let table = unique_table();
     let guard = DropTables::new(&table);
     let backend = PostgresConnector::new(PostgresConfig {
         max_connections,
         min_connections: 1,
+        common_timeout,
         ..config(&table)
     })
     .expect("valid config")
@@ -669,6 +682,249 @@ async fn connections_of_operations_cut_off_at_their_deadline_come_back_to_the_po
     }
     while let Some(res) = after.join_next().await {
         res.expect("put task").expect("put after the cut-offs");
+    }
+    close(&b.pool).await;
+}
+
+/// The `statement_timeout` of the connection `conn`'s session, in
+/// milliseconds (0: none).
+async fn statement_timeout_ms(conn: &mut PgConnection) -> i64 {
+    tokio::time::timeout(
+        PATIENCE,
+        sqlx::query_scalar(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'statement_timeout'",
+        )
+        .fetch_one(conn),
+    )
+    .await
+    .expect("reading the statement timeout timed out")
+    .expect("statement timeout")
+}
+
+/// The `statement_timeout` of every connection of `b`'s pool of `size`
+/// (all of them checked out at once), in milliseconds. A connection comes
+/// out of the pool only after its last user restored it.
+async fn pooled_statement_timeouts_ms(b: &PostgresBackend, size: usize) -> Vec<i64> {
+    let mut conns = Vec::new();
+    for _ in 0..size {
+        conns.push(
+            tokio::time::timeout(PATIENCE, b.pool.acquire())
+                .await
+                .expect("no connection came back to the pool")
+                .expect("acquire"),
+        );
+    }
+    let mut settings = Vec::new();
+    for conn in &mut conns {
+        settings.push(statement_timeout_ms(conn).await);
+    }
+    settings
+}
+
+fn get_op(key: &str) -> Op {
+    Op::Get { key: key.into() }
+}
+
+#[test]
+fn operations_close_below_the_resting_timeout_keep_it() {
+    let ms = Duration::from_millis;
+    assert_eq!(tolerance(ms(100)), ms(2), "the floor");
+    assert_eq!(tolerance(ms(5000)), ms(50), "1 %");
+    for resting in [ms(100), ms(300), ms(5000)] {
+        let tol = tolerance(resting);
+        let r = Some(resting);
+        assert!(keeps_resting(Some(resting), r), "{resting:?}");
+        assert!(keeps_resting(Some(resting - tol), r), "{resting:?}");
+        assert!(
+            !keeps_resting(Some(resting - tol - Duration::from_nanos(1)), r),
+            "{resting:?}: too short"
+        );
+        assert!(
+            !keeps_resting(Some(resting + Duration::from_nanos(1)), r),
+            "{resting:?}: the server would cancel before the deadline"
+        );
+        assert!(!keeps_resting(None, r), "no bound wanted, one resting");
+        assert!(
+            !keeps_resting(Some(resting), None),
+            "a bound wanted, none resting"
+        );
+    }
+    assert!(keeps_resting(None, None));
+
+    let with = |statement_timeout, common_timeout| PostgresConfig {
+        statement_timeout,
+        common_timeout,
+        ..PostgresConfig::default()
+    };
+    assert_eq!(resting_timeout(&with(None, None)), None);
+    assert_eq!(resting_timeout(&with(Some(ms(7)), None)), Some(ms(7)));
+    assert_eq!(resting_timeout(&with(None, Some(ms(9)))), Some(ms(9)));
+    assert_eq!(
+        resting_timeout(&with(Some(ms(7)), Some(ms(9)))),
+        Some(ms(7))
+    );
+    assert_eq!(
+        resting_timeout(&with(Some(ms(9)), Some(ms(7)))),
+        Some(ms(7))
+    );
+}
+
+#[tokio::test]
+async fn operations_with_the_common_deadline_take_one_round_trip() {
+    // Long enough that the way from `Instant::now()` to the connection
+    // always stays within the tolerance (50 ms).
+    let common = Duration::from_secs(5);
+    let (b, _guard) = resting_pool(2, Some(common)).await;
+    assert_eq!(pooled_statement_timeouts_ms(&b, 2).await, [5000, 5000]);
+    let sets = || b.timeouts.sets.load(std::sync::atomic::Ordering::Relaxed);
+
+    for i in 0..50 {
+        let key = format!("k{}", i % 5);
+        let op = if i % 2 == 0 {
+            put_op(&key, b"v")
+        } else {
+            get_op(&key)
+        };
+        b.exec_until("ns", op, Instant::now() + common)
+            .await
+            .expect("common operation");
+    }
+    b.health().await.expect("health");
+    assert_eq!(
+        sets(),
+        0,
+        "a common operation set its own statement timeout"
+    );
+    assert_eq!(pooled_statement_timeouts_ms(&b, 2).await, [5000, 5000]);
+
+    // A caller with a deadline of its own sets it, and the connection gets
+    // the resting value back before anyone else can have it.
+    for i in 0..5u64 {
+        b.exec_until(
+            "ns",
+            get_op("k0"),
+            Instant::now() + Duration::from_millis(800 + i),
+        )
+        .await
+        .expect("short operation");
+        assert_eq!(sets(), 2 * (i + 1), "a setting and its restore");
+    }
+    assert_eq!(pooled_statement_timeouts_ms(&b, 2).await, [5000, 5000]);
+    // So do one with a longer deadline and one without any.
+    b.exec_until("ns", get_op("k0"), Instant::now() + common * 2)
+        .await
+        .expect("long operation");
+    b.exec("ns", get_op("k0"))
+        .await
+        .expect("unbounded operation");
+    assert_eq!(sets(), 14);
+    assert_eq!(pooled_statement_timeouts_ms(&b, 2).await, [5000, 5000]);
+    close(&b.pool).await;
+}
+
+#[tokio::test]
+async fn the_resting_timeout_cancels_a_common_statement_on_the_server() {
+    // Long enough that the way from `Instant::now()` to the connection
+    // always stays within the tolerance (20 ms).
+    let common = Duration::from_secs(2);
+    let (b, guard) = resting_pool(1, Some(common)).await;
+    b.exec("ns", put_op("k", b"v1")).await.expect("put");
+    let mut holder = lock_row(&guard.table, "k").await;
+
+    let sets_before = b.timeouts.sets.load(std::sync::atomic::Ordering::Relaxed);
+    // The attempt itself, not cut off by the gateway at the deadline: with
+    // the lock held throughout, only the server's statement timeout can end
+    // it.
+    let res = tokio::time::timeout(
+        PATIENCE,
+        b.attempt("ns", put_op("k", b"v2"), Some(Instant::now() + common)),
+    )
+    .await
+    .expect("the statement was not cancelled on the server");
+    assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
+    assert_eq!(
+        b.timeouts.sets.load(std::sync::atomic::Ordering::Relaxed),
+        sets_before,
+        "the statement ran under a timeout of its own"
+    );
+    assert_eq!(active_statements(&guard.table).await, 0);
+    assert_eq!(pooled_statement_timeouts_ms(&b, 1).await, [2000]);
+
+    holder.execute("ROLLBACK").await.expect("rollback");
+    let _ = holder.close().await;
+    match b
+        .exec_until("ns", get_op("k"), Instant::now() + common)
+        .await
+    {
+        Ok(Outcome::Get(Some(r))) => assert_eq!(r.value, Bytes::from_static(b"v1")),
+        other => panic!("{other:?}"),
+    }
+    close(&b.pool).await;
+}
+
+#[tokio::test]
+async fn connections_cut_off_with_a_deadline_of_their_own_come_back_restored() {
+    let (b, guard) = resting_pool(2, Some(Duration::from_secs(3))).await;
+    b.exec("ns", put_op("k", b"v1")).await.expect("put");
+    let holder = lock_row(&guard.table, "k").await;
+    // Short deadlines, each cut off at another point: waiting for a
+    // connection, setting the timeout, the statement, the restore.
+    let b = std::sync::Arc::new(b);
+    let mut cut_off = tokio::task::JoinSet::new();
+    for i in 0..40u64 {
+        let b = std::sync::Arc::clone(&b);
+        let deadline = Instant::now() + Duration::from_millis(20 + (i * 7) % 90);
+        cut_off.spawn(async move { b.exec_until("ns", put_op("k", b"v2"), deadline).await });
+    }
+    while let Some(res) = cut_off.join_next().await {
+        let res = res.expect("put task");
+        assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
+    }
+    drop(holder);
+    assert_eq!(pooled_statement_timeouts_ms(&b, 2).await, [3000, 3000]);
+    close(&b.pool).await;
+}
+
+#[tokio::test]
+async fn a_connection_the_server_dropped_while_idle_is_replaced() {
+    let (b, guard) = small_pool(1).await;
+    b.exec("ns", put_op("k", b"v")).await.expect("put");
+    let pid: i32 = {
+        let mut conn = b.pool.acquire().await.expect("acquire");
+        sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("pid")
+    };
+    let mut admin = admin().await;
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&mut admin)
+        .await
+        .expect("terminate");
+    let patience = Instant::now() + PATIENCE;
+    loop {
+        let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+            .bind(pid)
+            .fetch_one(&mut admin)
+            .await
+            .expect("pg_stat_activity");
+        if alive == 0 {
+            break;
+        }
+        assert!(Instant::now() < patience, "the session was not terminated");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = admin.close().await;
+    // Idle long enough to be checked before use: the operation gets a new
+    // connection, not an error.
+    tokio::time::sleep(PING_WHEN_IDLE + Duration::from_millis(100)).await;
+    match b
+        .exec_until("ns", get_op("k"), Instant::now() + PATIENCE)
+        .await
+    {
+        Ok(Outcome::Get(Some(r))) => assert_eq!(r.value, Bytes::from_static(b"v")),
+        other => panic!("{other:?} (table {})", guard.table),
     }
     close(&b.pool).await;
 }
