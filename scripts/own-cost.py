@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Prism's own cost per request, against the floors it adds to, in one run.
 
-Starts a gateway (PRISM_BINARY, default target/release/prism) with
+Starts a gateway (PRISM_BINARY, default target/release/prism; the load
+generator is always PRISM_BENCH_BINARY, default the same) with
 scripts/gateway-cpu/default.toml (namespaces pg, redis and mem on the local
 PostgreSQL and Redis, gRPC on 127.0.0.1:18980) and the bare tonic KeyValue
 server of examples/bare_kv.rs (BARE_BINARY, default
@@ -37,6 +38,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRISM = os.environ.get("PRISM_BINARY", os.path.join(ROOT, "target/release/prism"))
+# The load generator: `prism bench` of this tree, whichever gateway runs.
+BENCH = os.environ.get("PRISM_BENCH_BINARY", os.path.join(ROOT, "target/release/prism"))
 BARE = os.environ.get("BARE_BINARY", os.path.join(ROOT, "target/release/examples/bare_kv"))
 GW, BARE_ADDR = "127.0.0.1:18980", "127.0.0.1:18990"
 HZ = os.sysconf("SC_CLK_TCK")
@@ -73,7 +76,7 @@ def bench(addr, ns, op, conc, secs, pid=None):
     measured part, read when the bench says it starts measuring and when
     it ends."""
     p = subprocess.Popen(
-        [PRISM, "bench", "--addr", addr, "--namespace", ns, "--op", op,
+        [BENCH, "bench", "--addr", addr, "--namespace", ns, "--op", op,
          "--concurrency", str(conc), "--keys", "1000", "--duration", f"{secs}s",
          "--warmup", "1s", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -149,20 +152,23 @@ def main():
         loads = [os.getloadavg()[0]]
         for r in range(rounds):
             print(f"round {r + 1}/{rounds}", file=sys.stderr)
-            ops, cpu, _ = measured(bare.pid, BARE_ADDR, "mem", "get", 1, secs)
-            add("c1 bare hop", 1e6 / ops)
-            for ns in ["mem", "redis", "pg"]:
-                ops, cpu, err = measured(gw.pid, GW, ns, "get", 1, secs)
-                add(f"c1 prism {ns}", 1e6 / ops)
-                add(f"c1 gateway cpu {ns}", cpu)
+            c1 = [("bare", bare.pid, BARE_ADDR)] + [(ns, gw.pid, GW) for ns in ["mem", "redis", "pg"]]
+            for side, pid, addr in c1 if r % 2 == 0 else reversed(c1):
+                ops, cpu, _ = measured(pid, addr, "mem" if side == "bare" else side, "get", 1, secs)
+                if side == "bare":
+                    add("c1 bare hop", 1e6 / ops)
+                else:
+                    add(f"c1 prism {side}", 1e6 / ops)
+                    add(f"c1 gateway cpu {side}", cpu)
             add("c1 redis direct", redis_direct(secs))
             add("c1 pg direct", pg_direct(secs, script))
-            ops, cpu, _ = measured(bare.pid, BARE_ADDR, "mem", "get", 64, secs)
-            add("c64 bare ops/s", ops)
-            add("c64 bare cpu", cpu)
-            ops, cpu, _ = measured(gw.pid, GW, "mem", "get", 64, secs)
-            add("c64 prism mem ops/s", ops)
-            add("c64 prism mem cpu", cpu)
+            # The order alternates between rounds: neither side always runs
+            # first on a machine whose speed drifts.
+            sides = [("bare", bare.pid, BARE_ADDR), ("prism mem", gw.pid, GW)]
+            for side, pid, addr in sides if r % 2 == 0 else reversed(sides):
+                ops, cpu, _ = measured(pid, addr, "mem", "get", 64, secs)
+                add(f"c64 {side} ops/s", ops)
+                add(f"c64 {side} cpu", cpu)
             for ns in ["mem", "redis", "pg"]:
                 for op in ["get", "put"]:
                     ops, cpu, err = measured(gw.pid, GW, ns, op, 16, secs)

@@ -70,7 +70,7 @@ def main():
         own_cost.wait_port(addr, "the server")
         own_cost.bench(addr, ns, op, conc, 2)
         bench = subprocess.Popen(
-            [own_cost.PRISM, "bench", "--addr", addr, "--namespace", ns, "--op", op,
+            [own_cost.BENCH, "bench", "--addr", addr, "--namespace", ns, "--op", op,
              "--concurrency", str(conc), "--keys", "1000", "--duration", f"{secs + 2}s",
              "--warmup", "1s", "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -337,21 +337,25 @@ impl RedisBackend {
         op: Op,
         deadline: Instant,
     ) -> Result<Outcome, Error> {
-        let mut conn = self.checkout(deadline).await?;
-        match tokio::time::timeout_at(deadline, self.run(&mut conn, namespace, op)).await {
-            Ok(Err(Error::Timeout)) | Err(_) => {
-                drop(Connection::take(conn));
-                Err(Error::Timeout)
-            }
-            // A connection that failed to talk to the server is not trusted
-            // again: the next user would not know it (no `PING` for fresh
-            // connections).
-            Ok(Err(e @ Error::Unavailable(_))) => {
-                drop(Connection::take(conn));
-                Err(e)
-            }
-            Ok(res) => res,
+        // A timer polls its future before itself: without this, a command
+        // whose deadline has already passed would still be sent.
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout);
         }
+        // One timer bounds the checkout and the command.
+        let mut held: Option<Connection> = None;
+        let work = async {
+            let conn = held.insert(self.pool.get().await.map_err(map_pool)?);
+            self.run(conn, namespace, op).await
+        };
+        let res = until(deadline, work).await;
+        // A connection whose command was cut off, or that failed to talk to
+        // the server, is not trusted again: the next user would not know it
+        // (no `PING` for fresh connections).
+        if let (Err(Error::Timeout | Error::Unavailable(_)), Some(conn)) = (&res, held) {
+            drop(Connection::take(conn));
+        }
+        res
     }
 
     /// A pooled connection, waited for until `deadline`.
