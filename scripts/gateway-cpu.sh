@@ -3,7 +3,9 @@
 # with SETTINGS_DIR (whose default.toml must serve gRPC on 127.0.0.1:18980),
 # warms it up with one second of `prism bench`, then runs `prism bench`
 # (PRISM_BENCH_BINARY, default target/release/prism) for SECONDS and reads
-# the gateway's utime + stime from /proc/<pid>/stat over that run.
+# the gateway's utime + stime from /proc/<pid>/stat over the measured part
+# of that run: from the bench's "warmup over, measuring" line (after its
+# keys are populated and its warmup ran) to its end.
 #
 # usage: scripts/gateway-cpu.sh GATEWAY SETTINGS_DIR NAMESPACE OP CONCURRENCY SECONDS
 # prints: ops/s, p50/p99 ms, the gateway's CPU µs per operation, its RSS, errors
@@ -17,9 +19,13 @@ sleep 0.5
 hz=$(getconf CLK_TCK)
 # warm up: populate keys and warm pools
 $BENCH bench --addr 127.0.0.1:18980 --namespace $ns --op $op --concurrency $conc --duration 1s --warmup 1s --json > /dev/null 2>&1
-a=$(awk '{print $14+$15}' /proc/$pid/stat)
-out=$($BENCH bench --addr 127.0.0.1:18980 --namespace $ns --op $op --concurrency $conc --duration ${secs}s --warmup 0s --json 2>/dev/null)
+rm -f "$dir/cpu.a"
+out=$($BENCH bench --addr 127.0.0.1:18980 --namespace $ns --op $op --concurrency $conc --keys 1000 \
+  --duration ${secs}s --warmup 1s --json 2> >(while read -r line; do
+    case "$line" in *"warmup over, measuring"*) awk '{print $14+$15}' /proc/$pid/stat > "$dir/cpu.a" ;; esac
+  done))
 b=$(awk '{print $14+$15}' /proc/$pid/stat)
+a=$(cat "$dir/cpu.a")
 rss=$(awk '/VmRSS/{print $2}' /proc/$pid/status)
 kill $pid; wait $pid 2>/dev/null
 python3 -c "
