@@ -3,8 +3,9 @@
 
 Starts a gateway (PRISM_BINARY, default target/release/prism; the load
 generator is always PRISM_BENCH_BINARY, default the same) with
-scripts/gateway-cpu/default.toml (namespaces pg, redis and mem on the local
-PostgreSQL and Redis, gRPC on 127.0.0.1:18980) and the bare tonic KeyValue
+scripts/gateway-cpu/default.toml (namespaces pg, redis, mem and lite: the
+local PostgreSQL and Redis, memory, and SQLite in /tmp/prism-gateway-cpu;
+gRPC on 127.0.0.1:18980) and the bare tonic KeyValue
 server of examples/bare_kv.rs (BARE_BINARY, default
 target/release/examples/bare_kv, on 127.0.0.1:18990), then alternates, for
 ROUNDS rounds of SECONDS each measurement:
@@ -141,7 +142,7 @@ def main():
         time.sleep(0.5)
         idle_rss = rss_mib(gw.pid)
         # Keys for every namespace (and a row for pgbench).
-        for ns in ["mem", "redis", "pg"]:
+        for ns in ["mem", "lite", "redis", "pg"]:
             bench(GW, ns, "get", 4, 1)
         bench(BARE_ADDR, "mem", "get", 4, 1)
         script = os.path.join(work, "get.sql")
@@ -169,7 +170,7 @@ def main():
                 ops, cpu, _ = measured(pid, addr, "mem", "get", 64, secs)
                 add(f"c64 {side} ops/s", ops)
                 add(f"c64 {side} cpu", cpu)
-            for ns in ["mem", "redis", "pg"]:
+            for ns in ["mem", "lite", "redis", "pg"]:
                 for op in ["get", "put"]:
                     ops, cpu, err = measured(gw.pid, GW, ns, op, 16, secs)
                     add(f"c16 {ns} {op} ops/s", ops)
@@ -191,6 +192,7 @@ def main():
             subprocess.run(["redis-cli", "-h", "127.0.0.1", "DEL", *keys[i:i + 500]],
                            capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree("/tmp/prism-gateway-cpu", ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in raw.items()}
     hop = med["c1 bare hop"]
@@ -212,7 +214,7 @@ def main():
           f"prism/bare median of rounds {ratio:.2f}")
     print("\nconcurrency 16, gateway process only:")
     print("  namespace op    ops/s   CPU µs/op  errors")
-    for ns in ["mem", "redis", "pg"]:
+    for ns in ["mem", "lite", "redis", "pg"]:
         for op in ["get", "put"]:
             print(f"  {ns:9} {op:4} {med[f'c16 {ns} {op} ops/s']:8.0f}  {med[f'c16 {ns} {op} cpu']:9.1f}  "
                   f"{int(sum(raw[f'c16 {ns} {op} errors']))}")
