@@ -383,6 +383,15 @@ mod tests {
         }
     }
 
+    /// A put with a distant deadline, running in a task of its own.
+    fn spawn_put(pool: &Pool, key: &str) -> tokio::task::JoinHandle<Result<Outcome, ApiError>> {
+        let (pool, op) = (pool.clone(), put(key));
+        tokio::spawn(async move {
+            let ns: Arc<str> = "n".into();
+            pool.exec(&ns, op, after(30_000), false, permit()).await
+        })
+    }
+
     fn after(ms: u64) -> Instant {
         Instant::now() + Duration::from_millis(ms)
     }
@@ -422,14 +431,7 @@ mod tests {
     async fn a_failed_incarnation_cuts_its_running_operations_off() {
         let pool = pool();
         open(&pool, Held::new());
-        let ns: Arc<str> = "n".into();
-        let running = {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                pool.exec(&ns, put("k"), after(30_000), false, permit())
-                    .await
-            })
-        };
+        let running = spawn_put(&pool, "k");
         until_running(&pool, 1).await;
         pool.gate.close(true);
         let res = tokio::time::timeout(Duration::from_secs(5), running)
@@ -450,14 +452,7 @@ mod tests {
         let pool = pool();
         let held = Held::new();
         open(&pool, held.clone());
-        let ns: Arc<str> = "n".into();
-        let running = {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                pool.exec(&ns, put("k"), after(30_000), false, permit())
-                    .await
-            })
-        };
+        let running = spawn_put(&pool, "k");
         until_running(&pool, 1).await;
         pool.gate.close(false);
         let early = tokio::time::timeout(Duration::from_millis(100), pool.gate.wait_idle()).await;
@@ -479,15 +474,7 @@ mod tests {
         open(&pool, held.clone());
         let ns: Arc<str> = "n".into();
         // Two run (pool_size) and two wait (queue).
-        let mut running = Vec::new();
-        for i in 0..4 {
-            let pool = pool.clone();
-            let ns = ns.clone();
-            running.push(tokio::spawn(async move {
-                pool.exec(&ns, put(&format!("k{i}")), after(30_000), false, permit())
-                    .await
-            }));
-        }
+        let running: Vec<_> = (0..4).map(|i| spawn_put(&pool, &format!("k{i}"))).collect();
         until_running(&pool, 4).await;
         // The two waiting hold their admission before this one asks.
         let started = Instant::now();

@@ -645,15 +645,10 @@ async fn close(pool: &sqlx::PgPool) {
     );
 }
 
-#[tokio::test]
-async fn connections_of_operations_cut_off_at_their_deadline_come_back_to_the_pool() {
-    let (b, guard) = small_pool(2).await;
-    b.exec("ns", put_op("k", b"v1")).await.expect("put");
-    let holder = lock_row(&guard.table, "k").await;
-
-    // Every put waits for the lock until its deadline; the deadlines end
-    // at many different points of their connection's exchange with the
-    // server (waiting for a connection, setting the timeout, the statement).
+/// Forty puts of `k`, each waiting (behind a lock held on its row) until a
+/// deadline of its own between 20 and 110 ms: every one times out, cut off
+/// at another point of its exchange with the server.
+async fn cut_off_puts(b: PostgresBackend) -> std::sync::Arc<PostgresBackend> {
     let b = std::sync::Arc::new(b);
     let mut cut_off = tokio::task::JoinSet::new();
     for i in 0..40u64 {
@@ -665,6 +660,19 @@ async fn connections_of_operations_cut_off_at_their_deadline_come_back_to_the_po
         let res = res.expect("put task");
         assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
     }
+    b
+}
+
+#[tokio::test]
+async fn connections_of_operations_cut_off_at_their_deadline_come_back_to_the_pool() {
+    let (b, guard) = small_pool(2).await;
+    b.exec("ns", put_op("k", b"v1")).await.expect("put");
+    let holder = lock_row(&guard.table, "k").await;
+
+    // Every put waits for the lock until its deadline; the deadlines end
+    // at many different points of their connection's exchange with the
+    // server (waiting for a connection, setting the timeout, the statement).
+    let b = cut_off_puts(b).await;
     drop(holder);
 
     // Both connections serve again, and the pool closes: none was lost.
@@ -869,17 +877,7 @@ async fn connections_cut_off_with_a_deadline_of_their_own_come_back_restored() {
     let holder = lock_row(&guard.table, "k").await;
     // Short deadlines, each cut off at another point: waiting for a
     // connection, setting the timeout, the statement, the restore.
-    let b = std::sync::Arc::new(b);
-    let mut cut_off = tokio::task::JoinSet::new();
-    for i in 0..40u64 {
-        let b = std::sync::Arc::clone(&b);
-        let deadline = Instant::now() + Duration::from_millis(20 + (i * 7) % 90);
-        cut_off.spawn(async move { b.exec_until("ns", put_op("k", b"v2"), deadline).await });
-    }
-    while let Some(res) = cut_off.join_next().await {
-        let res = res.expect("put task");
-        assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
-    }
+    let b = cut_off_puts(b).await;
     drop(holder);
     assert_eq!(pooled_statement_timeouts_ms(&b, 2).await, [3000, 3000]);
     close(&b.pool).await;
