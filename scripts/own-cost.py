@@ -12,6 +12,9 @@ ROUNDS rounds of SECONDS each measurement:
 
 - `prism bench` Get at concurrency 1 against the bare server and against
   the gateway's mem, redis and pg namespaces (mean latency = 1 / ops/s);
+- the same against the bare server in front of Redis (127.0.0.1:18991) and
+  of PostgreSQL (127.0.0.1:18992), each reached through its own Rust
+  client, one statement per Get (examples/bare_kv.rs with a database URL);
 - the databases' own clients at concurrency 1: redis-benchmark GET and
   pgbench running the SELECT of a Prism Get on the same table and row;
 - Get at concurrency 64 against the bare server and the mem namespace;
@@ -20,7 +23,9 @@ ROUNDS rounds of SECONDS each measurement:
   concurrency 16 on every namespace.
 
 Prism's own cost beyond the hop = latency through Prism - bare hop latency
-- the database client's latency. Prints medians over the rounds, the
+- the database client's latency; and beyond a bare server using the
+database's client = latency through Prism - latency through that bare
+server (and the same for the gateway's CPU per Get). Prints medians over the rounds, the
 load average, and every raw figure.
 
 usage: scripts/own-cost.py [ROUNDS] [SECONDS]
@@ -43,6 +48,8 @@ PRISM = os.environ.get("PRISM_BINARY", os.path.join(ROOT, "target/release/prism"
 BENCH = os.environ.get("PRISM_BENCH_BINARY", os.path.join(ROOT, "target/release/prism"))
 BARE = os.environ.get("BARE_BINARY", os.path.join(ROOT, "target/release/examples/bare_kv"))
 GW, BARE_ADDR = "127.0.0.1:18980", "127.0.0.1:18990"
+BARE_DB = {"redis": ("127.0.0.1:18991", "redis://127.0.0.1:6379"),
+           "pg": ("127.0.0.1:18992", "postgres://postgres@127.0.0.1:5432/test")}
 HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -82,13 +89,16 @@ def bench(addr, ns, op, conc, secs, pid=None):
          "--warmup", "1s", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     a = None
+    said = []
     for line in p.stderr:
+        said.append(line)
         if "warmup over, measuring" in line and pid is not None:
             a = cpu_ticks(pid)
     out = p.stdout.read()
     p.wait()
     if p.returncode != 0:
-        sys.exit(f"prism bench failed ({p.returncode}) against {addr} {ns} {op}")
+        sys.exit(f"prism bench failed ({p.returncode}) against {addr} {ns} {op}:\n"
+                 + "".join(said[-5:]))
     ticks = cpu_ticks(pid) - a if pid is not None and a is not None else None
     return json.loads(out), ticks
 
@@ -131,6 +141,9 @@ def main():
                           stderr=subprocess.STDOUT)
     bare = subprocess.Popen([BARE, BARE_ADDR], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    bare_db = {ns: subprocess.Popen([BARE, addr, url], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+               for ns, (addr, url) in BARE_DB.items()}
     raw = {}
 
     def add(name, value):
@@ -139,12 +152,16 @@ def main():
     try:
         wait_port(GW, "the gateway")
         wait_port(BARE_ADDR, "the bare server")
+        for ns, (addr, _) in BARE_DB.items():
+            wait_port(addr, f"the bare server in front of {ns}")
         time.sleep(0.5)
         idle_rss = rss_mib(gw.pid)
         # Keys for every namespace (and a row for pgbench).
         for ns in ["mem", "lite", "redis", "pg"]:
             bench(GW, ns, "get", 4, 1)
         bench(BARE_ADDR, "mem", "get", 4, 1)
+        for ns, (addr, _) in BARE_DB.items():
+            bench(addr, ns, "get", 4, 1)
         script = os.path.join(work, "get.sql")
         with open(script, "w") as f:
             f.write("SELECT value, expires_at FROM public.prism_ab_kv "
@@ -153,11 +170,16 @@ def main():
         loads = [os.getloadavg()[0]]
         for r in range(rounds):
             print(f"round {r + 1}/{rounds}", file=sys.stderr)
-            c1 = [("bare", bare.pid, BARE_ADDR)] + [(ns, gw.pid, GW) for ns in ["mem", "redis", "pg"]]
+            c1 = ([("bare", bare.pid, BARE_ADDR)] + [(ns, gw.pid, GW) for ns in ["mem", "redis", "pg"]]
+                  + [(f"bare {ns}", bare_db[ns].pid, addr) for ns, (addr, _) in BARE_DB.items()])
             for side, pid, addr in c1 if r % 2 == 0 else reversed(c1):
-                ops, cpu, _ = measured(pid, addr, "mem" if side == "bare" else side, "get", 1, secs)
+                ns = {"bare": "mem", "bare redis": "redis", "bare pg": "pg"}.get(side, side)
+                ops, cpu, _ = measured(pid, addr, ns, "get", 1, secs)
                 if side == "bare":
                     add("c1 bare hop", 1e6 / ops)
+                elif side.startswith("bare "):
+                    add(f"c1 {side}", 1e6 / ops)
+                    add(f"c1 {side} cpu", cpu)
                 else:
                     add(f"c1 prism {side}", 1e6 / ops)
                     add(f"c1 gateway cpu {side}", cpu)
@@ -179,15 +201,19 @@ def main():
             loads.append(os.getloadavg()[0])
         rss_after = rss_mib(gw.pid)
     finally:
-        for p in (gw, bare):
+        procs = [gw, bare, *bare_db.values()]
+        for p in procs:
             p.terminate()
-        for p in (gw, bare):
+        for p in procs:
             p.wait()
         subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc",
-                        "DROP TABLE IF EXISTS public.prism_ab_kv, public.prism_ab_kv_schema_version"],
+                        "DROP TABLE IF EXISTS public.prism_ab_kv, public.prism_ab_kv_schema_version, "
+                        "public.prism_bare_kv"],
                        capture_output=True)
-        keys = subprocess.run(["redis-cli", "-h", "127.0.0.1", "--scan", "--pattern", "prism-ab*"],
-                              capture_output=True, text=True).stdout.split()
+        keys = []
+        for pattern in ["prism-ab*", "prism-bare:*"]:
+            keys += subprocess.run(["redis-cli", "-h", "127.0.0.1", "--scan", "--pattern", pattern],
+                                   capture_output=True, text=True).stdout.split()
         for i in range(0, len(keys), 500):
             subprocess.run(["redis-cli", "-h", "127.0.0.1", "DEL", *keys[i:i + 500]],
                            capture_output=True)
@@ -205,6 +231,10 @@ def main():
         own = med[f"c1 prism {ns}"] - hop - med[direct]
         print(f"  prism {ns:5} get          {med[f'c1 prism {ns}']:8.1f}   direct client {med[direct]:6.1f}   "
               f"own cost beyond hop + direct {own:6.1f}")
+    for ns in ["redis", "pg"]:
+        through, floor = med[f"c1 prism {ns}"], med[f"c1 bare {ns}"]
+        print(f"  bare tonic + {ns:5} client {floor:8.1f}   prism {ns} get beyond it {through - floor:6.1f}   "
+              f"CPU µs/op prism {med[f'c1 gateway cpu {ns}']:.1f} vs bare {med[f'c1 bare {ns} cpu']:.1f}")
     print(f"  gateway CPU µs per get at c1: mem {med['c1 gateway cpu mem']:.1f}, "
           f"redis {med['c1 gateway cpu redis']:.1f}, pg {med['c1 gateway cpu pg']:.1f}")
     ratio = statistics.median(

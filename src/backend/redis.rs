@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use deadpool_redis::redis::aio::ConnectionLike;
-use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::{self, IntoConnectionInfo, RedisError, Value};
 use deadpool_redis::{Manager, PoolError, Runtime, TimeoutType};
 use tokio::time::Instant;
@@ -151,20 +150,26 @@ impl RedisConnector {
         let connection = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(c.create_timeout))
             .set_response_timeout(Some(c.command_timeout));
-        let manager = Manager::new_with_config(c.url.as_str(), connection).map_err(|e| {
+        let invalid = |e| {
             Error::Internal(context(
                 format!("invalid redis url {}", redact_url(&c.url)),
                 e,
             ))
-        })?;
-        let pool = Pool::builder(FreshManager { inner: manager })
-            .max_size(c.max_size.max(1))
-            .wait_timeout(Some(c.wait_timeout))
-            .create_timeout(Some(c.create_timeout))
-            .recycle_timeout(Some(c.recycle_timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| Error::Internal(context("cannot build the redis pool", e)))?;
+        };
+        let manager = Manager::new_with_config(c.url.as_str(), connection).map_err(invalid)?;
+        let info = c.url.as_str().into_connection_info().map_err(invalid)?;
+        let direct = DirectTarget::of(&info, c.command_timeout);
+        let pool = Pool::builder(FreshManager {
+            inner: manager,
+            direct,
+        })
+        .max_size(c.max_size.max(1))
+        .wait_timeout(Some(c.wait_timeout))
+        .create_timeout(Some(c.create_timeout))
+        .recycle_timeout(Some(c.recycle_timeout))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| Error::Internal(context("cannot build the redis pool", e)))?;
         // The pool connects lazily: connect now, so that an unreachable
         // server fails the start, and load the scripts while at it.
         let loaded = async {
@@ -268,34 +273,72 @@ impl Connector for RedisConnector {
 /// out again without a `PING` first.
 const FRESH: Duration = Duration::from_secs(1);
 
-/// deadpool-redis' manager, except that a connection handed out within
-/// [`FRESH`] of its previous use goes straight to its next user: under load
-/// that saves a round trip per operation. A connection idle for longer is
-/// pinged as before. A connection whose command failed in a way that may
-/// have left it broken is never returned to the pool (see
-/// `RedisBackend::exec_bounded`), so skipping the ping never hands a known
-/// broken connection out again.
+/// Makes the pool's connections: direct ones (see [`direct`]) where the URL
+/// allows, deadpool-redis' multiplexed ones otherwise. A connection handed
+/// out within [`FRESH`] of its previous use goes straight to its next user:
+/// under load that saves a round trip per operation. A connection idle for
+/// longer is pinged first. A connection whose command failed in a way that
+/// may have left it broken is never returned to the pool (see
+/// `RedisBackend::exec_bounded`), and a direct connection cut off
+/// mid-request (its operation dropped) is discarded here, so skipping the
+/// ping never hands a known broken connection out again.
 struct FreshManager {
     inner: Manager,
+    direct: Option<DirectTarget>,
 }
 
 impl deadpool::managed::Manager for FreshManager {
-    type Type = MultiplexedConnection;
+    type Type = Conn;
     type Error = RedisError;
 
-    async fn create(&self) -> Result<MultiplexedConnection, RedisError> {
-        deadpool::managed::Manager::create(&self.inner).await
+    // Connecting and checking are boxed: deadpool's checkout future holds
+    // both inline, and every operation would otherwise carry (and copy)
+    // the state of a whole connection handshake, some 14 KiB.
+    async fn create(&self) -> Result<Conn, RedisError> {
+        Box::pin(async {
+            Ok(match &self.direct {
+                Some(target) => Conn::Direct(target.connect().await?),
+                None => Conn::Multiplexed(deadpool::managed::Manager::create(&self.inner).await?),
+            })
+        })
+        .await
     }
 
     async fn recycle(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         metrics: &deadpool::managed::Metrics,
     ) -> deadpool::managed::RecycleResult<RedisError> {
+        if !conn.is_usable() {
+            return Err(deadpool::managed::RecycleError::message(
+                "connection was cut off in the middle of a request",
+            ));
+        }
         if metrics.last_used() < FRESH {
             return Ok(());
         }
-        deadpool::managed::Manager::recycle(&self.inner, conn, metrics).await
+        Box::pin(self.ping(conn, metrics)).await
+    }
+}
+
+impl FreshManager {
+    async fn ping(
+        &self,
+        conn: &mut Conn,
+        metrics: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<RedisError> {
+        match conn {
+            Conn::Multiplexed(conn) => {
+                deadpool::managed::Manager::recycle(&self.inner, conn, metrics).await
+            }
+            Conn::Direct(_) => {
+                let _: String = redis::cmd("PING")
+                    .query_async(conn)
+                    .await
+                    .map_err(deadpool::managed::RecycleError::Backend)?;
+                Ok(())
+            }
+        }
     }
 }
 
@@ -346,7 +389,7 @@ impl RedisBackend {
         let mut held: Option<Connection> = None;
         let work = async {
             let conn = held.insert(self.pool.get().await.map_err(map_pool)?);
-            self.run(conn, namespace, op).await
+            self.run(&mut conn.within_deadline(), namespace, op).await
         };
         let res = until(deadline, work).await;
         // A connection whose command was cut off, or that failed to talk to
@@ -363,9 +406,9 @@ impl RedisBackend {
         until(deadline, async { self.pool.get().await.map_err(map_pool) }).await
     }
 
-    async fn run(
+    async fn run<C: ConnectionLike + Send>(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut C,
         namespace: &str,
         op: Op,
     ) -> Result<Outcome, Error> {
@@ -379,17 +422,18 @@ impl RedisBackend {
                 keys_only,
             } => {
                 let range = KeyRange::new(&prefix, after.as_deref());
-                // One item past the page tells whether more follow.
-                let items = keyspace
-                    .scan(
-                        conn,
-                        &self.scan,
-                        &range,
-                        fetch_count(limit),
-                        max_bytes,
-                        keys_only,
-                    )
-                    .await?;
+                // One item past the page tells whether more follow. Boxed:
+                // a scan's state is the largest of any operation's, and
+                // every operation's future would otherwise carry it.
+                let items = Box::pin(keyspace.scan(
+                    conn,
+                    &self.scan,
+                    &range,
+                    fetch_count(limit),
+                    max_bytes,
+                    keys_only,
+                ))
+                .await?;
                 scan_page(items.into_iter().map(Ok::<_, Error>), limit, max_bytes)
             }
             op @ Op::Put { .. } => {
@@ -603,8 +647,11 @@ impl Backend for RedisBackend {
     }
 }
 
+mod direct;
 mod keyspace;
 mod lease;
+
+use direct::{Conn, DirectTarget};
 
 pub(super) use keyspace::*;
 pub use lease::DEFAULT_PURGE_LEASE;

@@ -460,13 +460,40 @@ where
 }
 
 /// Runs `work` until `deadline`, answering [`Error::Timeout`] when it passes.
-pub async fn until<T>(
-    deadline: tokio::time::Instant,
-    work: impl Future<Output = Result<T, Error>>,
-) -> Result<T, Error> {
-    tokio::time::timeout_at(deadline, work)
-        .await
-        .unwrap_or(Err(Error::Timeout))
+pub fn until<T, F>(deadline: tokio::time::Instant, work: F) -> Until<F>
+where
+    F: Future<Output = Result<T, Error>>,
+{
+    Until {
+        timed: tokio::time::timeout_at(deadline, work),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`until`]. Not an `async fn`: one would hold `work`
+    /// twice (as its argument and inside the timer), and an operation's
+    /// future is copied whole wherever it is moved or boxed.
+    pub struct Until<F> {
+        #[pin]
+        timed: tokio::time::Timeout<F>,
+    }
+}
+
+impl<T, F> Future for Until<F>
+where
+    F: Future<Output = Result<T, Error>>,
+{
+    type Output = Result<T, Error>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.project()
+            .timed
+            .poll(cx)
+            .map(|out| out.unwrap_or(Err(Error::Timeout)))
+    }
 }
 
 #[cfg(test)]

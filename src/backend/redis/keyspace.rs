@@ -222,10 +222,18 @@ impl Keyspace {
     /// The keyspace whose keys start with `P:{tag}:`; `tag` must already be
     /// escaped (see [`ns_tag`]).
     pub(in crate::backend) fn new(prefix: &str, tag: &str) -> Self {
-        Keyspace {
-            index: format!("{prefix}:{{{tag}}}:idx"),
-            values: format!("{prefix}:{{{tag}}}:v:"),
-        }
+        // Built by hand: `format!` costs several times as much, on every
+        // operation.
+        let mut values = String::with_capacity(prefix.len() + tag.len() + 8);
+        values.push_str(prefix);
+        values.push_str(":{");
+        values.push_str(tag);
+        values.push_str("}:");
+        let mut index = String::with_capacity(values.len() + 3);
+        index.push_str(&values);
+        index.push_str("idx");
+        values.push_str("v:");
+        Keyspace { index, values }
     }
 
     /// Runs one single-key operation (not a scan, which may span keyspaces).

@@ -461,3 +461,143 @@ async fn connections_report_the_pool() {
     b.close().await;
     assert!(b.health().await.is_err(), "a closed backend still answers");
 }
+
+#[tokio::test]
+async fn plain_urls_connect_directly_and_tls_or_resp3_multiplex() {
+    use deadpool_redis::redis::IntoConnectionInfo;
+    let target = |url: &str| {
+        let info = url.into_connection_info().expect("url");
+        super::DirectTarget::of(&info, Duration::from_secs(1)).is_some()
+    };
+    assert!(target("redis://127.0.0.1:6379/2"));
+    assert!(target("redis://user:secret@127.0.0.1:6379"));
+    assert!(target("redis+unix:///run/redis.sock"));
+    assert!(!target("rediss://127.0.0.1:6380"));
+    assert!(!target("redis://127.0.0.1:6379/?protocol=resp3"));
+
+    let (b, _guard) = fresh_concrete().await;
+    let conn = b.pool.get().await.expect("connection");
+    assert!(matches!(*conn, super::Conn::Direct(_)));
+}
+
+/// The server's id of the client on `conn`.
+async fn id(conn: &mut super::Conn) -> i64 {
+    redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut conn.within_deadline())
+        .await
+        .expect("client id")
+}
+
+#[tokio::test]
+async fn a_request_cut_off_midway_never_reaches_the_next_user() {
+    let prefix = unique_prefix();
+    let guard = DropKeys::new(&prefix);
+    let b = RedisConnector::new(RedisConfig {
+        max_size: 1,
+        ..config(&prefix)
+    })
+    .expect("config")
+    .open()
+    .await
+    .expect("connect");
+    put(&b, "ns", "k", None).await;
+    let mut conn = b.pool.get().await.expect("connection");
+    let first = id(&mut conn).await;
+    // A BLPOP that answers (nil) 300 ms later, cut off after 50 ms: the
+    // connection goes back to the pool with that reply still on its way,
+    // as it does when an operation's caller goes away.
+    let blocked = guard.prefix.clone() + ":{t}:list";
+    let cut = tokio::time::timeout(Duration::from_millis(50), async {
+        redis::cmd("BLPOP")
+            .arg(&blocked)
+            .arg(0.3)
+            .query_async::<Value>(&mut conn.within_deadline())
+            .await
+    })
+    .await;
+    assert!(cut.is_err(), "BLPOP answered early: {cut:?}");
+    assert!(!conn.is_usable());
+    drop(conn);
+    // The next user gets a new connection and its own replies.
+    let mut conn = b.pool.get().await.expect("connection");
+    assert_ne!(
+        id(&mut conn).await,
+        first,
+        "the cut-off connection was reused"
+    );
+    drop(conn);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = b
+        .exec("ns", Op::Get { key: "k".into() })
+        .await
+        .expect("get");
+    assert!(matches!(got, Outcome::Get(Some(_))), "{got:?}");
+    assert_eq!(
+        b.exec("ns", Op::Exists { key: "k".into() })
+            .await
+            .expect("exists"),
+        Outcome::Exists(true)
+    );
+}
+
+#[tokio::test]
+async fn a_direct_connection_selects_the_urls_database_and_authenticates() {
+    let prefix = unique_prefix();
+    let base = url();
+    let in_db = |db: u8| format!("{}/{db}", base.trim_end_matches('/'));
+    let b = RedisConnector::new(RedisConfig {
+        url: in_db(3),
+        ..config(&prefix)
+    })
+    .expect("config")
+    .open()
+    .await
+    .expect("connect");
+    put(&b, "ns", "k", None).await;
+    let mut db3 = redis::Client::open(in_db(3))
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to db 3");
+    let keys = keys_under(&mut db3, &prefix).await;
+    assert!(!keys.is_empty(), "nothing written in database 3");
+    assert!(keys_under(&mut admin().await, &prefix).await.is_empty());
+    for chunk in keys.chunks(500) {
+        let _: i64 = redis::cmd("DEL")
+            .arg(chunk)
+            .query_async(&mut db3)
+            .await
+            .expect("del");
+    }
+
+    // A password the server does not take fails the connect, naming AUTH.
+    let wrong = base.replacen("redis://", "redis://prism-nobody:wrong@", 1);
+    let err = RedisConnector::new(RedisConfig {
+        url: wrong,
+        ..config(&prefix)
+    })
+    .expect("config")
+    .open()
+    .await
+    .err()
+    .expect("a wrong password connected");
+    let message = format!("{err}: {:?}", std::error::Error::source(&err));
+    assert!(
+        message.contains("WRONGPASS") || message.contains("AUTH"),
+        "{message}"
+    );
+}
+
+/// An operation's future is moved into a box for every call, and its bytes
+/// are copied each time it moves: keep connecting, checking and scanning out
+/// of its state (all three are boxed where they happen).
+#[tokio::test]
+async fn an_operations_future_stays_small() {
+    let (b, _guard) = fresh_concrete().await;
+    let get = b.exec_bounded("ns", Op::Get { key: "k".into() }, Instant::now());
+    let size = std::mem::size_of_val(&get);
+    // 14.7 KiB when deadpool's checkout held a whole connection handshake
+    // inline; about 1.5 KiB in a debug build now.
+    assert!(size <= 4096, "an operation's future takes {size} bytes");
+}
