@@ -162,6 +162,9 @@ impl<M: Send + 'static> Shared<M> {
 }
 
 impl<M: Send + 'static> Probe for Shared<M> {
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
     fn state(&self) -> ActorState {
         ActorState::from_u8(self.state.load(Ordering::Acquire))
     }

@@ -80,6 +80,7 @@ pub(crate) type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 
 /// Live figures of one actor, read without messaging it.
 pub(crate) trait Probe: Send + Sync {
+    fn name(&self) -> &Arc<str>;
     fn state(&self) -> ActorState;
     fn restarts(&self) -> u32;
     fn mailbox_depth(&self) -> usize;
@@ -87,40 +88,62 @@ pub(crate) trait Probe: Send + Sync {
 }
 
 struct Entry {
-    name: Arc<str>,
     parent: Option<u64>,
+    /// The child's seq in its parent: lets a supervisor find a child by id
+    /// here, with no id map of its own.
+    seq: u64,
     supervisor: bool,
     probe: Arc<dyn Probe>,
 }
 
-/// Every actor of one supervision tree, by id.
+/// Every actor of one supervision tree, by id. It is also how a supervisor
+/// finds its children by id (for removals and duplicate checks): one hash
+/// insert per child, not one here and one in the supervisor.
 #[derive(Clone, Default)]
 pub(crate) struct Registry {
     inner: Arc<Mutex<IdMap<u64, Entry>>>,
 }
 
 impl Registry {
+    /// Registers actor `id` as child `seq` of `parent`; false (and nothing
+    /// changed) if the tree has an actor with this id already.
     pub(crate) fn insert(
         &self,
         id: u64,
-        name: Arc<str>,
         parent: Option<u64>,
+        seq: u64,
         supervisor: bool,
         probe: Arc<dyn Probe>,
-    ) {
-        self.lock().insert(
-            id,
-            Entry {
-                name,
-                parent,
-                supervisor,
-                probe,
-            },
-        );
+    ) -> bool {
+        match self.lock().entry(id) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Entry {
+                    parent,
+                    seq,
+                    supervisor,
+                    probe,
+                });
+                true
+            }
+        }
     }
 
     pub(crate) fn remove(&self, id: u64) {
         self.lock().remove(&id);
+    }
+
+    /// True if the tree has an actor with this id.
+    pub(crate) fn contains(&self, id: u64) -> bool {
+        self.lock().contains_key(&id)
+    }
+
+    /// The seq of actor `id` if it is a child of `parent`.
+    pub(crate) fn child_seq(&self, id: u64, parent: u64) -> Option<u64> {
+        self.lock()
+            .get(&id)
+            .filter(|e| e.parent == Some(parent))
+            .map(|e| e.seq)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, IdMap<u64, Entry>> {
@@ -150,7 +173,7 @@ impl Registry {
         ) -> Option<ActorInfo> {
             let e = map.get(&id)?;
             Some(ActorInfo {
-                name: String::from(&*e.name),
+                name: String::from(&**e.probe.name()),
                 id,
                 parent: e.parent,
                 supervisor: e.supervisor,

@@ -92,7 +92,6 @@ impl SupervisorRun {
             reason: ExitReason::Shutdown,
             drained: 0,
             children: reports,
-            name: None,
         }
     }
 

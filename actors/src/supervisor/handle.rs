@@ -194,7 +194,7 @@ impl SupervisorHandle {
         self.root.close();
         let report = ShutdownReport {
             root: ActorReport {
-                name: String::from(&*name),
+                name: name.clone(),
                 id,
                 outcome: StopOutcome::of(root.reason),
                 handled: root.drained,

@@ -21,7 +21,7 @@ use super::{
 use crate::addr::{Control, Envelope, Reply, Shared};
 use crate::exit::ExitReason;
 use crate::shutdown::{ActorReport, StopOutcome};
-use crate::tree::{ActorState, IdMap};
+use crate::tree::ActorState;
 
 /// What a supervisor keeps across its own restarts: its configuration and its
 /// children (with their mailboxes).
@@ -33,8 +33,6 @@ pub(super) struct Core {
     pub(super) backoff: Backoff,
     /// Children by seq: start order.
     pub(super) children: Children,
-    /// Child actor id -> seq, so adds and removals need no scan of `children`.
-    ids: IdMap<u64, u64>,
     next_seq: u64,
     /// Incarnations of this supervisor so far.
     incarnations: u64,
@@ -53,7 +51,6 @@ impl Core {
             intensity: Intensity::default(),
             backoff: Backoff::default(),
             children: Children::default(),
-            ids: IdMap::default(),
             next_seq: 0,
             incarnations: 0,
             queued: VecDeque::new(),
@@ -63,7 +60,6 @@ impl Core {
     pub(super) fn push(&mut self, child: Child, dynamic: bool) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.ids.insert(child.slot.id(), seq);
         self.children.push(
             seq,
             Entry {
@@ -119,10 +115,9 @@ impl Entry {
 
     /// A report line for a child that ended (or never ran) during a stop.
     pub(super) fn report(&self, outcome: StopOutcome, exit: Option<SlotExit>) -> ActorReport {
-        let (handled, children, name) =
-            exit.map_or((0, Vec::new(), None), |e| (e.drained, e.children, e.name));
+        let (handled, children) = exit.map_or((0, Vec::new()), |e| (e.drained, e.children));
         ActorReport {
-            name: name.unwrap_or_else(|| String::from(&**self.slot.name())),
+            name: self.slot.name().clone(),
             id: self.slot.id(),
             outcome,
             handled,
@@ -327,7 +322,7 @@ impl SupervisorRun {
                 for child in children {
                     // After a refusal the rest are not supervised either.
                     if res.is_err() {
-                        if !self.core.ids.contains_key(&child.slot.id()) {
+                        if !self.tree.registry.contains(child.slot.id()) {
                             child.slot.close();
                         }
                         continue;
@@ -346,12 +341,17 @@ impl SupervisorRun {
     /// Registers and starts a dynamic child.
     fn add(&mut self, child: Child) -> Result<u64, SupervisorError> {
         let id = child.slot.id();
-        if self.core.ids.contains_key(&id) {
-            // The same mailbox is supervised already: leave it open.
+        let seq = self.core.next_seq;
+        if !child
+            .slot
+            .clone()
+            .register(&self.tree, Some(self.core.id), seq)
+        {
+            // The same mailbox is supervised in this tree already: leave it open.
             return Err(SupervisorError::Duplicate(id));
         }
-        child.slot.clone().register(&self.tree, Some(self.core.id));
-        let seq = self.core.push(child, true);
+        let pushed = self.core.push(child, true);
+        debug_assert_eq!(pushed, seq);
         self.start(seq);
         Ok(id)
     }
@@ -359,10 +359,10 @@ impl SupervisorRun {
     /// Drains and removes a child; the reply is sent once it has stopped.
     fn remove(&mut self, id: u64, reply: Reply<Result<ActorReport, SupervisorError>>) {
         let Some((seq, entry)) = self
-            .core
-            .ids
-            .get(&id)
-            .and_then(|&seq| Some((seq, self.core.children.get_mut(&seq)?)))
+            .tree
+            .registry
+            .child_seq(id, self.core.id)
+            .and_then(|seq| Some((seq, self.core.children.get_mut(&seq)?)))
         else {
             let _ = reply.send(Err(SupervisorError::NoSuchChild(id)));
             return;
@@ -409,7 +409,6 @@ impl SupervisorRun {
     /// Removes a stopped child from the tree and fails its queued asks.
     pub(super) fn discard(&mut self, seq: u64) -> Option<Entry> {
         let entry = self.core.children.remove(&seq)?;
-        self.core.ids.remove(&entry.slot.id());
         self.pending.remove(&seq);
         entry.slot.close();
         entry.slot.unregister(&self.tree);

@@ -24,7 +24,10 @@ pub const DEFAULT_MAILBOX: usize = 64;
 pub(super) trait Slot: Send + Sync {
     /// The child's mailbox and flags, which outlive its incarnations.
     fn lifecycle(&self) -> &dyn Lifecycle;
-    fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>);
+    /// Puts the child (and, for a supervisor, its subtree) into the tree's
+    /// registry as child `seq` of `parent`; false, registering nothing, if
+    /// the tree has an actor with its id already.
+    fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>, seq: u64) -> bool;
     /// Spawns a fresh incarnation, number `run` of child `seq`, which reports
     /// its end on `exits`; `None` if the mailbox is gone.
     fn spawn(self: Arc<Self>, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle>;
@@ -57,20 +60,18 @@ pub(super) trait Slot: Send + Sync {
     }
 }
 
-/// Puts one actor's live figures into the tree's registry, for snapshots.
+/// Puts one actor's live figures into the tree's registry, for snapshots;
+/// false if the tree has an actor with its id already.
 pub(super) fn register_probe<M: Send + 'static>(
     tree: &TreeCtx,
     shared: Arc<Shared<M>>,
     parent: Option<u64>,
+    seq: u64,
     supervisor: bool,
-) {
-    tree.registry.insert(
-        shared.id,
-        shared.name.clone(),
-        parent,
-        supervisor,
-        shared as Arc<dyn Probe>,
-    );
+) -> bool {
+    let id = shared.id;
+    tree.registry
+        .insert(id, parent, seq, supervisor, shared as Arc<dyn Probe>)
 }
 
 /// How a supervisor starts one incarnation of an actor child, given the
@@ -102,15 +103,10 @@ fn spawner<A: Actor>(factory: impl Fn() -> A + Send + Sync + 'static) -> Spawner
                 let (shared, rx) = report.parts();
                 let mut run = Box::pin(incarnation::run(actor, shared, rx));
                 match caught(run.as_mut()).await {
-                    Ok(Exit {
-                        reason,
-                        drained,
-                        name,
-                    }) => SlotExit {
+                    Ok(Exit { reason, drained }) => SlotExit {
                         reason,
                         drained,
                         children: Vec::new(),
-                        name,
                     },
                     Err(p) => SlotExit::new(ExitReason::Panic(p)),
                 }
@@ -125,8 +121,8 @@ impl<M: Send + 'static> Slot for Shared<M> {
     fn lifecycle(&self) -> &dyn Lifecycle {
         self
     }
-    fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>) {
-        register_probe(tree, self, parent, false);
+    fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>, seq: u64) -> bool {
+        register_probe(tree, self, parent, seq, false)
     }
     fn spawn(self: Arc<Self>, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle> {
         let spawner = self.spawner.as_ref()?;
