@@ -377,14 +377,6 @@ impl Slot for SupervisorSlot {
         }
         true
     }
-    fn unregister(&self, tree: &TreeCtx) {
-        tree.registry.remove(self.shared.id);
-        if let Some(core) = lock_core(&self.core).as_ref() {
-            for e in core.children.values() {
-                e.slot.unregister(tree);
-            }
-        }
-    }
     fn spawn(self: Arc<Self>, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle> {
         let tree = self.tree.get()?.clone();
         let lease = self.shared.lease()?;

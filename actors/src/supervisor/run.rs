@@ -21,7 +21,7 @@ use super::{
 use crate::addr::{Control, Envelope, Reply, Shared};
 use crate::exit::ExitReason;
 use crate::shutdown::{ActorReport, StopOutcome};
-use crate::tree::ActorState;
+use crate::tree::{ActorState, IdMap};
 
 /// What a supervisor keeps across its own restarts: its configuration and its
 /// children (with their mailboxes).
@@ -33,6 +33,10 @@ pub(super) struct Core {
     pub(super) backoff: Backoff,
     /// Children by seq: start order.
     pub(super) children: Children,
+    /// Child actor id -> seq, for removals by id: built on the first
+    /// removal, then kept up to date, so a supervisor whose children are
+    /// never removed by id pays no hash insert per child.
+    ids: Option<IdMap<u64, u64>>,
     next_seq: u64,
     /// Incarnations of this supervisor so far.
     incarnations: u64,
@@ -51,6 +55,7 @@ impl Core {
             intensity: Intensity::default(),
             backoff: Backoff::default(),
             children: Children::default(),
+            ids: None,
             next_seq: 0,
             incarnations: 0,
             queued: VecDeque::new(),
@@ -60,6 +65,9 @@ impl Core {
     pub(super) fn push(&mut self, child: Child, dynamic: bool) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
+        if let Some(ids) = &mut self.ids {
+            ids.insert(child.slot.id(), seq);
+        }
         self.children.push(
             seq,
             Entry {
@@ -322,7 +330,7 @@ impl SupervisorRun {
                 for child in children {
                     // After a refusal the rest are not supervised either.
                     if res.is_err() {
-                        if !self.tree.registry.contains(child.slot.id()) {
+                        if !child.slot.is_claimed() {
                             child.slot.close();
                         }
                         continue;
@@ -347,7 +355,7 @@ impl SupervisorRun {
             .clone()
             .register(&self.tree, Some(self.core.id), seq)
         {
-            // The same mailbox is supervised in this tree already: leave it open.
+            // The same mailbox is supervised already: leave it open.
             return Err(SupervisorError::Duplicate(id));
         }
         let pushed = self.core.push(child, true);
@@ -358,11 +366,16 @@ impl SupervisorRun {
 
     /// Drains and removes a child; the reply is sent once it has stopped.
     fn remove(&mut self, id: u64, reply: Reply<Result<ActorReport, SupervisorError>>) {
-        let Some((seq, entry)) = self
-            .tree
-            .registry
-            .child_seq(id, self.core.id)
-            .and_then(|seq| Some((seq, self.core.children.get_mut(&seq)?)))
+        let core = &mut self.core;
+        let ids = core.ids.get_or_insert_with(|| {
+            core.children
+                .iter()
+                .map(|(seq, e)| (e.slot.id(), seq))
+                .collect()
+        });
+        let Some((seq, entry)) = ids
+            .get(&id)
+            .and_then(|&seq| Some((seq, core.children.get_mut(&seq)?)))
         else {
             let _ = reply.send(Err(SupervisorError::NoSuchChild(id)));
             return;
@@ -409,9 +422,12 @@ impl SupervisorRun {
     /// Removes a stopped child from the tree and fails its queued asks.
     pub(super) fn discard(&mut self, seq: u64) -> Option<Entry> {
         let entry = self.core.children.remove(&seq)?;
+        if let Some(ids) = &mut self.core.ids {
+            ids.remove(&entry.slot.id());
+        }
         self.pending.remove(&seq);
         entry.slot.close();
-        entry.slot.unregister(&self.tree);
+        entry.slot.unregister(&self.tree, self.core.id, seq);
         Some(entry)
     }
 

@@ -24,9 +24,10 @@ pub const DEFAULT_MAILBOX: usize = 64;
 pub(super) trait Slot: Send + Sync {
     /// The child's mailbox and flags, which outlive its incarnations.
     fn lifecycle(&self) -> &dyn Lifecycle;
-    /// Puts the child (and, for a supervisor, its subtree) into the tree's
-    /// registry as child `seq` of `parent`; false, registering nothing, if
-    /// the tree has an actor with its id already.
+    /// Takes the child for supervision and puts it (and, for a supervisor,
+    /// its subtree) into the tree's registry as child `seq` of `parent` (the
+    /// root has none); false, registering nothing, if a supervisor had taken
+    /// it already.
     fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>, seq: u64) -> bool;
     /// Spawns a fresh incarnation, number `run` of child `seq`, which reports
     /// its end on `exits`; `None` if the mailbox is gone.
@@ -38,8 +39,13 @@ pub(super) trait Slot: Send + Sync {
     fn name(&self) -> &Arc<str> {
         self.lifecycle().name()
     }
-    fn unregister(&self, tree: &TreeCtx) {
-        tree.registry.remove(self.id());
+    /// Takes child `seq` of `parent` (with its subtree) out of the registry.
+    fn unregister(&self, tree: &TreeCtx, parent: u64, seq: u64) {
+        tree.registry.remove_child(parent, seq);
+    }
+    /// True once a supervisor has taken the child.
+    fn is_claimed(&self) -> bool {
+        self.lifecycle().is_claimed()
     }
     fn request_stop(&self, mode: Control) {
         self.lifecycle().request_stop(mode);
@@ -60,8 +66,9 @@ pub(super) trait Slot: Send + Sync {
     }
 }
 
-/// Puts one actor's live figures into the tree's registry, for snapshots;
-/// false if the tree has an actor with its id already.
+/// Takes one actor for supervision and puts its live figures into the
+/// tree's registry, for snapshots; false if a supervisor had taken it
+/// already.
 pub(super) fn register_probe<M: Send + 'static>(
     tree: &TreeCtx,
     shared: Arc<Shared<M>>,
@@ -69,9 +76,19 @@ pub(super) fn register_probe<M: Send + 'static>(
     seq: u64,
     supervisor: bool,
 ) -> bool {
+    if !shared.claim() {
+        return false;
+    }
     let id = shared.id;
-    tree.registry
-        .insert(id, parent, seq, supervisor, shared as Arc<dyn Probe>)
+    if supervisor {
+        tree.registry
+            .add_supervisor(id, parent, shared.clone() as Arc<dyn Probe>);
+    }
+    if let Some(parent) = parent {
+        tree.registry
+            .add_child(parent, seq, id, supervisor, shared as Arc<dyn Probe>);
+    }
+    true
 }
 
 /// How a supervisor starts one incarnation of an actor child, given the
