@@ -64,12 +64,13 @@ impl SupervisorRun {
                 }
             }
             // Past the deadline every remaining wait aborts at once.
-            for (seq, exit) in self.wait_for(&tasks, group_deadline).await {
-                if let Some(e) = self.core.children.get(&seq) {
+            self.wait_for(&tasks, group_deadline, |core, seq, exit| {
+                if let Some(e) = core.children.get(&seq) {
                     reports.push(e.report(StopOutcome::of(exit.reason.clone()), Some(exit)));
                     e.slot.close();
                 }
-            }
+            })
+            .await;
         }
         // Children that ended on their own during the drain, or that a
         // sub-supervisor abort left behind.

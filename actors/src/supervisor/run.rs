@@ -434,24 +434,32 @@ impl SupervisorRun {
     /// Marks the child whose task ended as idle and returns it with its exit;
     /// `None` for a task this incarnation no longer tracks.
     pub(super) fn exit_of(&mut self, ce: ChildExit) -> Option<(u64, SlotExit)> {
+        self.take_exit(ce).map(|(seq, exit, _)| (seq, exit))
+    }
+
+    /// [`SupervisorRun::exit_of`], also telling whether a wait was waiting
+    /// for this child.
+    fn take_exit(&mut self, ce: ChildExit) -> Option<(u64, SlotExit, bool)> {
         self.running = self.running.saturating_sub(1);
         let entry = self.core.children.get_mut(&ce.seq)?;
         if entry.run.task() != Some(ce.run) {
             return None;
         }
         entry.run = Run::Idle;
-        entry.awaited = false;
-        Some((ce.seq, ce.exit))
+        let awaited = std::mem::take(&mut entry.awaited);
+        Some((ce.seq, ce.exit, awaited))
     }
 
     /// Waits until every running child in `seqs` has ended, aborting all of
-    /// them at `deadline`. Returns the exits, in the order they arrived (other
-    /// children that ended meanwhile included).
+    /// them at `deadline`. Each exit that arrives meanwhile (other children
+    /// that ended included) is handed to `on_exit` as it is taken, with the
+    /// child's entry still in `core`: no list of exits is built.
     pub(super) async fn wait_for(
         &mut self,
         seqs: &[u64],
         deadline: Option<Instant>,
-    ) -> Vec<(u64, SlotExit)> {
+        mut on_exit: impl FnMut(&Core, u64, SlotExit),
+    ) {
         let mut left = 0usize;
         for seq in seqs {
             if let Some(e) = self.core.children.get_mut(seq) {
@@ -461,7 +469,6 @@ impl SupervisorRun {
                 }
             }
         }
-        let mut exits = Vec::with_capacity(left);
         let mut aborted = false;
         // One timer for the whole wait: registering a fresh one per exit would
         // cost a timer-wheel insert and removal for every child.
@@ -491,16 +498,11 @@ impl SupervisorRun {
                 break;
             }
             for ce in batch.drain(..) {
-                let awaited = self
-                    .core
-                    .children
-                    .get(&ce.seq)
-                    .is_some_and(|e| e.awaited && e.run.task() == Some(ce.run));
-                if let Some(exit) = self.exit_of(ce) {
+                if let Some((seq, exit, awaited)) = self.take_exit(ce) {
                     if awaited {
                         left -= 1;
                     }
-                    exits.push(exit);
+                    on_exit(&self.core, seq, exit);
                 }
             }
         }
@@ -509,7 +511,6 @@ impl SupervisorRun {
                 e.awaited = false;
             }
         }
-        exits
     }
 
     fn abort_awaited(&self, seqs: &[u64]) {
