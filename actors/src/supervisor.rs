@@ -54,7 +54,8 @@ pub enum SupervisorError {
     /// No child with this id.
     #[error("no child with id {0}")]
     NoSuchChild(u64),
-    /// A child with this id is supervised in this tree already.
+    /// This child is supervised already: a child is taken by one supervisor,
+    /// once.
     #[error("child {0} is supervised already")]
     Duplicate(u64),
 }
