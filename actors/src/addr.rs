@@ -1,7 +1,7 @@
 //! Typed addresses: `tell`, `try_tell`, `ask` and `ask_timeout` over a bounded mailbox.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -68,6 +68,9 @@ pub(crate) struct Shared<M> {
     /// An [`ActorState`], read by snapshots without messaging the actor.
     state: AtomicU8,
     restarts: AtomicU32,
+    /// Set once a supervisor has taken this actor as its child: a mailbox is
+    /// supervised at most once.
+    claimed: AtomicBool,
     /// How a supervisor starts an incarnation of this actor (its factory
     /// inside): set for the children of [`crate::ChildSpec`], so the
     /// supervisor holds the child as this very allocation.
@@ -95,6 +98,7 @@ impl<M: Send + 'static> Shared<M> {
             control: AtomicU8::new(Control::Run as u8),
             state: AtomicU8::new(ActorState::Starting as u8),
             restarts: AtomicU32::new(0),
+            claimed: AtomicBool::new(false),
             spawner,
         })
     }
@@ -148,6 +152,16 @@ impl<M: Send + 'static> Shared<M> {
         self.restarts.fetch_add(1, Ordering::AcqRel) + 1
     }
 
+    /// Marks the actor as supervised; false if a supervisor had taken it
+    /// already.
+    pub(crate) fn claim(&self) -> bool {
+        !self.claimed.swap(true, Ordering::AcqRel)
+    }
+
+    pub(crate) fn is_claimed(&self) -> bool {
+        self.claimed.load(Ordering::Acquire)
+    }
+
     /// Closes the mailbox for good and drops every queued message, so each
     /// queued `ask` gets [`AskError::NoReply`] and later sends get
     /// [`SendError::Closed`].
@@ -162,6 +176,9 @@ impl<M: Send + 'static> Shared<M> {
 }
 
 impl<M: Send + 'static> Probe for Shared<M> {
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
     fn state(&self) -> ActorState {
         ActorState::from_u8(self.state.load(Ordering::Acquire))
     }
@@ -185,6 +202,7 @@ pub(crate) trait Lifecycle: Send + Sync {
     fn set_state(&self, state: ActorState);
     fn add_restart(&self) -> u32;
     fn close_mailbox(&self);
+    fn is_claimed(&self) -> bool;
 }
 
 impl<M: Send + 'static> Lifecycle for Shared<M> {
@@ -205,6 +223,9 @@ impl<M: Send + 'static> Lifecycle for Shared<M> {
     }
     fn close_mailbox(&self) {
         Shared::close_mailbox(self);
+    }
+    fn is_claimed(&self) -> bool {
+        Shared::is_claimed(self)
     }
 }
 

@@ -21,10 +21,6 @@ pub(crate) struct Exit {
     pub(crate) reason: ExitReason,
     /// Messages handled after a drain began.
     pub(crate) drained: u64,
-    /// After a drain, the actor's name for its report line: copied by the
-    /// incarnation's own task rather than by its supervisor, which handles
-    /// every child's end in turn.
-    pub(crate) name: Option<String>,
 }
 
 /// Polls `fut`, turning a panic inside it into `Err(panic message)`. The future
@@ -78,11 +74,7 @@ async fn run_in_span<A: Actor>(
     });
     if let Some(reason) = ExitReason::from_outcome(caught(pin!(actor.started(&mut ctx))).await) {
         warn!(actor = %name, actor_id = id, error = %reason.chain(), "actor failed to start");
-        return Exit {
-            reason,
-            drained: 0,
-            name: None,
-        };
+        return Exit { reason, drained: 0 };
     }
     // A drain requested while the incarnation was starting is honoured below;
     // only a fresh start may flip the state to running.
@@ -127,11 +119,7 @@ async fn run_in_span<A: Actor>(
         }
     }
     info!(actor = %name, actor_id = id, reason = %reason, "actor stopped");
-    Exit {
-        reason,
-        drained,
-        name: draining.then(|| String::from(&**name)),
-    }
+    Exit { reason, drained }
 }
 
 /// Handles the mailbox until the incarnation ends and returns why: a

@@ -1,5 +1,6 @@
 //! What a shutdown reports: how each actor of the tree ended.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::exit::ExitReason;
@@ -35,8 +36,9 @@ impl StopOutcome {
 /// One actor's line in a shutdown report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActorReport {
-    /// The actor's name.
-    pub name: String,
+    /// The actor's name: the same shared string as [`crate::Addr::name`],
+    /// so a report line costs no copy of it.
+    pub name: Arc<str>,
     /// The actor's id.
     pub id: u64,
     /// How it ended.
@@ -87,7 +89,7 @@ impl ShutdownReport {
 
     /// The report of the first actor named `name`, depth first.
     pub fn find(&self, name: &str) -> Option<&ActorReport> {
-        self.root.iter().into_iter().find(|r| r.name == name)
+        self.root.iter().into_iter().find(|r| &*r.name == name)
     }
 }
 

@@ -54,7 +54,8 @@ pub enum SupervisorError {
     /// No child with this id.
     #[error("no child with id {0}")]
     NoSuchChild(u64),
-    /// A child with this id is supervised already.
+    /// This child is supervised already: a child is taken by one supervisor,
+    /// once.
     #[error("child {0} is supervised already")]
     Duplicate(u64),
 }
@@ -97,8 +98,6 @@ pub(crate) struct SlotExit {
     reason: ExitReason,
     drained: u64,
     children: Vec<ActorReport>,
-    /// The name for the report line, when the child's task copied it.
-    name: Option<String>,
 }
 
 impl SlotExit {
@@ -108,7 +107,6 @@ impl SlotExit {
             reason,
             drained: 0,
             children: Vec::new(),
-            name: None,
         }
     }
 }
@@ -317,7 +315,7 @@ impl Supervisor {
             core: self.core,
             tree: self.tree,
         });
-        slot.clone().register(&tree, None);
+        slot.clone().register(&tree, None, 0);
         let (tx, exits) = mpsc::unbounded_channel();
         // Invariant: a supervisor that was never spawned holds its core and mailbox.
         let abort = slot
@@ -368,22 +366,17 @@ impl Slot for SupervisorSlot {
     fn lifecycle(&self) -> &dyn Lifecycle {
         &*self.shared
     }
-    fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>) {
+    fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>, seq: u64) -> bool {
+        if !register_probe(tree, self.shared.clone(), parent, seq, true) {
+            return false;
+        }
         let _ = self.tree.set(tree.clone());
-        register_probe(tree, self.shared.clone(), parent, true);
         if let Some(core) = lock_core(&self.core).as_ref() {
-            for e in core.children.values() {
-                e.slot.clone().register(tree, Some(self.shared.id));
+            for (seq, e) in core.children.iter() {
+                e.slot.clone().register(tree, Some(self.shared.id), seq);
             }
         }
-    }
-    fn unregister(&self, tree: &TreeCtx) {
-        tree.registry.remove(self.shared.id);
-        if let Some(core) = lock_core(&self.core).as_ref() {
-            for e in core.children.values() {
-                e.slot.unregister(tree);
-            }
-        }
+        true
     }
     fn spawn(self: Arc<Self>, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle> {
         let tree = self.tree.get()?.clone();

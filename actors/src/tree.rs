@@ -80,95 +80,174 @@ pub(crate) type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
 
 /// Live figures of one actor, read without messaging it.
 pub(crate) trait Probe: Send + Sync {
+    fn name(&self) -> &Arc<str>;
     fn state(&self) -> ActorState;
     fn restarts(&self) -> u32;
     fn mailbox_depth(&self) -> usize;
     fn mailbox_capacity(&self) -> usize;
 }
 
-struct Entry {
-    name: Arc<str>,
-    parent: Option<u64>,
+/// One child in its supervisor's roster.
+struct Member {
+    id: u64,
     supervisor: bool,
     probe: Arc<dyn Probe>,
 }
 
-/// Every actor of one supervision tree, by id.
+/// A supervisor's children in the registry, by seq: a vector sorted by seq
+/// (seqs only grow and children are only appended), so registering a child
+/// is a push and needs no hash insert; a removal leaves a hole, compacted
+/// away once holes outnumber children.
+#[derive(Default)]
+struct Roster {
+    slots: Vec<(u64, Option<Member>)>,
+    live: usize,
+}
+
+impl Roster {
+    /// Adds a child; `seq` must be greater than every seq added before
+    /// (a supervisor registers its children in start order, each once).
+    fn push(&mut self, seq: u64, member: Member) {
+        debug_assert!(self.slots.last().is_none_or(|(s, _)| *s < seq));
+        self.slots.push((seq, Some(member)));
+        self.live += 1;
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<Member> {
+        let first = self.slots.first()?.0;
+        let guess = seq.checked_sub(first)? as usize;
+        let i = if self.slots.get(guess).is_some_and(|(s, _)| *s == seq) {
+            guess
+        } else {
+            self.slots.binary_search_by_key(&seq, |(s, _)| *s).ok()?
+        };
+        let member = self.slots[i].1.take()?;
+        self.live -= 1;
+        let holes = self.slots.len() - self.live;
+        if holes > 32 && holes > self.live {
+            self.slots.retain(|(_, m)| m.is_some());
+        }
+        Some(member)
+    }
+
+    fn members(&self) -> impl Iterator<Item = &Member> {
+        self.slots.iter().filter_map(|(_, m)| m.as_ref())
+    }
+}
+
+/// One supervisor in the registry: its own figures and its children.
+struct Node {
+    parent: Option<u64>,
+    probe: Arc<dyn Probe>,
+    children: Roster,
+}
+
+/// Every supervisor of one supervision tree, by id, each with the roster of
+/// its children. Only supervisors are keyed by id: a child is registered
+/// with a push onto its supervisor's roster, under the one lock, instead of
+/// a hash insert per child.
 #[derive(Clone, Default)]
 pub(crate) struct Registry {
-    inner: Arc<Mutex<IdMap<u64, Entry>>>,
+    inner: Arc<Mutex<IdMap<u64, Node>>>,
 }
 
 impl Registry {
-    pub(crate) fn insert(
-        &self,
-        id: u64,
-        name: Arc<str>,
-        parent: Option<u64>,
-        supervisor: bool,
-        probe: Arc<dyn Probe>,
-    ) {
-        self.lock().insert(
-            id,
-            Entry {
-                name,
-                parent,
-                supervisor,
-                probe,
-            },
-        );
-    }
-
-    pub(crate) fn remove(&self, id: u64) {
-        self.lock().remove(&id);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, IdMap<u64, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdMap<u64, Node>> {
         // Entries are replaced whole, so a poisoned map is still consistent.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The subtree rooted at `root`.
+    /// Registers supervisor `id` (its own node; children come with
+    /// [`Registry::add_child`]). A child supervisor is also a member of its
+    /// parent's roster.
+    pub(crate) fn add_supervisor(&self, id: u64, parent: Option<u64>, probe: Arc<dyn Probe>) {
+        self.lock().entry(id).or_insert_with(|| Node {
+            parent,
+            probe,
+            children: Roster::default(),
+        });
+    }
+
+    /// Registers actor `id` as child `seq` of supervisor `parent`.
+    pub(crate) fn add_child(
+        &self,
+        parent: u64,
+        seq: u64,
+        id: u64,
+        supervisor: bool,
+        probe: Arc<dyn Probe>,
+    ) {
+        if let Some(node) = self.lock().get_mut(&parent) {
+            node.children.push(
+                seq,
+                Member {
+                    id,
+                    supervisor,
+                    probe,
+                },
+            );
+        }
+    }
+
+    /// Removes child `seq` of supervisor `parent`; a supervisor leaves with
+    /// its whole subtree.
+    pub(crate) fn remove_child(&self, parent: u64, seq: u64) {
+        let mut map = self.lock();
+        let Some(member) = map
+            .get_mut(&parent)
+            .and_then(|node| node.children.remove(seq))
+        else {
+            return;
+        };
+        if member.supervisor {
+            fn drop_subtree(map: &mut IdMap<u64, Node>, id: u64) {
+                if let Some(node) = map.remove(&id) {
+                    for m in node.children.members().filter(|m| m.supervisor) {
+                        drop_subtree(map, m.id);
+                    }
+                }
+            }
+            drop_subtree(&mut map, member.id);
+        }
+    }
+
+    /// The subtree rooted at supervisor `root`.
     pub(crate) fn snapshot(&self, root: u64) -> Option<ActorInfo> {
         let map = self.lock();
-        // The map is unordered (an insert per spawned child is the hot path;
-        // a snapshot is rare), so each child list is sorted here: ids are
-        // creation order.
-        let mut children: IdMap<u64, Vec<u64>> = IdMap::default();
-        for (id, e) in map.iter() {
-            if let Some(p) = e.parent {
-                children.entry(p).or_default().push(*id);
+        fn info(
+            id: u64,
+            parent: Option<u64>,
+            supervisor: bool,
+            probe: &dyn Probe,
+            map: &IdMap<u64, Node>,
+        ) -> ActorInfo {
+            // Children are listed by id, which is creation order; the roster
+            // is in the order they were added.
+            let mut children: Vec<ActorInfo> = if supervisor {
+                map.get(&id).map_or_else(Vec::new, |node| {
+                    node.children
+                        .members()
+                        .map(|m| info(m.id, Some(id), m.supervisor, &*m.probe, map))
+                        .collect()
+                })
+            } else {
+                Vec::new()
+            };
+            children.sort_unstable_by_key(|c| c.id);
+            ActorInfo {
+                name: String::from(&**probe.name()),
+                id,
+                parent,
+                supervisor,
+                state: probe.state(),
+                restarts: probe.restarts(),
+                mailbox_depth: probe.mailbox_depth(),
+                mailbox_capacity: probe.mailbox_capacity(),
+                children,
             }
         }
-        for ids in children.values_mut() {
-            ids.sort_unstable();
-        }
-        fn build(
-            id: u64,
-            map: &IdMap<u64, Entry>,
-            children: &IdMap<u64, Vec<u64>>,
-        ) -> Option<ActorInfo> {
-            let e = map.get(&id)?;
-            Some(ActorInfo {
-                name: String::from(&*e.name),
-                id,
-                parent: e.parent,
-                supervisor: e.supervisor,
-                state: e.probe.state(),
-                restarts: e.probe.restarts(),
-                mailbox_depth: e.probe.mailbox_depth(),
-                mailbox_capacity: e.probe.mailbox_capacity(),
-                children: children
-                    .get(&id)
-                    .map(|ids| {
-                        ids.iter()
-                            .filter_map(|c| build(*c, map, children))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            })
-        }
-        build(root, &map, &children)
+        let node = map.get(&root)?;
+        Some(info(root, node.parent, true, &*node.probe, &map))
     }
 }
 

@@ -96,12 +96,7 @@ async fn children_stop_in_reverse_start_order() {
 
     let report = root.shutdown(GRACE).await;
     assert_eq!(journal.stops(), ["d", "c", "b", "a"]);
-    let reported: Vec<&str> = report
-        .root
-        .children
-        .iter()
-        .map(|r| r.name.as_str())
-        .collect();
+    let reported: Vec<&str> = report.root.children.iter().map(|r| &*r.name).collect();
     assert_eq!(reported, ["d", "c", "b", "a"]);
 }
 
@@ -198,7 +193,7 @@ async fn grace_period_expiry_aborts_and_reports_the_stuck_actor() {
     let grace = Duration::from_millis(200);
     let report = within("the shutdown", root.shutdown(grace)).await;
 
-    let aborted: Vec<&str> = report.aborted().iter().map(|r| r.name.as_str()).collect();
+    let aborted: Vec<&str> = report.aborted().iter().map(|r| &*r.name).collect();
     assert_eq!(aborted, ["stuck"]);
     assert!(!report.is_clean());
     assert!(report.elapsed >= grace);
@@ -226,7 +221,7 @@ async fn grace_period_expiry_names_a_stuck_actor_of_a_nested_supervisor() {
 
     let report = within("the shutdown", root.shutdown(Duration::from_millis(200))).await;
 
-    let aborted: Vec<&str> = report.aborted().iter().map(|r| r.name.as_str()).collect();
+    let aborted: Vec<&str> = report.aborted().iter().map(|r| &*r.name).collect();
     assert!(aborted.contains(&"stuck"), "aborted: {aborted:?}");
 }
 

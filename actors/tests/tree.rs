@@ -208,7 +208,7 @@ async fn removed_child_drains_closes_and_leaves_the_snapshot() {
     release.send(()).unwrap();
     let report = within("the removal", removal).await.unwrap().unwrap();
 
-    assert_eq!(report.name, "dyn");
+    assert_eq!(&*report.name, "dyn");
     assert_eq!(report.id, id);
     assert_eq!(report.outcome, StopOutcome::Drained);
     assert_eq!(report.handled, N + accepted);
@@ -233,4 +233,38 @@ async fn removing_an_unknown_child_is_an_error() {
         Err(SupervisorError::NoSuchChild(u64::MAX))
     );
     root.shutdown(GRACE).await;
+}
+
+#[tokio::test]
+async fn a_child_is_removed_only_through_its_own_supervisor() {
+    // Children are found by id in the tree's registry, which holds the whole
+    // tree: a grandchild's id given to the root is still no child of the root.
+    let opts = Opts::default();
+    let spec = ChildSpec::new("leaf", opts.factory("leaf"));
+    let addr = spec.addr();
+    let id = addr.id();
+    let mid = Supervisor::new("mid").child(spec);
+    let mid_ref = mid.supervisor_ref();
+    let root = Supervisor::new("root").child(mid).spawn();
+    let sup = root.supervisor_ref();
+    assert_eq!(incarnation(&addr).await, 1);
+
+    assert_eq!(
+        sup.remove_child(id).await,
+        Err(SupervisorError::NoSuchChild(id))
+    );
+    assert_eq!(addr.state(), ActorState::Running);
+    assert!(sup.snapshot().unwrap().find("leaf").is_some());
+
+    let report = mid_ref.remove_child(id).await.unwrap();
+    assert_eq!(&*report.name, "leaf");
+    assert_eq!(report.outcome, StopOutcome::Drained);
+    assert!(sup.snapshot().unwrap().find("leaf").is_none());
+    // A removed child's id is free again in the registry, yet nothing of it
+    // is left to remove.
+    assert_eq!(
+        mid_ref.remove_child(id).await,
+        Err(SupervisorError::NoSuchChild(id))
+    );
+    assert!(root.shutdown(GRACE).await.is_clean());
 }

@@ -46,30 +46,33 @@ impl SupervisorRun {
             groups.push(dynamic);
         }
         groups.extend(statics.into_iter().map(|s| vec![s]));
-        for group in groups {
-            let mut tasks = Vec::with_capacity(group.len());
+        for mut group in groups {
             let mut group_deadline = deadline;
-            for seq in &group {
-                if let Some(e) = self.core.children.get(seq) {
-                    if e.slot.is_supervisor() {
-                        // It aborts its own children at the deadline and then
-                        // reports them; aborting it at the same instant would
-                        // lose that report.
-                        group_deadline = deadline.map(|d| d + SUBTREE_MARGIN);
-                    }
-                    if e.run.task().is_some() {
-                        e.slot.request_stop(Control::Drain);
-                        tasks.push(*seq);
-                    }
+            // The group keeps the children still running, each asked to drain.
+            group.retain(|seq| {
+                let Some(e) = self.core.children.get(seq) else {
+                    return false;
+                };
+                if e.slot.is_supervisor() {
+                    // It aborts its own children at the deadline and then
+                    // reports them; aborting it at the same instant would
+                    // lose that report.
+                    group_deadline = deadline.map(|d| d + SUBTREE_MARGIN);
                 }
-            }
+                if e.run.task().is_none() {
+                    return false;
+                }
+                e.slot.request_stop(Control::Drain);
+                true
+            });
             // Past the deadline every remaining wait aborts at once.
-            for (seq, exit) in self.wait_for(&tasks, group_deadline).await {
-                if let Some(e) = self.core.children.get(&seq) {
+            self.wait_for(&group, group_deadline, |core, seq, exit| {
+                if let Some(e) = core.children.get(&seq) {
                     reports.push(e.report(StopOutcome::of(exit.reason.clone()), Some(exit)));
                     e.slot.close();
                 }
-            }
+            })
+            .await;
         }
         // Children that ended on their own during the drain, or that a
         // sub-supervisor abort left behind.
@@ -92,7 +95,6 @@ impl SupervisorRun {
             reason: ExitReason::Shutdown,
             drained: 0,
             children: reports,
-            name: None,
         }
     }
 

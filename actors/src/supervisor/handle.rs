@@ -16,6 +16,12 @@ use crate::exit::ExitReason;
 use crate::shutdown::{ActorReport, ShutdownReport, StopOutcome};
 use crate::tree::ActorInfo;
 
+fn refuse_envelope(env: Envelope<SupervisorMsg>, e: SupervisorError) {
+    if let Envelope::Msg(msg) = env {
+        msg.refuse(e);
+    }
+}
+
 /// The address of a supervisor: add and remove children, take snapshots.
 #[derive(Clone)]
 pub struct SupervisorRef {
@@ -48,14 +54,23 @@ impl SupervisorRef {
             msg.refuse(SupervisorError::ShuttingDown);
             return Err(SupervisorError::ShuttingDown);
         }
+        // Space is usually there (the supervisor takes its requests in
+        // batches): try a plain send first, which skips the future and the
+        // semaphore wait of `send`, and wait for space only when it is full.
+        let env = match self.shared.tx.try_send(Envelope::Msg(msg)) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Full(env)) => env,
+            Err(mpsc::error::TrySendError::Closed(env)) => {
+                refuse_envelope(env, SupervisorError::Stopped);
+                return Err(SupervisorError::Stopped);
+            }
+        };
         self.shared
             .tx
-            .send(Envelope::Msg(msg))
+            .send(env)
             .await
             .map_err(|mpsc::error::SendError(env)| {
-                if let Envelope::Msg(msg) = env {
-                    msg.refuse(SupervisorError::Stopped);
-                }
+                refuse_envelope(env, SupervisorError::Stopped);
                 SupervisorError::Stopped
             })
     }
@@ -194,7 +209,7 @@ impl SupervisorHandle {
         self.root.close();
         let report = ShutdownReport {
             root: ActorReport {
-                name: String::from(&*name),
+                name: name.clone(),
                 id,
                 outcome: StopOutcome::of(root.reason),
                 handled: root.drained,

@@ -183,7 +183,8 @@ impl SupervisorRun {
             if e.run.task().is_some() {
                 e.slot.request_stop(Control::Yield);
                 let timeout = e.shutdown_timeout;
-                self.wait_for(&[seq], Some(Instant::now() + timeout)).await;
+                self.wait_for(&[seq], Some(Instant::now() + timeout), |_, _, _| {})
+                    .await;
             }
             if let Some(e) = self.core.children.get(&seq) {
                 e.slot.set_state(ActorState::Restarting);

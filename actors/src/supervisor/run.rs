@@ -33,8 +33,10 @@ pub(super) struct Core {
     pub(super) backoff: Backoff,
     /// Children by seq: start order.
     pub(super) children: Children,
-    /// Child actor id -> seq, so adds and removals need no scan of `children`.
-    ids: IdMap<u64, u64>,
+    /// Child actor id -> seq, for removals by id: built on the first
+    /// removal, then kept up to date, so a supervisor whose children are
+    /// never removed by id pays no hash insert per child.
+    ids: Option<IdMap<u64, u64>>,
     next_seq: u64,
     /// Incarnations of this supervisor so far.
     incarnations: u64,
@@ -53,7 +55,7 @@ impl Core {
             intensity: Intensity::default(),
             backoff: Backoff::default(),
             children: Children::default(),
-            ids: IdMap::default(),
+            ids: None,
             next_seq: 0,
             incarnations: 0,
             queued: VecDeque::new(),
@@ -63,7 +65,9 @@ impl Core {
     pub(super) fn push(&mut self, child: Child, dynamic: bool) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.ids.insert(child.slot.id(), seq);
+        if let Some(ids) = &mut self.ids {
+            ids.insert(child.slot.id(), seq);
+        }
         self.children.push(
             seq,
             Entry {
@@ -119,10 +123,9 @@ impl Entry {
 
     /// A report line for a child that ended (or never ran) during a stop.
     pub(super) fn report(&self, outcome: StopOutcome, exit: Option<SlotExit>) -> ActorReport {
-        let (handled, children, name) =
-            exit.map_or((0, Vec::new(), None), |e| (e.drained, e.children, e.name));
+        let (handled, children) = exit.map_or((0, Vec::new()), |e| (e.drained, e.children));
         ActorReport {
-            name: name.unwrap_or_else(|| String::from(&**self.slot.name())),
+            name: self.slot.name().clone(),
             id: self.slot.id(),
             outcome,
             handled,
@@ -327,7 +330,7 @@ impl SupervisorRun {
                 for child in children {
                     // After a refusal the rest are not supervised either.
                     if res.is_err() {
-                        if !self.core.ids.contains_key(&child.slot.id()) {
+                        if !child.slot.is_claimed() {
                             child.slot.close();
                         }
                         continue;
@@ -346,23 +349,33 @@ impl SupervisorRun {
     /// Registers and starts a dynamic child.
     fn add(&mut self, child: Child) -> Result<u64, SupervisorError> {
         let id = child.slot.id();
-        if self.core.ids.contains_key(&id) {
+        let seq = self.core.next_seq;
+        if !child
+            .slot
+            .clone()
+            .register(&self.tree, Some(self.core.id), seq)
+        {
             // The same mailbox is supervised already: leave it open.
             return Err(SupervisorError::Duplicate(id));
         }
-        child.slot.clone().register(&self.tree, Some(self.core.id));
-        let seq = self.core.push(child, true);
+        let pushed = self.core.push(child, true);
+        debug_assert_eq!(pushed, seq);
         self.start(seq);
         Ok(id)
     }
 
     /// Drains and removes a child; the reply is sent once it has stopped.
     fn remove(&mut self, id: u64, reply: Reply<Result<ActorReport, SupervisorError>>) {
-        let Some((seq, entry)) = self
-            .core
-            .ids
+        let core = &mut self.core;
+        let ids = core.ids.get_or_insert_with(|| {
+            core.children
+                .iter()
+                .map(|(seq, e)| (e.slot.id(), seq))
+                .collect()
+        });
+        let Some((seq, entry)) = ids
             .get(&id)
-            .and_then(|&seq| Some((seq, self.core.children.get_mut(&seq)?)))
+            .and_then(|&seq| Some((seq, core.children.get_mut(&seq)?)))
         else {
             let _ = reply.send(Err(SupervisorError::NoSuchChild(id)));
             return;
@@ -409,34 +422,44 @@ impl SupervisorRun {
     /// Removes a stopped child from the tree and fails its queued asks.
     pub(super) fn discard(&mut self, seq: u64) -> Option<Entry> {
         let entry = self.core.children.remove(&seq)?;
-        self.core.ids.remove(&entry.slot.id());
+        if let Some(ids) = &mut self.core.ids {
+            ids.remove(&entry.slot.id());
+        }
         self.pending.remove(&seq);
         entry.slot.close();
-        entry.slot.unregister(&self.tree);
+        entry.slot.unregister(&self.tree, self.core.id, seq);
         Some(entry)
     }
 
     /// Marks the child whose task ended as idle and returns it with its exit;
     /// `None` for a task this incarnation no longer tracks.
     pub(super) fn exit_of(&mut self, ce: ChildExit) -> Option<(u64, SlotExit)> {
+        self.take_exit(ce).map(|(seq, exit, _)| (seq, exit))
+    }
+
+    /// [`SupervisorRun::exit_of`], also telling whether a wait was waiting
+    /// for this child.
+    fn take_exit(&mut self, ce: ChildExit) -> Option<(u64, SlotExit, bool)> {
         self.running = self.running.saturating_sub(1);
         let entry = self.core.children.get_mut(&ce.seq)?;
         if entry.run.task() != Some(ce.run) {
             return None;
         }
         entry.run = Run::Idle;
-        entry.awaited = false;
-        Some((ce.seq, ce.exit))
+        let awaited = std::mem::take(&mut entry.awaited);
+        Some((ce.seq, ce.exit, awaited))
     }
 
     /// Waits until every running child in `seqs` has ended, aborting all of
-    /// them at `deadline`. Returns the exits, in the order they arrived (other
-    /// children that ended meanwhile included).
+    /// them at `deadline`. Each exit that arrives meanwhile (other children
+    /// that ended included) is handed to `on_exit` as it is taken, with the
+    /// child's entry still in `core`: no list of exits is built.
     pub(super) async fn wait_for(
         &mut self,
         seqs: &[u64],
         deadline: Option<Instant>,
-    ) -> Vec<(u64, SlotExit)> {
+        mut on_exit: impl FnMut(&Core, u64, SlotExit),
+    ) {
         let mut left = 0usize;
         for seq in seqs {
             if let Some(e) = self.core.children.get_mut(seq) {
@@ -446,7 +469,6 @@ impl SupervisorRun {
                 }
             }
         }
-        let mut exits = Vec::with_capacity(left);
         let mut aborted = false;
         // One timer for the whole wait: registering a fresh one per exit would
         // cost a timer-wheel insert and removal for every child.
@@ -476,16 +498,11 @@ impl SupervisorRun {
                 break;
             }
             for ce in batch.drain(..) {
-                let awaited = self
-                    .core
-                    .children
-                    .get(&ce.seq)
-                    .is_some_and(|e| e.awaited && e.run.task() == Some(ce.run));
-                if let Some(exit) = self.exit_of(ce) {
+                if let Some((seq, exit, awaited)) = self.take_exit(ce) {
                     if awaited {
                         left -= 1;
                     }
-                    exits.push(exit);
+                    on_exit(&self.core, seq, exit);
                 }
             }
         }
@@ -494,7 +511,6 @@ impl SupervisorRun {
                 e.awaited = false;
             }
         }
-        exits
     }
 
     fn abort_awaited(&self, seqs: &[u64]) {

@@ -24,7 +24,11 @@ pub const DEFAULT_MAILBOX: usize = 64;
 pub(super) trait Slot: Send + Sync {
     /// The child's mailbox and flags, which outlive its incarnations.
     fn lifecycle(&self) -> &dyn Lifecycle;
-    fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>);
+    /// Takes the child for supervision and puts it (and, for a supervisor,
+    /// its subtree) into the tree's registry as child `seq` of `parent` (the
+    /// root has none); false, registering nothing, if a supervisor had taken
+    /// it already.
+    fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>, seq: u64) -> bool;
     /// Spawns a fresh incarnation, number `run` of child `seq`, which reports
     /// its end on `exits`; `None` if the mailbox is gone.
     fn spawn(self: Arc<Self>, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle>;
@@ -35,8 +39,13 @@ pub(super) trait Slot: Send + Sync {
     fn name(&self) -> &Arc<str> {
         self.lifecycle().name()
     }
-    fn unregister(&self, tree: &TreeCtx) {
-        tree.registry.remove(self.id());
+    /// Takes child `seq` of `parent` (with its subtree) out of the registry.
+    fn unregister(&self, tree: &TreeCtx, parent: u64, seq: u64) {
+        tree.registry.remove_child(parent, seq);
+    }
+    /// True once a supervisor has taken the child.
+    fn is_claimed(&self) -> bool {
+        self.lifecycle().is_claimed()
     }
     fn request_stop(&self, mode: Control) {
         self.lifecycle().request_stop(mode);
@@ -57,20 +66,29 @@ pub(super) trait Slot: Send + Sync {
     }
 }
 
-/// Puts one actor's live figures into the tree's registry, for snapshots.
+/// Takes one actor for supervision and puts its live figures into the
+/// tree's registry, for snapshots; false if a supervisor had taken it
+/// already.
 pub(super) fn register_probe<M: Send + 'static>(
     tree: &TreeCtx,
     shared: Arc<Shared<M>>,
     parent: Option<u64>,
+    seq: u64,
     supervisor: bool,
-) {
-    tree.registry.insert(
-        shared.id,
-        shared.name.clone(),
-        parent,
-        supervisor,
-        shared as Arc<dyn Probe>,
-    );
+) -> bool {
+    if !shared.claim() {
+        return false;
+    }
+    let id = shared.id;
+    if supervisor {
+        tree.registry
+            .add_supervisor(id, parent, shared.clone() as Arc<dyn Probe>);
+    }
+    if let Some(parent) = parent {
+        tree.registry
+            .add_child(parent, seq, id, supervisor, shared as Arc<dyn Probe>);
+    }
+    true
 }
 
 /// How a supervisor starts one incarnation of an actor child, given the
@@ -102,15 +120,10 @@ fn spawner<A: Actor>(factory: impl Fn() -> A + Send + Sync + 'static) -> Spawner
                 let (shared, rx) = report.parts();
                 let mut run = Box::pin(incarnation::run(actor, shared, rx));
                 match caught(run.as_mut()).await {
-                    Ok(Exit {
-                        reason,
-                        drained,
-                        name,
-                    }) => SlotExit {
+                    Ok(Exit { reason, drained }) => SlotExit {
                         reason,
                         drained,
                         children: Vec::new(),
-                        name,
                     },
                     Err(p) => SlotExit::new(ExitReason::Panic(p)),
                 }
@@ -125,8 +138,8 @@ impl<M: Send + 'static> Slot for Shared<M> {
     fn lifecycle(&self) -> &dyn Lifecycle {
         self
     }
-    fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>) {
-        register_probe(tree, self, parent, false);
+    fn register(self: Arc<Self>, tree: &Arc<TreeCtx>, parent: Option<u64>, seq: u64) -> bool {
+        register_probe(tree, self, parent, seq, false)
     }
     fn spawn(self: Arc<Self>, exits: &ExitTx, seq: u64, run: u64) -> Option<AbortHandle> {
         let spawner = self.spawner.as_ref()?;
