@@ -4,10 +4,12 @@
 Starts a gateway (PRISM_BINARY, default target/release/prism; the load
 generator is always PRISM_BENCH_BINARY, default the same) with
 scripts/gateway-cpu/default.toml (namespaces pg, redis, mem and lite: the
-local PostgreSQL and Redis, memory, and SQLite in /tmp/prism-gateway-cpu;
+local PostgreSQL and Redis, memory, and SQLite in a temporary directory;
 gRPC on 127.0.0.1:18980) and the bare tonic KeyValue
 server of examples/bare_kv.rs (BARE_BINARY, default
-target/release/examples/bare_kv, on 127.0.0.1:18990), then alternates, for
+target/release/examples/bare_kv, on 127.0.0.1:18990; OWN_COST_PORT=N
+moves the gateway to N and N + 1 and the bare servers to N + 10 to
+N + 12), then alternates, for
 ROUNDS rounds of SECONDS each measurement:
 
 - `prism bench` Get at concurrency 1 against the bare server and against
@@ -20,7 +22,8 @@ ROUNDS rounds of SECONDS each measurement:
 - Get at concurrency 64 against the bare server and the mem namespace;
 - the gateway process's own CPU per operation (utime + stime from
   /proc/<pid>/stat over the measured interval) for Get and Put at
-  concurrency 16 on every namespace.
+  concurrency 16 on every namespace, and the bare server's in front of
+  Redis and PostgreSQL.
 
 Prism's own cost beyond the hop = latency through Prism - bare hop latency
 - the database client's latency; and beyond a bare server using the
@@ -47,9 +50,14 @@ PRISM = os.environ.get("PRISM_BINARY", os.path.join(ROOT, "target/release/prism"
 # The load generator: `prism bench` of this tree, whichever gateway runs.
 BENCH = os.environ.get("PRISM_BENCH_BINARY", os.path.join(ROOT, "target/release/prism"))
 BARE = os.environ.get("BARE_BINARY", os.path.join(ROOT, "target/release/examples/bare_kv"))
-GW, BARE_ADDR = "127.0.0.1:18980", "127.0.0.1:18990"
-BARE_DB = {"redis": ("127.0.0.1:18991", "redis://127.0.0.1:6379"),
-           "pg": ("127.0.0.1:18992", "postgres://postgres@127.0.0.1:5432/test")}
+# OWN_COST_PORT moves every port (the gateway's gRPC, its HTTP one above
+# it, the bare servers 10 to 12 above it), so two runs can share a machine.
+PORT = int(os.environ.get("OWN_COST_PORT", "18980"))
+GW, BARE_ADDR = f"127.0.0.1:{PORT}", f"127.0.0.1:{PORT + 10}"
+BARE_DB = {"redis": (f"127.0.0.1:{PORT + 11}", "redis://127.0.0.1:6379"),
+           "pg": (f"127.0.0.1:{PORT + 12}", "postgres://postgres@127.0.0.1:5432/test")}
+# The gateway's PostgreSQL table and Redis key prefix, dropped afterwards.
+TABLE, PREFIX = f"prism_oc{PORT}_kv", f"prism-oc{PORT}"
 HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -135,7 +143,14 @@ def main():
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     secs = int(sys.argv[2]) if len(sys.argv) > 2 else 5
     work = tempfile.mkdtemp(prefix="prism-own-cost-")
-    shutil.copy(os.path.join(ROOT, "scripts/gateway-cpu/default.toml"), work)
+    with open(os.path.join(ROOT, "scripts/gateway-cpu/default.toml")) as f:
+        settings = f.read()
+    with open(os.path.join(work, "default.toml"), "w") as f:
+        f.write(settings.replace("127.0.0.1:18980", GW)
+                .replace("127.0.0.1:18981", f"127.0.0.1:{PORT + 1}")
+                .replace('"prism_ab_kv"', f'"{TABLE}"')
+                .replace('"prism-ab"', f'"{PREFIX}"')
+                .replace("/tmp/prism-gateway-cpu/prism.db", os.path.join(work, "prism.db")))
     gw = subprocess.Popen([PRISM, "serve", "--settings", work],
                           stdout=open(os.path.join(work, "gateway.log"), "w"),
                           stderr=subprocess.STDOUT)
@@ -164,7 +179,7 @@ def main():
             bench(addr, ns, "get", 4, 1)
         script = os.path.join(work, "get.sql")
         with open(script, "w") as f:
-            f.write("SELECT value, expires_at FROM public.prism_ab_kv "
+            f.write(f"SELECT value, expires_at FROM public.{TABLE} "
                     "WHERE namespace = 'pg' AND key = 'bench-0000000001' "
                     "AND (expires_at IS NULL OR expires_at > now());\n")
         loads = [os.getloadavg()[0]]
@@ -198,6 +213,10 @@ def main():
                     add(f"c16 {ns} {op} ops/s", ops)
                     add(f"c16 {ns} {op} cpu", cpu)
                     add(f"c16 {ns} {op} errors", err)
+                    if ns in BARE_DB:
+                        ops, cpu, err = measured(bare_db[ns].pid, BARE_DB[ns][0], ns, op, 16, secs)
+                        add(f"c16 bare {ns} {op} ops/s", ops)
+                        add(f"c16 bare {ns} {op} cpu", cpu)
             loads.append(os.getloadavg()[0])
         rss_after = rss_mib(gw.pid)
     finally:
@@ -207,18 +226,21 @@ def main():
         for p in procs:
             p.wait()
         subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc",
-                        "DROP TABLE IF EXISTS public.prism_ab_kv, public.prism_ab_kv_schema_version, "
+                        f"DROP TABLE IF EXISTS public.{TABLE}, public.{TABLE}_schema_version, "
                         "public.prism_bare_kv"],
                        capture_output=True)
         keys = []
-        for pattern in ["prism-ab*", "prism-bare:*"]:
+        for pattern in [f"{PREFIX}:*", "prism-bare:*"]:
             keys += subprocess.run(["redis-cli", "-h", "127.0.0.1", "--scan", "--pattern", pattern],
                                    capture_output=True, text=True).stdout.split()
         for i in range(0, len(keys), 500):
             subprocess.run(["redis-cli", "-h", "127.0.0.1", "DEL", *keys[i:i + 500]],
                            capture_output=True)
+        if gw.returncode not in (0, -15):
+            with open(os.path.join(work, "gateway.log")) as f:
+                print(f"the gateway exited with {gw.returncode}:\n" + "".join(f.readlines()[-20:]),
+                      file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree("/tmp/prism-gateway-cpu", ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in raw.items()}
     hop = med["c1 bare hop"]
@@ -248,6 +270,9 @@ def main():
         for op in ["get", "put"]:
             print(f"  {ns:9} {op:4} {med[f'c16 {ns} {op} ops/s']:8.0f}  {med[f'c16 {ns} {op} cpu']:9.1f}  "
                   f"{int(sum(raw[f'c16 {ns} {op} errors']))}")
+            if ns in BARE_DB:
+                print(f"    bare tonic + {ns} client: {med[f'c16 bare {ns} {op} ops/s']:8.0f}  "
+                      f"{med[f'c16 bare {ns} {op} cpu']:9.1f}")
     print(f"\ngateway RSS: {idle_rss:.1f} MiB idle at start, {rss_after:.1f} MiB after the run")
     print("\nraw:", json.dumps({k: [round(x, 1) for x in v] for k, v in raw.items()}))
 
