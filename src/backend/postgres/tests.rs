@@ -87,28 +87,29 @@ async fn resting_pool(
 ) -> (PostgresBackend, DropTables) {
     let table = unique_table();
     let guard = DropTables::new(&table);
-    let backend = PostgresConnector::new(PostgresConfig {
+    let backend = open(PostgresConfig {
         max_connections,
         min_connections: 1,
         common_timeout,
         ..config(&table)
     })
-    .expect("valid config")
-    .open()
-    .await
-    .expect("connect to the test postgres (is it running?)");
+    .await;
     (backend, guard)
 }
 
 async fn fresh_concrete() -> (PostgresBackend, DropTables) {
     let table = unique_table();
     let guard = DropTables::new(&table);
-    let backend = PostgresConnector::new(config(&table))
+    (open(config(&table)).await, guard)
+}
+
+/// A backend made with `config`.
+async fn open(config: PostgresConfig) -> PostgresBackend {
+    PostgresConnector::new(config)
         .expect("valid config")
         .open()
         .await
-        .expect("connect to the test postgres (is it running?)");
-    (backend, guard)
+        .expect("connect to the test postgres (is it running?)")
 }
 
 /// How long a test's own statement or connect may take: a server that
@@ -502,14 +503,11 @@ async fn a_deadline_bounds_the_wait_for_a_connection() {
 async fn the_configured_statement_timeout_bounds_operations_without_a_deadline() {
     let table = unique_table();
     let guard = DropTables::new(&table);
-    let b = PostgresConnector::new(PostgresConfig {
+    let b = open(PostgresConfig {
         statement_timeout: Some(Duration::from_millis(100)),
         ..config(&table)
     })
-    .expect("config")
-    .open()
-    .await
-    .expect("connect");
+    .await;
     b.exec("ns", put_op("k", b"v")).await.expect("put");
     let mut holder = lock_row(&guard.table, "k").await;
     let res = tokio::time::timeout(
@@ -947,15 +945,6 @@ async fn sessions(name: &str) -> i64 {
 /// An application name no other test uses, to count a pool's sessions.
 fn unique_application() -> String {
     format!("prism_t{}", crate::testing::unique_suffix())
-}
-
-/// A backend made with `config`.
-async fn open(config: PostgresConfig) -> PostgresBackend {
-    PostgresConnector::new(config)
-        .expect("valid config")
-        .open()
-        .await
-        .expect("connect to the test postgres (is it running?)")
 }
 
 #[tokio::test]
