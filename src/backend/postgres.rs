@@ -20,20 +20,22 @@
 //! the connection opens, as a startup parameter that costs no round trip.
 //! An operation whose time left is within a small tolerance below the
 //! resting value (see [`keeps_resting`]) runs its statement alone: one
-//! round trip before its answer (the pool pings a connection before use
-//! only after [`PING_WHEN_IDLE`] of idleness). Any other (a caller with a
+//! round trip, and none after its answer (the pool pings a connection
+//! before use only after [`pool::PING_WHEN_IDLE`] of idleness, and never
+//! when it takes one back; see [`pool`]). Any other (a caller with a
 //! deadline of its own, a namespace with another timeout, an operation
 //! that waited long for a connection) first sets its own value with
 //! `set_config`, runs its statement, answers its caller, and only then
 //! restores the resting value, in the background, before the connection
 //! goes back to the pool.
 //!
-//! Invariant: **a connection in the pool always has the resting
-//! `statement_timeout`.** Whatever changes it restores it before releasing
-//! the connection; a connection whose restore fails or is cut short, or
-//! whose user was dropped mid-way, is closed instead of pooled (see
-//! [`Checkout`]). The migration and purge sessions are not pooled and set
-//! their own timeouts.
+//! Invariants: **a connection in the pool always has the resting
+//! `statement_timeout`, and its last exchange with the server ended
+//! cleanly.** Whatever changes the timeout restores it before releasing
+//! the connection; a connection whose restore fails or is cut short, whose
+//! user was dropped mid-way, or whose driver reported an I/O or protocol
+//! error, is closed instead of pooled (see [`Checkout`]). The migration
+//! and purge sessions are not pooled and set their own timeouts.
 //!
 //! Purges run on one instance at a time: the one whose dedicated session
 //! holds the table's purge lock (`pg_try_advisory_lock`). The lock lives as
@@ -48,9 +50,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sqlx::postgres::{types::PgInterval, PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{types::PgInterval, PgConnectOptions, PgConnection};
 use sqlx::Connection as _;
 use tokio::time::Instant;
+
+use self::pool::{Checkout, Pool, Reaper};
 
 use super::toolkit::{
     fetch_count, instance_id, purge_in_batches, redact_url, scan_page_stream, sql_item, stored_ttl,
@@ -232,36 +236,16 @@ impl PostgresConnector {
         let _ = conn.close().await;
         migrated?;
 
-        let max = self.config.max_connections.max(1);
         let resting = resting_timeout(&self.config);
         let pooled = self
             .options
             .clone()
             .options([("statement_timeout", statement_timeout_setting(resting))]);
-        let pool = PgPoolOptions::new()
-            .max_connections(max)
-            .min_connections(self.config.min_connections.min(max))
-            .acquire_timeout(self.config.acquire_timeout)
-            .idle_timeout(self.config.idle_timeout)
-            .max_lifetime(self.config.max_lifetime)
-            // sqlx pings a connection when it takes it back (always) and
-            // when it hands it out (by default): a round trip ahead of
-            // every statement. A connection that went idle a moment ago
-            // passed the first; only one idle for longer is pinged again.
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for >= PING_WHEN_IDLE {
-                        conn.ping().await?;
-                    }
-                    Ok(true)
-                })
-            })
-            .connect_with(pooled)
-            .await
-            .map_err(map_sqlx)?;
+        let pool = pool::open(pooled, &self.config).await?;
+        let reaper = Reaper::start(&pool, &self.config);
         Ok(PostgresBackend {
             pool,
+            reaper,
             sql: Arc::clone(&self.sql),
             timeouts: Arc::new(Timeouts {
                 statement: self.config.statement_timeout,
@@ -602,7 +586,9 @@ struct Timeouts {
 
 /// A pool of connections to the database.
 struct PostgresBackend {
-    pool: PgPool,
+    pool: Pool,
+    /// Closes idle and old connections of `pool`; stopped by `close`.
+    reaper: Reaper,
     sql: Arc<Sql>,
     timeouts: Arc<Timeouts>,
     options: PgConnectOptions,
@@ -663,7 +649,7 @@ impl PostgresBackend {
         let timeouts = Arc::clone(&self.timeouts);
         let namespace = namespace.to_owned();
         async move {
-            let mut conn = Checkout::new(pool.acquire().await.map_err(map_sqlx)?);
+            let mut conn = Checkout::get(&pool).await?;
             let want = match deadline {
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
@@ -676,20 +662,24 @@ impl PostgresBackend {
                 None => timeouts.statement,
             };
             if keeps_resting(want, timeouts.resting) {
-                let out = run(&sql, &mut conn, &namespace, op).await.map_err(map_sqlx);
-                conn.finished();
-                return out;
+                let out = run(&sql, &mut conn, &namespace, op).await;
+                conn.finished_after(&out);
+                return out.map_err(map_sqlx);
             }
             timeouts.sets.fetch_add(1, Ordering::Relaxed);
             let out = match set_statement_timeout(&mut conn, want).await {
-                Ok(()) => run(&sql, &mut conn, &namespace, op).await.map_err(map_sqlx),
+                Ok(()) => run(&sql, &mut conn, &namespace, op).await,
                 Err(e) => Err(e),
             };
+            if !pool::leaves_usable(&out) {
+                // Closed, not restored.
+                return out.map_err(map_sqlx);
+            }
             // The caller has its answer now; the connection goes back to
             // the pool once it has the resting value again.
             timeouts.sets.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(restore(conn, timeouts));
-            out
+            out.map_err(map_sqlx)
         }
     }
 
@@ -729,7 +719,9 @@ impl PostgresBackend {
         let Some((conn, held)) = session.as_mut() else {
             return Ok(0);
         };
-        set_statement_timeout(conn, self.timeouts.statement).await?;
+        set_statement_timeout(conn, self.timeouts.statement)
+            .await
+            .map_err(map_sqlx)?;
         if !*held {
             *held = sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
                 .bind(self.sql.purge_lock)
@@ -759,12 +751,10 @@ impl PostgresBackend {
     /// One statement on a pooled connection, under its resting statement
     /// timeout: nothing to restore.
     async fn ping(&self) -> Result<(), Error> {
-        let mut conn = Checkout::new(self.pool.acquire().await.map_err(map_sqlx)?);
-        sqlx::query("SELECT 1")
-            .execute(&mut *conn)
-            .await
-            .map_err(map_sqlx)?;
-        conn.finished();
+        let mut conn = Checkout::get(&self.pool).await?;
+        let out = sqlx::query("SELECT 1").execute(&mut *conn).await;
+        conn.finished_after(&out);
+        out.map_err(map_sqlx)?;
         Ok(())
     }
 }
@@ -851,12 +841,6 @@ async fn run(
     }
 }
 
-/// A pooled connection idle for at least this long is pinged before an
-/// operation gets it, so one the server or the network dropped meanwhile
-/// is replaced instead of failing the operation. One idle for less was
-/// pinged when it came back to the pool a moment ago.
-const PING_WHEN_IDLE: Duration = Duration::from_secs(1);
-
 /// How long an operation whose caller gave up at its deadline may go on
 /// in the background before its connection is closed instead.
 const ABANDONED_GRACE: Duration = Duration::from_secs(5);
@@ -880,64 +864,17 @@ async fn restore(mut conn: Checkout, timeouts: Arc<Timeouts>) {
     }
 }
 
-/// A pooled connection that goes back to the pool only when its user
-/// finished with it. Dropped in the middle of a statement (its future
-/// cancelled), it is closed instead: its protocol state is unknown, and a
-/// connection returned in that state can wait forever for answers that
-/// never come, taking its pool slot with it.
-struct Checkout {
-    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
-    finished: bool,
-}
-
-impl Checkout {
-    fn new(conn: sqlx::pool::PoolConnection<sqlx::Postgres>) -> Self {
-        Checkout {
-            conn,
-            finished: false,
-        }
-    }
-
-    /// Marks the connection as fit to go back to the pool.
-    fn finished(&mut self) {
-        self.finished = true;
-    }
-}
-
-impl std::ops::Deref for Checkout {
-    type Target = PgConnection;
-
-    fn deref(&self) -> &PgConnection {
-        &self.conn
-    }
-}
-
-impl std::ops::DerefMut for Checkout {
-    fn deref_mut(&mut self) -> &mut PgConnection {
-        &mut self.conn
-    }
-}
-
-impl Drop for Checkout {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.conn.close_on_drop();
-        }
-    }
-}
-
 /// Sets the session's statement timeout: one round trip, where a
 /// transaction with `SET LOCAL` would cost two more (BEGIN and COMMIT). On
 /// a pooled connection, [`restore`] must follow.
 async fn set_statement_timeout(
     conn: &mut PgConnection,
     timeout: Option<Duration>,
-) -> Result<(), Error> {
+) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT set_config('statement_timeout', $1, false)")
         .bind(statement_timeout_setting(timeout))
         .execute(&mut *conn)
-        .await
-        .map_err(map_sqlx)?;
+        .await?;
     Ok(())
 }
 
@@ -988,14 +925,17 @@ impl Backend for PostgresBackend {
             };
             let _ = tokio::time::timeout(self.connect_timeout, release).await;
             self.purge_leader.store(false, Ordering::Release);
-            self.pool.close().await;
+            self.reaper.stop().await;
+            pool::close(&self.pool, self.connect_timeout).await;
         })
     }
 
     fn connections(&self) -> PoolStats {
-        PoolStats::from_counts(self.pool.size() as usize, self.pool.num_idle())
+        pool::stats(&self.pool)
     }
 }
+
+mod pool;
 
 #[cfg(test)]
 mod tests;

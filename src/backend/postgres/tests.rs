@@ -1,19 +1,22 @@
 //! Tests of the postgres backend against the real server.
+use std::str::FromStr as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use std::str::FromStr as _;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, Executor, PgConnection};
 use tokio::time::Instant;
 
+use super::pool::{Manager, PING_WHEN_IDLE};
 use super::{
     keeps_resting, resting_timeout, tolerance, PostgresBackend, PostgresConfig, PostgresConnector,
-    MIGRATIONS, PING_WHEN_IDLE,
+    MIGRATIONS,
 };
-use crate::backend::{Backend, Connector, Error, Op, Outcome};
-use crate::testing::Cleanup;
+use crate::backend::{Backend, Connector, Error, Op, Outcome, PoolStats};
+use crate::testing::{eventually, Cleanup};
 
 /// The test database; `PRISM_TEST_POSTGRES_URL` overrides it. Tests fail
 /// (never skip) when it is not up.
@@ -84,28 +87,29 @@ async fn resting_pool(
 ) -> (PostgresBackend, DropTables) {
     let table = unique_table();
     let guard = DropTables::new(&table);
-    let backend = PostgresConnector::new(PostgresConfig {
+    let backend = open(PostgresConfig {
         max_connections,
         min_connections: 1,
         common_timeout,
         ..config(&table)
     })
-    .expect("valid config")
-    .open()
-    .await
-    .expect("connect to the test postgres (is it running?)");
+    .await;
     (backend, guard)
 }
 
 async fn fresh_concrete() -> (PostgresBackend, DropTables) {
     let table = unique_table();
     let guard = DropTables::new(&table);
-    let backend = PostgresConnector::new(config(&table))
+    (open(config(&table)).await, guard)
+}
+
+/// A backend made with `config`.
+async fn open(config: PostgresConfig) -> PostgresBackend {
+    PostgresConnector::new(config)
         .expect("valid config")
         .open()
         .await
-        .expect("connect to the test postgres (is it running?)");
-    (backend, guard)
+        .expect("connect to the test postgres (is it running?)")
 }
 
 /// How long a test's own statement or connect may take: a server that
@@ -158,7 +162,7 @@ async fn schema_migration_is_idempotent_across_connects() {
     let (first, guard) = fresh_concrete().await;
     assert_eq!(versions(&guard.table).await, all);
     first.exec("ns", put_op("k", b"v")).await.expect("put");
-    first.pool.close().await;
+    first.close().await;
 
     let connector = PostgresConnector::new(config(&guard.table)).expect("config");
     for _ in 0..2 {
@@ -264,7 +268,7 @@ async fn a_start_waits_for_another_instances_migration() {
 #[tokio::test]
 async fn a_schema_newer_than_this_build_is_refused() {
     let (b, guard) = fresh_concrete().await;
-    close(&b.pool).await;
+    close(&b).await;
     let mut conn = admin().await;
     sqlx::query(&format!(
         "INSERT INTO public.\"{}_schema_version\" (version, name) VALUES (9999, 'future')",
@@ -467,7 +471,7 @@ async fn a_deadline_cancels_the_statement_on_the_server() {
         }
         other => panic!("{other:?}"),
     }
-    close(&b.pool).await;
+    close(&b).await;
 }
 
 #[tokio::test]
@@ -492,21 +496,18 @@ async fn a_deadline_bounds_the_wait_for_a_connection() {
     assert!(matches!(stuck, Err(Error::Timeout)), "{stuck:?}");
     holder.execute("ROLLBACK").await.expect("rollback");
     let _ = holder.close().await;
-    close(&b.pool).await;
+    close(&b).await;
 }
 
 #[tokio::test]
 async fn the_configured_statement_timeout_bounds_operations_without_a_deadline() {
     let table = unique_table();
     let guard = DropTables::new(&table);
-    let b = PostgresConnector::new(PostgresConfig {
+    let b = open(PostgresConfig {
         statement_timeout: Some(Duration::from_millis(100)),
         ..config(&table)
     })
-    .expect("config")
-    .open()
-    .await
-    .expect("connect");
+    .await;
     b.exec("ns", put_op("k", b"v")).await.expect("put");
     let mut holder = lock_row(&guard.table, "k").await;
     let res = tokio::time::timeout(
@@ -518,7 +519,7 @@ async fn the_configured_statement_timeout_bounds_operations_without_a_deadline()
     assert!(matches!(res, Err(Error::Timeout)), "{res:?}");
     holder.execute("ROLLBACK").await.expect("rollback");
     let _ = holder.close().await;
-    close(&b.pool).await;
+    close(&b).await;
 }
 
 #[tokio::test]
@@ -545,7 +546,7 @@ async fn an_unreachable_server_is_unavailable() {
 #[tokio::test]
 async fn scan_is_an_ordered_primary_key_range() {
     let (b, _guard) = fresh_concrete().await;
-    let mut conn = b.pool.acquire().await.expect("conn");
+    let mut conn = b.pool.get().await.expect("conn");
     // Planner settings that make any sort or sequential scan visible
     // on a small table.
     conn.execute("SET enable_seqscan = off; SET enable_sort = off")
@@ -581,7 +582,7 @@ async fn scan_is_an_ordered_primary_key_range() {
         assert!(!plan.to_lowercase().contains("like"), "{plan}");
     }
     drop(conn);
-    close(&b.pool).await;
+    close(&b).await;
 }
 
 #[tokio::test]
@@ -619,16 +620,23 @@ async fn huge_ttls_mean_no_expiry() {
             other => panic!("{other:?}"),
         }
     }
-    close(&b.pool).await;
+    close(&b).await;
 }
 
-/// Closes a test's pool, which waits for every connection to come back:
-/// one that never does fails the test, showing what the server's sessions
-/// were doing, instead of hanging it.
-async fn close(pool: &sqlx::PgPool) {
-    if tokio::time::timeout(PATIENCE, pool.close()).await.is_ok() {
+/// Closes a test's backend once every connection has come back to its
+/// pool: one that never does fails the test, showing what the server's
+/// sessions were doing, instead of hanging it.
+async fn close(b: &PostgresBackend) {
+    let all_back = eventually(PATIENCE, move || async move {
+        let status = b.pool.status();
+        status.available == status.size
+    })
+    .await;
+    if all_back {
+        b.close().await;
         return;
     }
+    let status = b.pool.status();
     let mut conn = admin().await;
     type Session = (i32, Option<String>, Option<String>, Option<String>);
     let sessions: Vec<Session> = sqlx::query_as(
@@ -640,8 +648,7 @@ async fn close(pool: &sqlx::PgPool) {
     .unwrap_or_default();
     panic!(
         "a connection never came back to the pool (size {}, idle {}); sessions: {sessions:?}",
-        pool.size(),
-        pool.num_idle()
+        status.size, status.available
     );
 }
 
@@ -691,7 +698,7 @@ async fn connections_of_operations_cut_off_at_their_deadline_come_back_to_the_po
     while let Some(res) = after.join_next().await {
         res.expect("put task").expect("put after the cut-offs");
     }
-    close(&b.pool).await;
+    close(&b).await;
 }
 
 /// The `statement_timeout` of the connection `conn`'s session, in
@@ -716,7 +723,7 @@ async fn pooled_statement_timeouts_ms(b: &PostgresBackend, size: usize) -> Vec<i
     let mut conns = Vec::new();
     for _ in 0..size {
         conns.push(
-            tokio::time::timeout(PATIENCE, b.pool.acquire())
+            tokio::time::timeout(PATIENCE, b.pool.get())
                 .await
                 .expect("no connection came back to the pool")
                 .expect("acquire"),
@@ -827,7 +834,7 @@ async fn operations_with_the_common_deadline_take_one_round_trip() {
         .expect("unbounded operation");
     assert_eq!(sets(), 14);
     assert_eq!(pooled_statement_timeouts_ms(&b, 2).await, [5000, 5000]);
-    close(&b.pool).await;
+    close(&b).await;
 }
 
 #[tokio::test]
@@ -867,7 +874,7 @@ async fn the_resting_timeout_cancels_a_common_statement_on_the_server() {
         Ok(Outcome::Get(Some(r))) => assert_eq!(r.value, Bytes::from_static(b"v1")),
         other => panic!("{other:?}"),
     }
-    close(&b.pool).await;
+    close(&b).await;
 }
 
 #[tokio::test]
@@ -880,40 +887,71 @@ async fn connections_cut_off_with_a_deadline_of_their_own_come_back_restored() {
     let b = cut_off_puts(b).await;
     drop(holder);
     assert_eq!(pooled_statement_timeouts_ms(&b, 2).await, [3000, 3000]);
-    close(&b.pool).await;
+    close(&b).await;
+}
+
+/// The server-side process id of the connection `b`'s pool hands out
+/// next.
+async fn backend_pid(b: &PostgresBackend) -> i32 {
+    let mut conn = tokio::time::timeout(PATIENCE, b.pool.get())
+        .await
+        .expect("no connection came back to the pool")
+        .expect("checkout");
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("pid")
+}
+
+/// Whether the server still has a session with process id `pid`.
+async fn session_alive(pid: i32) -> bool {
+    let mut conn = admin().await;
+    let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+        .bind(pid)
+        .fetch_one(&mut conn)
+        .await
+        .expect("pg_stat_activity");
+    let _ = conn.close().await;
+    alive > 0
+}
+
+/// Ends the server's session `pid` and waits until it is gone.
+async fn terminate(pid: i32) {
+    let mut conn = admin().await;
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(&mut conn)
+        .await
+        .expect("terminate");
+    let _ = conn.close().await;
+    assert!(
+        eventually(PATIENCE, || async move { !session_alive(pid).await }).await,
+        "the session was not terminated"
+    );
+}
+
+/// The server's sessions of the application `name`.
+async fn sessions(name: &str) -> i64 {
+    let mut conn = admin().await;
+    let n = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+        .bind(name)
+        .fetch_one(&mut conn)
+        .await
+        .expect("pg_stat_activity");
+    let _ = conn.close().await;
+    n
+}
+
+/// An application name no other test uses, to count a pool's sessions.
+fn unique_application() -> String {
+    format!("prism_t{}", crate::testing::unique_suffix())
 }
 
 #[tokio::test]
 async fn a_connection_the_server_dropped_while_idle_is_replaced() {
     let (b, guard) = small_pool(1).await;
     b.exec("ns", put_op("k", b"v")).await.expect("put");
-    let pid: i32 = {
-        let mut conn = b.pool.acquire().await.expect("acquire");
-        sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut *conn)
-            .await
-            .expect("pid")
-    };
-    let mut admin = admin().await;
-    sqlx::query("SELECT pg_terminate_backend($1)")
-        .bind(pid)
-        .execute(&mut admin)
-        .await
-        .expect("terminate");
-    let patience = Instant::now() + PATIENCE;
-    loop {
-        let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
-            .bind(pid)
-            .fetch_one(&mut admin)
-            .await
-            .expect("pg_stat_activity");
-        if alive == 0 {
-            break;
-        }
-        assert!(Instant::now() < patience, "the session was not terminated");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let _ = admin.close().await;
+    terminate(backend_pid(&b).await).await;
     // Idle long enough to be checked before use: the operation gets a new
     // connection, not an error.
     tokio::time::sleep(PING_WHEN_IDLE + Duration::from_millis(100)).await;
@@ -924,5 +962,397 @@ async fn a_connection_the_server_dropped_while_idle_is_replaced() {
         Ok(Outcome::Get(Some(r))) => assert_eq!(r.value, Bytes::from_static(b"v")),
         other => panic!("{other:?} (table {})", guard.table),
     }
-    close(&b.pool).await;
+    close(&b).await;
+}
+
+#[tokio::test]
+async fn a_connection_that_failed_on_the_wire_is_never_handed_out_again() {
+    let (b, _guard) = small_pool(1).await;
+    b.exec("ns", put_op("k", b"v")).await.expect("put");
+    let pid = backend_pid(&b).await;
+    terminate(pid).await;
+    // Used again well within PING_WHEN_IDLE: nothing checks the connection
+    // first, so the operation meets the ended session.
+    let res = b.exec("ns", get_op("k")).await;
+    assert!(matches!(res, Err(Error::Unavailable(_))), "{res:?}");
+    assert_eq!(
+        b.pool.status().size,
+        0,
+        "the broken connection went back to the pool"
+    );
+    // The next operation, as soon, gets a new connection.
+    match b.exec("ns", get_op("k")).await {
+        Ok(Outcome::Get(Some(r))) => assert_eq!(r.value, Bytes::from_static(b"v")),
+        other => panic!("{other:?}"),
+    }
+    assert_ne!(backend_pid(&b).await, pid);
+    close(&b).await;
+}
+
+#[tokio::test]
+async fn a_connection_cut_off_mid_statement_is_never_handed_out_again() {
+    let (b, guard) = small_pool(1).await;
+    b.exec("ns", put_op("k", b"v1")).await.expect("put");
+    let pid = backend_pid(&b).await;
+    let holder = lock_row(&guard.table, "k").await;
+    // The operation itself (not the deadline's background attempt),
+    // dropped while its statement waits for the lock.
+    let cut = tokio::time::timeout(
+        Duration::from_millis(200),
+        b.attempt("ns", put_op("k", b"v2"), None),
+    )
+    .await;
+    assert!(cut.is_err(), "the put did not wait for the lock: {cut:?}");
+    assert_eq!(
+        b.pool.status().size,
+        0,
+        "the cut-off connection went back to the pool"
+    );
+    // A new connection serves at once, while the old session still waits.
+    b.exec_until("ns", put_op("other", b"x"), Instant::now() + PATIENCE)
+        .await
+        .expect("put on a new connection");
+    assert_ne!(backend_pid(&b).await, pid);
+    assert!(
+        session_alive(pid).await,
+        "the old statement was not waiting"
+    );
+    // Once the lock is gone, the old statement ends and its session with it.
+    drop(holder);
+    assert!(
+        eventually(PATIENCE, || async move { !session_alive(pid).await }).await,
+        "the cut-off session lives on"
+    );
+    close(&b).await;
+}
+
+/// A relay between the tests' pools and the test server that counts the
+/// `Sync` messages clients send: every statement of the extended protocol
+/// (sqlx's queries, `set_config`) ends with one, and sqlx's ping is one
+/// alone, so it counts round trips. Returns the URL that goes through it.
+async fn counting_relay() -> (String, Arc<AtomicU64>) {
+    let upstream = PgConnectOptions::from_str(&url()).expect("test postgres url");
+    let target = format!("{}:{}", upstream.get_host(), upstream.get_port());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let here = listener.local_addr().expect("address").to_string();
+    let syncs = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&syncs);
+    let upstream_addr = target.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream_addr).await else {
+                continue;
+            };
+            tokio::spawn(relay(client, server, Arc::clone(&counter)));
+        }
+    });
+    let relayed = url().replacen(&target, &here, 1);
+    assert_ne!(relayed, url(), "the test url names no {target}");
+    // In clear, so the relay reads the messages.
+    let sep = if relayed.contains('?') { '&' } else { '?' };
+    (format!("{relayed}{sep}sslmode=disable"), syncs)
+}
+
+/// Copies one connection both ways, counting the client's `Sync` messages
+/// before the server gets them.
+async fn relay(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    syncs: Arc<AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = server.into_split();
+    let down = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+        let _ = to_client.shutdown().await;
+    });
+    let up = async {
+        // The startup message has a length and no type byte; every later
+        // message a type byte, then its length (which counts itself).
+        let mut len = [0u8; 4];
+        from_client.read_exact(&mut len).await?;
+        let mut body = vec![0u8; (u32::from_be_bytes(len) as usize).saturating_sub(4)];
+        from_client.read_exact(&mut body).await?;
+        to_server.write_all(&len).await?;
+        to_server.write_all(&body).await?;
+        loop {
+            let mut head = [0u8; 5];
+            from_client.read_exact(&mut head).await?;
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            let mut body = vec![0u8; len.saturating_sub(4)];
+            from_client.read_exact(&mut body).await?;
+            if head[0] == b'S' {
+                syncs.fetch_add(1, Ordering::SeqCst);
+            }
+            to_server.write_all(&head).await?;
+            to_server.write_all(&body).await?;
+        }
+    };
+    let _: std::io::Result<()> = up.await;
+    let _ = to_server.shutdown().await;
+    let _ = down.await;
+}
+
+#[tokio::test]
+async fn operations_take_one_round_trip_and_none_after_their_answer() {
+    let (relayed, syncs) = counting_relay().await;
+    let table = unique_table();
+    let _guard = DropTables::new(&table);
+    let b = open(PostgresConfig {
+        url: relayed,
+        max_connections: 1,
+        min_connections: 1,
+        ..config(&table)
+    })
+    .await;
+    // The statements are prepared on the connection by their first use.
+    b.exec("ns", put_op("k", b"v")).await.expect("put");
+    b.exec("ns", get_op("k")).await.expect("get");
+    b.health().await.expect("health");
+    let round_trips = || syncs.load(Ordering::SeqCst);
+
+    let before = round_trips();
+    for i in 0..20 {
+        let op = if i % 2 == 0 {
+            get_op("k")
+        } else {
+            put_op("k", b"w")
+        };
+        b.exec("ns", op).await.expect("operation");
+    }
+    b.health().await.expect("health");
+    assert_eq!(
+        round_trips() - before,
+        21,
+        "sequential operations on one connection took more than one round trip each"
+    );
+
+    // A connection idle for PING_WHEN_IDLE is checked before use, once.
+    tokio::time::sleep(PING_WHEN_IDLE + Duration::from_millis(100)).await;
+    let before = round_trips();
+    b.exec("ns", get_op("k")).await.expect("get");
+    b.exec("ns", get_op("k")).await.expect("get");
+    assert_eq!(round_trips() - before, 3, "a ping and two statements");
+    close(&b).await;
+}
+
+#[tokio::test]
+async fn the_manager_pings_only_idle_connections_and_refuses_old_ones() {
+    use deadpool::managed::{Manager as _, Metrics};
+    let (relayed, syncs) = counting_relay().await;
+    let manager = Manager {
+        options: PgConnectOptions::from_str(&relayed).expect("url"),
+        max_lifetime: Some(Duration::from_secs(60)),
+    };
+    let mut conn = manager.create().await.expect("connect");
+    let now = std::time::Instant::now();
+    let ago = |d: Duration| now.checked_sub(d).expect("an instant in the past");
+    let round_trips = || syncs.load(Ordering::SeqCst);
+    let before = round_trips();
+    let used_just_now = Metrics {
+        created: ago(Duration::from_secs(30)),
+        recycled: Some(now),
+        recycle_count: 7,
+    };
+    assert!(manager.recycle(&mut conn, &used_just_now).await.is_ok());
+    assert_eq!(
+        round_trips(),
+        before,
+        "a connection used just now was pinged"
+    );
+    let idle = Metrics {
+        recycled: Some(ago(PING_WHEN_IDLE)),
+        ..used_just_now
+    };
+    assert!(manager.recycle(&mut conn, &idle).await.is_ok());
+    assert_eq!(
+        round_trips(),
+        before + 1,
+        "an idle connection was not pinged"
+    );
+    let old = Metrics {
+        created: ago(Duration::from_secs(60)),
+        ..used_just_now
+    };
+    assert!(
+        manager.recycle(&mut conn, &old).await.is_err(),
+        "a connection past its max_lifetime was handed out"
+    );
+    let _ = conn.close().await;
+}
+
+#[tokio::test]
+async fn idle_connections_above_the_minimum_close_after_idle_timeout() {
+    let table = unique_table();
+    let _guard = DropTables::new(&table);
+    let app = unique_application();
+    let b = open(PostgresConfig {
+        max_connections: 4,
+        min_connections: 2,
+        idle_timeout: Some(Duration::from_millis(400)),
+        application_name: app.clone(),
+        ..config(&table)
+    })
+    .await;
+    assert_eq!(
+        sessions(&app).await,
+        2,
+        "min_connections are opened at start"
+    );
+    assert_eq!(b.connections(), PoolStats { in_use: 0, idle: 2 });
+
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(b.pool.get().await.expect("checkout"));
+    }
+    assert_eq!(sessions(&app).await, 4);
+    drop(held);
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let app = app.clone();
+            async move { sessions(&app).await == 2 }
+        })
+        .await,
+        "idle connections above the minimum stay open"
+    );
+    // And the minimum stays, however long it idles.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(sessions(&app).await, 2, "the reaper went below the minimum");
+    assert_eq!(b.connections(), PoolStats { in_use: 0, idle: 2 });
+    b.close().await;
+    assert!(
+        eventually(PATIENCE, || {
+            let app = app.clone();
+            async move { sessions(&app).await == 0 }
+        })
+        .await,
+        "close left sessions open"
+    );
+}
+
+#[tokio::test]
+async fn connections_past_max_lifetime_are_replaced() {
+    let table = unique_table();
+    let _guard = DropTables::new(&table);
+    let app = unique_application();
+    let lifetime = Duration::from_millis(300);
+    let b = open(PostgresConfig {
+        max_connections: 1,
+        min_connections: 1,
+        idle_timeout: None,
+        max_lifetime: Some(lifetime),
+        application_name: app.clone(),
+        ..config(&table)
+    })
+    .await;
+    // In use past its lifetime: replaced at its next checkout.
+    let first = {
+        let mut conn = b.pool.get().await.expect("checkout");
+        tokio::time::sleep(lifetime + Duration::from_millis(50)).await;
+        sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("pid")
+    };
+    let second = backend_pid(&b).await;
+    assert_ne!(first, second, "a connection past max_lifetime was reused");
+    // Idle past its lifetime: closed by the reaper, which opens another to
+    // keep min_connections.
+    assert!(
+        eventually(PATIENCE, || async move { !session_alive(second).await }).await,
+        "an idle connection outlived max_lifetime"
+    );
+    assert!(
+        eventually(PATIENCE, || {
+            let app = app.clone();
+            async move { sessions(&app).await == 1 }
+        })
+        .await,
+        "min_connections were not kept"
+    );
+    close(&b).await;
+}
+
+#[tokio::test]
+async fn an_exhausted_pool_is_unavailable_after_acquire_timeout() {
+    let table = unique_table();
+    let _guard = DropTables::new(&table);
+    let acquire_timeout = Duration::from_millis(300);
+    let b = open(PostgresConfig {
+        max_connections: 1,
+        acquire_timeout,
+        ..config(&table)
+    })
+    .await;
+    let held = b.pool.get().await.expect("checkout");
+    let started = Instant::now();
+    match b.exec("ns", get_op("k")).await {
+        Err(e @ Error::Unavailable(_)) => {
+            let chain = e.chain().to_string();
+            assert!(
+                chain.contains("postgres connection pool exhausted"),
+                "{chain}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() >= acquire_timeout,
+        "{:?}",
+        started.elapsed()
+    );
+    drop(held);
+    b.exec("ns", get_op("k"))
+        .await
+        .expect("get once it is back");
+    close(&b).await;
+}
+
+#[tokio::test]
+async fn a_closed_backend_is_unavailable_and_leaves_no_task_behind() {
+    let (b, _guard) = fresh_concrete().await;
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    assert_eq!(tasks(), 1, "the reaper runs");
+    b.exec("ns", put_op("k", b"v")).await.expect("put");
+    b.close().await;
+    assert_eq!(tasks(), 0, "close left a task running");
+    match b.exec("ns", get_op("k")).await {
+        Err(e @ Error::Unavailable(_)) => {
+            let chain = e.chain().to_string();
+            assert!(chain.contains("pool closed"), "{chain}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(b.connections(), PoolStats::default());
+}
+
+#[tokio::test]
+async fn a_pooled_connection_runs_transactions() {
+    let (b, guard) = small_pool(1).await;
+    {
+        let mut conn = b.pool.get().await.expect("checkout");
+        let mut tx = conn.begin().await.expect("begin");
+        sqlx::query(&format!(
+            "INSERT INTO public.\"{}\" (namespace, key, value) VALUES ('ns', 'k', '\\x01')",
+            guard.table
+        ))
+        .execute(&mut *tx)
+        .await
+        .expect("insert");
+        tx.rollback().await.expect("rollback");
+    }
+    assert_eq!(
+        b.exec("ns", Op::Exists { key: "k".into() })
+            .await
+            .expect("exists"),
+        Outcome::Exists(false)
+    );
+    close(&b).await;
 }
