@@ -96,6 +96,7 @@
 
 mod actor;
 mod addr;
+mod by_seq;
 mod exit;
 mod incarnation;
 mod shutdown;

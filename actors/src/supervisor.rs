@@ -12,7 +12,6 @@
 //! - `drain`: the shutdown of one supervisor's children;
 //! - `handle`: [`SupervisorRef`] and [`SupervisorHandle`].
 
-mod children;
 mod drain;
 mod handle;
 mod policy;

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 
+use crate::by_seq::BySeq;
+
 /// Lifecycle state of an actor, as shown in a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -94,52 +96,12 @@ struct Member {
     probe: Arc<dyn Probe>,
 }
 
-/// A supervisor's children in the registry, by seq: a vector sorted by seq
-/// (seqs only grow and children are only appended), so registering a child
-/// is a push and needs no hash insert; a removal leaves a hole, compacted
-/// away once holes outnumber children.
-#[derive(Default)]
-struct Roster {
-    slots: Vec<(u64, Option<Member>)>,
-    live: usize,
-}
-
-impl Roster {
-    /// Adds a child; `seq` must be greater than every seq added before
-    /// (a supervisor registers its children in start order, each once).
-    fn push(&mut self, seq: u64, member: Member) {
-        debug_assert!(self.slots.last().is_none_or(|(s, _)| *s < seq));
-        self.slots.push((seq, Some(member)));
-        self.live += 1;
-    }
-
-    fn remove(&mut self, seq: u64) -> Option<Member> {
-        let first = self.slots.first()?.0;
-        let guess = seq.checked_sub(first)? as usize;
-        let i = if self.slots.get(guess).is_some_and(|(s, _)| *s == seq) {
-            guess
-        } else {
-            self.slots.binary_search_by_key(&seq, |(s, _)| *s).ok()?
-        };
-        let member = self.slots[i].1.take()?;
-        self.live -= 1;
-        let holes = self.slots.len() - self.live;
-        if holes > 32 && holes > self.live {
-            self.slots.retain(|(_, m)| m.is_some());
-        }
-        Some(member)
-    }
-
-    fn members(&self) -> impl Iterator<Item = &Member> {
-        self.slots.iter().filter_map(|(_, m)| m.as_ref())
-    }
-}
-
 /// One supervisor in the registry: its own figures and its children.
 struct Node {
     parent: Option<u64>,
     probe: Arc<dyn Probe>,
-    children: Roster,
+    /// Its children, by seq: registering one is a push, no hash insert.
+    children: BySeq<Member>,
 }
 
 /// Every supervisor of one supervision tree, by id, each with the roster of
@@ -164,7 +126,7 @@ impl Registry {
         self.lock().entry(id).or_insert_with(|| Node {
             parent,
             probe,
-            children: Roster::default(),
+            children: BySeq::default(),
         });
     }
 
@@ -195,14 +157,14 @@ impl Registry {
         let mut map = self.lock();
         let Some(member) = map
             .get_mut(&parent)
-            .and_then(|node| node.children.remove(seq))
+            .and_then(|node| node.children.remove(&seq))
         else {
             return;
         };
         if member.supervisor {
             fn drop_subtree(map: &mut IdMap<u64, Node>, id: u64) {
                 if let Some(node) = map.remove(&id) {
-                    for m in node.children.members().filter(|m| m.supervisor) {
+                    for m in node.children.values().filter(|m| m.supervisor) {
                         drop_subtree(map, m.id);
                     }
                 }
@@ -226,7 +188,7 @@ impl Registry {
             let mut children: Vec<ActorInfo> = if supervisor {
                 map.get(&id).map_or_else(Vec::new, |node| {
                     node.children
-                        .members()
+                        .values()
                         .map(|m| info(m.id, Some(id), m.supervisor, &*m.probe, map))
                         .collect()
                 })

@@ -12,13 +12,13 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::children::Children;
 use super::spec::Slot;
 use super::{
     Backoff, Child, ChildExit, ExitTx, Intensity, RestartPolicy, SlotExit, SupervisionStrategy,
     SupervisorError, SupervisorMsg, TreeCtx,
 };
 use crate::addr::{Control, Envelope, Reply, Shared};
+use crate::by_seq::BySeq;
 use crate::exit::ExitReason;
 use crate::shutdown::{ActorReport, StopOutcome};
 use crate::tree::{ActorState, IdMap};
@@ -32,7 +32,7 @@ pub(super) struct Core {
     pub(super) intensity: Intensity,
     pub(super) backoff: Backoff,
     /// Children by seq: start order.
-    pub(super) children: Children,
+    pub(super) children: BySeq<Entry>,
     /// Child actor id -> seq, for removals by id: built on the first
     /// removal, then kept up to date, so a supervisor whose children are
     /// never removed by id pays no hash insert per child.
@@ -54,7 +54,7 @@ impl Core {
             strategy: SupervisionStrategy::default(),
             intensity: Intensity::default(),
             backoff: Backoff::default(),
-            children: Children::default(),
+            children: BySeq::default(),
             ids: None,
             next_seq: 0,
             incarnations: 0,

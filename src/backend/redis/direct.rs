@@ -125,13 +125,10 @@ impl DirectTarget {
                 auth.arg(username);
             }
             auth.arg(password);
-            let () = auth.query_async(&mut direct).await?;
+            direct.handshake(&auth).await?;
         }
         if self.db != 0 {
-            let () = redis::cmd("SELECT")
-                .arg(self.db)
-                .query_async(&mut direct)
-                .await?;
+            direct.handshake(redis::cmd("SELECT").arg(self.db)).await?;
         }
         Ok(direct)
     }
@@ -188,6 +185,13 @@ impl Direct {
         let value = self.receive().await?;
         self.broken = false;
         Ok(value)
+    }
+
+    /// One command of the connection's set-up, under the per-command
+    /// timeout; its error reply is the error.
+    async fn handshake(&mut self, cmd: &Cmd) -> RedisResult<()> {
+        let timeout = self.timeout;
+        self.command(cmd, timeout).await?.extract_error().map(drop)
     }
 
     fn begin(&mut self) -> RedisResult<()> {
@@ -343,33 +347,40 @@ fn timed_out() -> RedisError {
     ))
 }
 
-impl ConnectionLike for Direct {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        let timeout = self.timeout;
-        Box::pin(self.command(cmd, timeout))
+impl Conn {
+    /// Sends `cmd`; `own_timeout` says whether a direct connection bounds
+    /// it with its per-command timeout.
+    fn send<'a>(&'a mut self, cmd: &'a Cmd, own_timeout: bool) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Direct(direct) => {
+                let timeout = direct.timeout.filter(|_| own_timeout);
+                Box::pin(direct.command(cmd, timeout))
+            }
+            Conn::Multiplexed(conn) => conn.req_packed_command(cmd),
+        }
     }
 
-    fn req_packed_commands<'a>(
+    /// Sends `pipeline`, as [`Conn::send`] sends a command.
+    fn send_all<'a>(
         &'a mut self,
         pipeline: &'a Pipeline,
         offset: usize,
         count: usize,
+        own_timeout: bool,
     ) -> RedisFuture<'a, Vec<Value>> {
-        let timeout = self.timeout;
-        Box::pin(self.pipeline(pipeline, offset, count, timeout))
-    }
-
-    fn get_db(&self) -> i64 {
-        self.db
+        match self {
+            Conn::Direct(direct) => {
+                let timeout = direct.timeout.filter(|_| own_timeout);
+                Box::pin(direct.pipeline(pipeline, offset, count, timeout))
+            }
+            Conn::Multiplexed(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
     }
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Direct(direct) => direct.req_packed_command(cmd),
-            Conn::Multiplexed(conn) => conn.req_packed_command(cmd),
-        }
+        self.send(cmd, true)
     }
 
     fn req_packed_commands<'a>(
@@ -378,10 +389,7 @@ impl ConnectionLike for Conn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Direct(direct) => direct.req_packed_commands(pipeline, offset, count),
-            Conn::Multiplexed(conn) => conn.req_packed_commands(pipeline, offset, count),
-        }
+        self.send_all(pipeline, offset, count, true)
     }
 
     fn get_db(&self) -> i64 {
@@ -399,10 +407,7 @@ pub(crate) struct WithinDeadline<'a>(&'a mut Conn);
 
 impl ConnectionLike for WithinDeadline<'_> {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match &mut *self.0 {
-            Conn::Direct(direct) => Box::pin(direct.command(cmd, None)),
-            Conn::Multiplexed(conn) => conn.req_packed_command(cmd),
-        }
+        self.0.send(cmd, false)
     }
 
     fn req_packed_commands<'a>(
@@ -411,10 +416,7 @@ impl ConnectionLike for WithinDeadline<'_> {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match &mut *self.0 {
-            Conn::Direct(direct) => Box::pin(direct.pipeline(pipeline, offset, count, None)),
-            Conn::Multiplexed(conn) => conn.req_packed_commands(pipeline, offset, count),
-        }
+        self.0.send_all(pipeline, offset, count, false)
     }
 
     fn get_db(&self) -> i64 {

@@ -1,4 +1,6 @@
-//! A supervisor's children in start order, by seq.
+//! Children in start order, by seq: a supervisor's children
+//! (`supervisor::run`) and the registry's roster of each supervisor's
+//! children (`tree`).
 //!
 //! Seqs are handed out in increasing order and a child is only ever appended,
 //! so the children live in one vector sorted by seq: an add is a push, a
@@ -8,17 +10,23 @@
 //! children. A map keyed by seq did the same with a node allocation every
 //! few children and a tree search for every lookup.
 
-use super::run::Entry;
-
-#[derive(Default)]
-pub(super) struct Children {
+pub(crate) struct BySeq<T> {
     /// `(seq, entry)` sorted by seq; `None` is a removed child.
-    slots: Vec<(u64, Option<Entry>)>,
+    slots: Vec<(u64, Option<T>)>,
     /// Children present (slots that are not holes).
     live: usize,
 }
 
-impl Children {
+impl<T> Default for BySeq<T> {
+    fn default() -> Self {
+        BySeq {
+            slots: Vec::new(),
+            live: 0,
+        }
+    }
+}
+
+impl<T> BySeq<T> {
     fn index(&self, seq: u64) -> Option<usize> {
         let first = self.slots.first()?.0;
         // Without compaction inside the range, seq - first is the index.
@@ -30,23 +38,23 @@ impl Children {
     }
 
     /// Adds a child; `seq` must be greater than every seq added before.
-    pub(super) fn push(&mut self, seq: u64, entry: Entry) {
+    pub(crate) fn push(&mut self, seq: u64, entry: T) {
         debug_assert!(self.slots.last().is_none_or(|(s, _)| *s < seq));
         self.slots.push((seq, Some(entry)));
         self.live += 1;
     }
 
-    pub(super) fn get(&self, seq: &u64) -> Option<&Entry> {
+    pub(crate) fn get(&self, seq: &u64) -> Option<&T> {
         let i = self.index(*seq)?;
         self.slots[i].1.as_ref()
     }
 
-    pub(super) fn get_mut(&mut self, seq: &u64) -> Option<&mut Entry> {
+    pub(crate) fn get_mut(&mut self, seq: &u64) -> Option<&mut T> {
         let i = self.index(*seq)?;
         self.slots[i].1.as_mut()
     }
 
-    pub(super) fn remove(&mut self, seq: &u64) -> Option<Entry> {
+    pub(crate) fn remove(&mut self, seq: &u64) -> Option<T> {
         let i = self.index(*seq)?;
         let entry = self.slots[i].1.take()?;
         self.live -= 1;
@@ -57,24 +65,24 @@ impl Children {
         Some(entry)
     }
 
-    pub(super) fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.live
     }
 
     /// The children in start order, with their seqs.
-    pub(super) fn iter(&self) -> impl DoubleEndedIterator<Item = (u64, &Entry)> {
+    pub(crate) fn iter(&self) -> impl DoubleEndedIterator<Item = (u64, &T)> {
         self.slots
             .iter()
             .filter_map(|(s, e)| e.as_ref().map(|e| (*s, e)))
     }
 
     /// The seqs in start order.
-    pub(super) fn seqs(&self) -> impl DoubleEndedIterator<Item = u64> + '_ {
+    pub(crate) fn seqs(&self) -> impl DoubleEndedIterator<Item = u64> + '_ {
         self.iter().map(|(s, _)| s)
     }
 
     /// The seqs from `seq` on (itself included, if present), in start order.
-    pub(super) fn seqs_from(&self, seq: u64) -> impl Iterator<Item = u64> + '_ {
+    pub(crate) fn seqs_from(&self, seq: u64) -> impl Iterator<Item = u64> + '_ {
         let start = self.slots.partition_point(|(s, _)| *s < seq);
         self.slots[start..]
             .iter()
@@ -82,11 +90,11 @@ impl Children {
             .map(|(s, _)| *s)
     }
 
-    pub(super) fn values(&self) -> impl DoubleEndedIterator<Item = &Entry> {
+    pub(crate) fn values(&self) -> impl DoubleEndedIterator<Item = &T> {
         self.slots.iter().filter_map(|(_, e)| e.as_ref())
     }
 
-    pub(super) fn values_mut(&mut self) -> impl DoubleEndedIterator<Item = &mut Entry> {
+    pub(crate) fn values_mut(&mut self) -> impl DoubleEndedIterator<Item = &mut T> {
         self.slots.iter_mut().filter_map(|(_, e)| e.as_mut())
     }
 }
